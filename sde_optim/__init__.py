@@ -1,0 +1,17 @@
+"""sde-optim: the SDE limit of SGD on diagonal linear networks, its deterministic
+prediction (THEORY.md), and tools to watch real training follow it."""
+
+from .models import DiagonalLinearNetwork
+from .observables import OBSERVABLES, CoordinateState, Observable, measure
+from .teacher import TeacherProblem
+
+__all__ = [
+    "DiagonalLinearNetwork",
+    "TeacherProblem",
+    "OBSERVABLES",
+    "CoordinateState",
+    "Observable",
+    "measure",
+]
+
+__version__ = "0.1.0"
