@@ -3,6 +3,7 @@ prediction (THEORY.md), and tools to watch real training follow it."""
 
 from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES, CoordinateState, Observable, measure
+from .optim import SVAG, EmpiricalNoise, HomogenizedSGD, NonFiniteUpdateError, StructuredNoise, svag_weights
 from .teacher import TeacherProblem
 
 __all__ = [
@@ -12,6 +13,12 @@ __all__ = [
     "CoordinateState",
     "Observable",
     "measure",
+    "HomogenizedSGD",
+    "SVAG",
+    "svag_weights",
+    "StructuredNoise",
+    "EmpiricalNoise",
+    "NonFiniteUpdateError",
 ]
 
 __version__ = "0.1.0"

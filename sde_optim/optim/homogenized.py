@@ -1,0 +1,139 @@
+"""HomogenizedSGD: one Euler-Maruyama step of the SGD SDE per call (THEORY §2, E3)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .._validation import check_float, check_int
+from ._base import _SGDFamily
+from .functional import directions
+from .noise import GradientNoise
+
+__all__ = ["HomogenizedSGD"]
+
+
+class HomogenizedSGD(_SGDFamily):
+    r"""Homogenized SGD: the drift in ``.grad`` plus Gaussian noise of SGD's covariance.
+
+    Each :meth:`step` is ``p <- p - lr * (grad + weight_decay * p + noise_scale * xi)``, with
+    ``xi`` drawn by the noise model with the covariance that the minibatch gradient of SGD with
+    batch size ``batch_size`` has (minus what the drift already carries, THEORY §2). With the
+    exact population gradient as drift and :class:`~sde_optim.StructuredNoise` it is one
+    Euler-Maruyama step of THEORY E3 with ``dt = 1/d`` — one SGD step, so step counts compare
+    one to one with ``torch.optim.SGD``.
+
+    Args:
+        params: iterable of parameters or param-group dicts (as ``torch.optim.SGD``).
+        lr: step size (>= 0); per group.
+        batch_size: the SGD batch size ``B`` whose noise is reproduced (>= 1).
+        noise: a :class:`~sde_optim.optim.noise.GradientNoise` (``StructuredNoise`` or
+            ``EmpiricalNoise``) covering some or all of the parameters; parameters it does not
+            cover get no noise.
+        noise_scale: multiplies the noise (>= 0): 0 is gradient descent on the drift (no
+            random numbers are drawn), 1 is SGD-equivalent, > 1 amplified; per group.
+        weight_decay: L2 penalty (>= 0) added to the drift, as in ``torch.optim.SGD``; per group.
+        generator: a ``torch.Generator`` on the parameters' device. Default: a new one seeded
+            from torch's global generator at construction (so ``torch.manual_seed`` makes runs
+            reproducible). Its state is saved in :meth:`state_dict`.
+        foreach: use the multi-tensor path (default: when all tensors share device and dtype).
+        nonfinite: ``"skip"`` or ``"raise"`` (see :class:`_SGDFamily`).
+
+    Example::
+
+        noise = StructuredNoise(problem, model)
+        opt = HomogenizedSGD(model.parameters(), lr=0.5, batch_size=1, noise=noise)
+        for _ in range(steps):
+            opt.zero_grad()
+            problem.population_risk(model.beta).backward()   # exact drift
+            opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        *,
+        batch_size: int,
+        noise: GradientNoise,
+        noise_scale: float = 1.0,
+        weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
+        foreach: bool | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(noise, GradientNoise):
+            raise ValueError(
+                "noise must be a noise model: sde_optim.StructuredNoise(problem, model) or "
+                f"sde_optim.EmpiricalNoise(model); got {noise!r}"
+            )
+        check_float("noise_scale", noise_scale, minimum=0.0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        defaults = dict(lr=lr, noise_scale=noise_scale, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+        self.noise = noise
+        noise.check_params([p for g in self.param_groups for p in g["params"]])
+        self._generator = generator
+        self._seed = int(torch.randint(0, 2**62, (1,)).item()) if generator is None else None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "noise_scale" in param_group:
+            check_float("noise_scale", param_group["noise_scale"], minimum=0.0)
+        super().add_param_group(param_group)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The optimizer's random stream (created on the parameters' device at first use)."""
+        if self._generator is None:
+            device = self.param_groups[0]["params"][0].device
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generator
+
+    def set_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """Hand the drift's batch to an :class:`EmpiricalNoise` model (call before each step)."""
+        set_batch = getattr(self.noise, "set_batch", None)
+        if set_batch is None:
+            raise TypeError(f"{type(self.noise).__name__} takes no batch; set_batch is for EmpiricalNoise")
+        set_batch(inputs, targets)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One homogenized SGD step; ``closure`` (optional) re-evaluates the loss and its gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        noisy = any(g["noise_scale"] != 0 for g in self.param_groups)
+        rng = None
+        noise_of: dict[int, Tensor] = {}
+        if noisy:
+            gen = self.generator
+            rng = (gen, gen.get_state()) if self.nonfinite == "raise" else None
+            drawn = self.noise.sample(self.batch_size, gen, loss)
+            noise_of = {id(p): n for p, n in zip(self.noise.params, drawn)}
+        updates = []
+        for group in self.param_groups:
+            params, grads = self._params_with_grad(group)
+            if not params:
+                continue
+            dirs = directions(
+                params, grads, [noise_of.get(id(p)) for p in params],
+                weight_decay=group["weight_decay"], noise_scale=group["noise_scale"], foreach=group["foreach"],
+            )
+            updates.append((group, params, dirs))
+        self._apply(updates, rng=rng)
+        return loss
+
+    def _extra_state(self) -> dict[str, Any]:
+        extra = super()._extra_state()
+        extra["generator_state"] = self.generator.get_state()
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._load_extra_state(extra)
+        if "generator_state" in extra:
+            self.generator.set_state(extra["generator_state"].clone())
