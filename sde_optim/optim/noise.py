@@ -106,26 +106,28 @@ class StructuredNoise(GradientNoise):
         self.drift_batch_size = None if drift_batch_size is None else check_int("drift_batch_size", drift_batch_size, minimum=1)
         self.risk = check_choice("risk", risk, ("exact", "loss"))
         self.params = list(model._pair())
-        self._h: Tensor | None = None
+        self._local: TeacherProblem | None = None
 
-    def _feature_variance(self, like: Tensor) -> Tensor:
-        if self._h is None or self._h.device != like.device or self._h.dtype != like.dtype:
-            self._h = self.problem.feature_variance.to(device=like.device, dtype=like.dtype)
-        return self._h
+    def _problem_like(self, like: Tensor) -> TeacherProblem:
+        """The problem on the parameters' device and dtype (cached; moved once, not per step)."""
+        p = self._local
+        if p is None or p.device != like.device or p.dtype != like.dtype:
+            self._local = p = self.problem.to(like.device, like.dtype)
+        return p
 
     @torch.no_grad()
     def sample(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[Tensor]:
         c2 = missing_variance(batch_size, self.drift_batch_size)
         a, b = self.params
+        problem = self._problem_like(a)
         if self.risk == "exact":
-            risk = self.problem.population_risk(self.model.beta.detach())
+            risk = problem.population_risk(self.model.beta.detach())
         elif loss is None:
             raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
         else:
             risk = loss.detach()
-        h = self._feature_variance(a)
         z = torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device)
-        beta_noise = (2.0 * c2 * risk.to(a.dtype)).sqrt() * h.sqrt() * z
+        beta_noise = (2.0 * c2 * risk.to(a.dtype)).sqrt() * problem.feature_variance.sqrt() * z
         if self.model.parametrization == "uv":
             return [b * beta_noise, a * beta_noise]
         k = self.model.depth

@@ -1,0 +1,164 @@
+"""Optimizer-step time and memory of HomogenizedSGD and SVAG relative to torch.optim.SGD.
+
+Same model, same batch, measured side by side in one run (interleaved repetitions, median
+of per-repetition times), so the ratios are robust to a shared, noisy machine:
+
+* DLN, d = 10^5, structured noise (E3), exact drift;
+* MLP of ~1M parameters, empirical noise with M = B (no noise needed: c^2 = 0) and M = 4B
+  (one extra reweighted backward over the M samples, THEORY §2).
+
+"step" is ``optimizer.step()`` alone (for EmpiricalNoise it includes the noise backward);
+"train step" adds forward, backward and zero_grad. Memory: bytes allocated during one
+``step()`` (torch profiler on CPU: the sum of all allocations, an upper bound on the step's
+peak extra memory; on CUDA the peak allocated above the baseline).
+
+    python benchmarks/optimizer_overhead.py [--device cuda] [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sde_optim import SVAG, DiagonalLinearNetwork, EmpiricalNoise, HomogenizedSGD, StructuredNoise, TeacherProblem
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _step_memory(step, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())  # bytes allocated (upper bound on the peak)
+
+
+def _case(name, make, device, reps, inner):
+    """make(kind) -> (model, optimizer, backward_fn, before_step_fn); times kinds interleaved."""
+    kinds = list(make)
+    setups = {k: make[k]() for k in kinds}
+    step_t = {k: [] for k in kinds}
+    train_t = {k: [] for k in kinds}
+    for rep in range(reps + 2):
+        for k in kinds:
+            model, opt, backward, before = setups[k]
+
+            def prepare():
+                opt.zero_grad(set_to_none=False)
+                backward()
+                before()
+
+            def steps():
+                for _ in range(inner):
+                    prepare()
+                    opt.step()
+
+            def only_steps():
+                for _ in range(inner):
+                    before()
+                    opt.step()
+
+            prepare()
+            ts = _timed(only_steps, device) / inner  # gradients stay: we time step() alone
+            tt = _timed(steps, device) / inner
+            if rep >= 2:  # warm-up
+                step_t[k].append(ts)
+                train_t[k].append(tt)
+    mem = {}
+    for k in kinds:
+        model, opt, backward, before = setups[k]
+        opt.zero_grad()
+        backward()
+        before()
+        mem[k] = _step_memory(opt.step, device)
+    base = "SGD"
+    s0, t0 = statistics.median(step_t[base]), statistics.median(train_t[base])
+    for k in kinds:
+        s, t = statistics.median(step_t[k]), statistics.median(train_t[k])
+        print(f"{name:<22} {k:<24} {s * 1e6:10.1f} {s / s0:8.2f}x {t * 1e6:12.1f} {t / t0:8.2f}x {mem[k] / 2**20:10.2f}")
+
+
+def dln_case(device, dtype, reps, inner):
+    d = 100_000
+    problem = TeacherProblem.sparse(d, 0.1, seed=0, dtype=dtype, device=device)
+
+    def build(kind):
+        def f():
+            torch.manual_seed(0)
+            m = DiagonalLinearNetwork(d, dtype=dtype, device=device)
+            if kind == "SGD":
+                opt = torch.optim.SGD(m.parameters(), lr=0.5)
+            elif kind == "SVAG l=4":
+                opt = SVAG(m.parameters(), lr=0.5, l=4)
+            else:
+                opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=StructuredNoise(problem, m),
+                                     nonfinite="skip" if kind.endswith("skip)") else "raise")
+            return m, opt, lambda: problem.population_risk(m.beta).backward(), lambda: None
+        return f
+
+    kinds = ["SGD", "HomogenizedSGD (skip)", "HomogenizedSGD (raise)", "SVAG l=4"]
+    _case("DLN d=1e5 structured", {k: build(k) for k in kinds}, device, reps, inner)
+
+
+def mlp_case(device, dtype, reps, inner, batch=32):
+    torch.manual_seed(0)
+    x4 = torch.randn(4 * batch, 512, device=device, dtype=dtype)
+    y4 = torch.randn(4 * batch, 1, device=device, dtype=dtype)
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1)).to(device, dtype)
+
+    def build(kind, m_factor):
+        def f():
+            m = net()
+            x, y = x4[: m_factor * batch], y4[: m_factor * batch]
+            backward = lambda: (0.5 * (m(x) - y).pow(2).mean()).backward()  # noqa: E731
+            if kind == "SGD":
+                return m, torch.optim.SGD(m.parameters(), lr=0.01), backward, lambda: None
+            opt = HomogenizedSGD(m.parameters(), lr=0.01, batch_size=batch, noise=EmpiricalNoise(m))
+            return m, opt, backward, lambda: opt.set_batch(x, y)
+        return f
+
+    nparams = sum(p.numel() for p in net().parameters())
+    for m_factor in (1, 4):
+        _case(f"MLP {nparams / 1e6:.2f}M M={m_factor}B", {"SGD": build("SGD", m_factor), f"Homogenized M={m_factor}B": build("H", m_factor)},
+              device, reps, inner)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=20)
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"# device={device}, dtype={args.dtype}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
+          f"median of {args.reps} interleaved repetitions x {args.inner} steps")
+    print(f"{'case':<22} {'optimizer':<24} {'step us':>10} {'ratio':>9} {'train us':>12} {'ratio':>9} {'alloc MiB':>10}")
+    dln_case(device, dtype, args.reps, args.inner)
+    mlp_case(device, dtype, args.reps, args.inner)
+
+
+if __name__ == "__main__":
+    main()
