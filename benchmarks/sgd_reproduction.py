@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lightning_examples"))
-from plain_loop import train_homogenized, train_sgd, train_svag  # noqa: E402
-
-from sde_optim import TeacherProblem  # noqa: E402
+from sde_optim import TeacherProblem
+from sde_optim.simulation import train_homogenized, train_sgd, train_svag
 
 
 def _one(job):
@@ -40,10 +36,10 @@ def _one(job):
     problem = TeacherProblem.sparse(dim, 0.1, noise_std=noise_std, seed=0)
     common = dict(lr=0.5, batch_size=1, steps=steps, seed=1000 + seed, record_every=every)
     if kind == "sgd":
-        return train_sgd(problem, **common)
+        return train_sgd(problem, **common)["risk"]
     if kind == "homogenized":
-        return train_homogenized(problem, noise_scale=extra, **common)
-    return train_svag(problem, l=extra, **common)
+        return train_homogenized(problem, noise_scale=extra, **common)["risk"]
+    return train_svag(problem, l=extra, **common)["risk"]
 
 
 def _curves(pool, kind, dim, noise_std, seeds, horizon, extra=None):

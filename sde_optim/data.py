@@ -94,7 +94,7 @@ class TeacherDataModule(pl.LightningDataModule):
         steps_per_epoch: training steps per epoch (>= 1); the stream itself never repeats.
 
     Training batches are ``(x, y)`` with shapes ``(batch_size, d)`` and ``(batch_size,)`` in
-    the problem's dtype. The seed of the batch of optimizer step ``k`` (micro-batch ``m``
+    the LightningModule's dtype (``module.dtype``), so a float64 problem feeds a float32 model. The seed of the batch of optimizer step ``k`` (micro-batch ``m``
     under gradient accumulation) on global rank ``r`` is ``stream_seed(seed, r, k, m)``.
     Outside a Lightning ``Trainer`` use ``problem.sample`` directly.
     """
@@ -139,16 +139,17 @@ class TeacherDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             raise RuntimeError("TeacherDataModule batches are made by a Lightning Trainer; outside one use problem.sample")
-        device = trainer.lightning_module.device
-        return self.make_batch(device, rank=trainer.global_rank, step=trainer.global_step)
+        module = trainer.lightning_module
+        return self.make_batch(module.device, module.dtype, rank=trainer.global_rank, step=trainer.global_step)
 
-    def make_batch(self, device: torch.device, *, rank: int, step: int) -> tuple[Tensor, Tensor]:
-        """The training batch of optimizer step ``step`` on ``rank``, generated on ``device``.
+    def make_batch(self, device: torch.device, dtype: torch.dtype, *, rank: int, step: int) -> tuple[Tensor, Tensor]:
+        """The training batch of optimizer step ``step`` on ``rank``, generated on ``device`` in ``dtype``.
 
         Consecutive calls with the same ``step`` are successive micro-batches of that step.
         """
-        if self._device_problem is None or self._device_problem.device != torch.device(device):
-            self._device_problem = self.problem.to(device)
+        p = self._device_problem
+        if p is None or p.device != torch.device(device) or p.dtype != dtype:
+            self._device_problem = self.problem.to(device, dtype)
             self._generator = torch.Generator(device=device)
         self._micro = self._micro + 1 if step == self._last_step else 0
         self._last_step = step

@@ -94,6 +94,9 @@ class TeacherRegression(pl.LightningModule):
         return p
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self) -> None:
+        self.teacher()  # move the problem once, outside any torch.func transform that may call teacher()
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 

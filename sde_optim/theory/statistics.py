@@ -1,0 +1,58 @@
+"""Weighted expectations of the E7 observables and the E8 risk drift over a type ensemble.
+
+Every solver (PDE grid, particles, ODE) represents the mean-field law as points
+``c[..., tau, k]`` (cell centres, particles, or one point per type) with weights
+``w[tau, k]`` summing to 1 over ``(tau, k)`` (``pi_tau`` times the cell mass or ``1/P``).
+A statistic ``(1/d) sum_i g(u_i, v_i, lambda_i, beta*_i)`` converges to
+``sum_tau pi_tau int g p_tau`` (THEORY §4), here ``sum_{tau,k} w g(c)``, where ``g`` is the
+``density`` of :data:`sde_optim.observables.OBSERVABLES`: predictions and measurements share
+one definition.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import Tensor
+
+from ..observables import OBSERVABLES, CoordinateState, Observable
+
+__all__ = ["expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate"]
+
+
+def expectation(values: Tensor, weight: Tensor) -> Tensor:
+    """``sum_{tau,k} w[tau,k] values[..., tau, k]``: shape ``(...)``."""
+    return (values * weight).sum(dim=(-2, -1))
+
+
+def observable_values(c: CoordinateState, weight: Tensor, observables: Iterable[Observable], noise_std: float) -> dict[str, Tensor]:
+    """``offset(sigma) + E[density(c)]`` for each observable (E7); values of shape ``(...)``."""
+    return {o.name: expectation(o.density(c), weight) + o.offset(noise_std) for o in observables}
+
+
+def risk_of(c: CoordinateState, weight: Tensor, noise_std: float) -> Tensor:
+    """``R = sigma^2/2 + E[lambda r^2 / 2]`` (E1/E6) via the registry's ``risk`` density."""
+    o = OBSERVABLES["risk"]
+    return expectation(o.density(c), weight) + o.offset(noise_std)
+
+
+def e8_terms(c: CoordinateState, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S1, S2, S3)`` of E8: ``E[lam^2 r^2 rho]``, ``E[lam^2 rho^2]``, ``E[lam^2 r beta]`` in ``(u, v)``."""
+    lam2 = c.lam * c.lam
+    r = c.residual
+    s1 = expectation(lam2 * r * r * c.rho, weight)
+    s2 = expectation(lam2 * c.rho * c.rho, weight)
+    s3 = expectation(lam2 * r * c.beta, weight)
+    return s1, s2, s3
+
+
+def e8_local_rate(c: CoordinateState, weight: Tensor, gamma: float, batch_size: int, risk: Tensor,
+                  noise_scale: float = 1.0) -> Tensor:
+    """Local exponential rate ``-d log R / dt`` from E8.
+
+    ``dR/dt = -gamma S1 + gamma^2 (R/B) (S2 + 2 S3)``, the noise part multiplied by
+    ``noise_scale**2`` (0 for gradient flow).
+    """
+    s1, s2, s3 = e8_terms(c, weight)
+    drdt = -gamma * s1 + noise_scale**2 * gamma**2 * (risk / batch_size) * (s2 + 2.0 * s3)
+    return -drdt / risk

@@ -1,0 +1,309 @@
+"""Tests of the theory engine (sde_optim.theory): PDE E6, particles E4-E5, ODE limits, E9,
+predict() against real SGD, and argument validation.
+
+Runs in well under a minute on 2 CPU cores; long statistical runs are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sde_optim import DiagonalLinearNetwork, TeacherProblem
+from sde_optim.observables import OBSERVABLES, measure
+from sde_optim.theory import (
+    Prediction,
+    coordinate_types,
+    critical_lr,
+    gradient_flow_closed_form,
+    isotropic_linear_risk,
+    phi_to_uv,
+    predict,
+    sgd_step,
+    simulate_sgd,
+    solve_fokker_planck,
+    uv_to_phi,
+)
+from sde_optim.theory.fokker_planck import MeanFieldDynamics
+from sde_optim.theory.odes import escape_time
+
+F64 = torch.float64
+
+
+def section6(d: int = 1000, noise_std: float = 0.0, alpha: float = 0.1, init: str = "unbalanced"):
+    """THEORY §6: isotropic, 10 % support +-1, u0 = sqrt(2) alpha, v0 = 0."""
+    problem = TeacherProblem.sparse(d, 0.1, noise_std=noise_std, seed=0)
+    model = DiagonalLinearNetwork(d, alpha=alpha, init=init, dtype=F64)
+    return problem, model
+
+
+# ----------------------------------------------------------------------------- PDE invariants
+@pytest.mark.parametrize("noise_std,init,batch", [(0.0, "unbalanced", 1), (0.3, "balanced", 4)])
+def test_pde_conserves_mass_and_positivity(noise_std, init, batch):
+    problem, model = section6(noise_std=noise_std, init=init)
+    types = coordinate_types(problem, model)
+    dyn = MeanFieldDynamics(types, 0.5, batch, noise_std)
+    sol = solve_fokker_planck(dyn, torch.linspace(0, 6, 13, dtype=F64), tol=3e-3)
+    total = sol.mass.sum(-1)  # (n, T): one per type and time
+    assert torch.allclose(total, torch.ones_like(total), rtol=0, atol=1e-12)
+    assert float(sol.mass.min()) >= 0.0
+    assert sol.tail_mass < 1e-3  # the co-moving window holds the density
+
+
+# ----------------------------------------------------------------------------- coordinates
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-50, 50), st.floats(-50, 50))
+def test_phi_uv_roundtrip(u, v):
+    u_t, v_t = torch.tensor(u, dtype=F64), torch.tensor(v, dtype=F64)
+    q = u_t * u_t - v_t * v_t
+    if float(q.abs()) < 1e-6 * float(u_t * u_t + v_t * v_t) or float(u_t * u_t + v_t * v_t) < 1e-12:
+        return  # balanced/zero points have no phi (they use psi = log|beta|, THEORY §3)
+    q2, phi = uv_to_phi(u_t, v_t)
+    u2, v2 = phi_to_uv(q2, phi)
+    # (u, v) and (-u, -v) are the same network; phi_to_uv returns the representative with u >= 0
+    scale = max(abs(u), abs(v))
+    err = min(max(abs(float(u2) * s - u), abs(float(v2) * s - v)) for s in (1.0, -1.0))
+    assert err <= 1e-9 * scale
+    assert float(u2) >= 0
+
+
+# ----------------------------------------------------------------------------- THEORY §6 numbers
+def test_section6_sanity_numbers():
+    problem, model = section6()
+    pred = predict(problem, model, lr=0.5, batch_size=1, steps=20 * problem.dim, num_points=41)
+    assert pred.info["num_types"] == 3 and pred.info["types_exact"]
+    vals = pred.at_step(torch.tensor([2000, 3000, 4000, 5000]))
+    quoted = torch.tensor([0.048, 0.042, 0.032, 0.019], dtype=F64)
+    # THEORY §6 quotes two-digit readings that "SGD, particles and the PDE gave within about 2 %".
+    # Measured here: PDE 0.0464, 0.0410, 0.0310, 0.0184 (2.4-3.4 % below the quotes), and real
+    # SGD at d = 4096 (4 seeds) 0.0464, 0.0410, 0.0310, 0.0182 -- the same as the PDE, so the
+    # quotes, not the solver, are off by ~3 %.  5 % still catches any wrong constant (a factor 2
+    # anywhere in E4-E6 moves these by far more); the tight check is test_predict_matches_sgd.
+    assert torch.allclose(vals["risk"], quoted, rtol=0.05)
+    c = pred.curves["curvature"]
+    assert abs(float(c[0]) - 0.02) < 1e-12  # C(0) = lambda * 2 alpha^2 exactly
+    # "settling near 0.229": the PDE gives 0.219 at t = 20 and real SGD at d = 4096 gives 0.217
+    # at t = 10 (PDE 0.2168 there), so the quote is ~4.5 % high; checked to 5 % here.
+    assert abs(float(c[-1]) - 0.229) / 0.229 < 0.05
+    assert float(c[-1]) > float(c[0]) and float(pred.curves["risk"][-1]) < 1e-3 * 0.05
+
+
+# ----------------------------------------------------------------------------- PDE vs particles
+def test_pde_matches_particles():
+    problem, model = section6()
+    steps = 4 * problem.dim
+    pde = predict(problem, model, lr=0.5, batch_size=1, steps=steps, num_points=5, tol=1e-3)
+    parts = predict(problem, model, lr=0.5, batch_size=1, steps=steps, num_points=5, method="particles",
+                    num_particles=500, num_replicas=8, dt=2e-3, generator=torch.Generator().manual_seed(0))
+    # Tolerance: the particle curve is the mean of K = 8 independent McKean-Vlasov replicas, and
+    # its standard error is std_K / sqrt(K) (this includes the feedback of each replica's R on
+    # its particles, which the i.i.d. formula misses).  A two-sided 99.9 % bound for a mean with
+    # K - 1 = 7 degrees of freedom is t = 5.41 SE; on top we allow the deterministic errors:
+    # the PDE's (tol = 1e-3 relative) and the Euler-Maruyama weak error at dt = 2e-3
+    # (measured below 1e-3 relative by halving dt).
+    for name in ("risk", "curvature"):
+        a, b, se = pde.curves[name][1:], parts.curves[name][1:], parts.stderr[name][1:]
+        assert bool(((a - b).abs() <= 5.41 * se + 2e-3 * a.abs()).all()), (name, a, b, se)
+
+
+# ----------------------------------------------------------------------------- E9
+@pytest.mark.parametrize("gamma,batch,noise", [(0.5, 1, 0.0), (1.5, 2, 0.4), (3.0, 1, 0.2)])
+def test_e9_matches_isotropic_closed_form(gamma, batch, noise):
+    d = 500
+    problem = TeacherProblem.sparse(d, 0.2, noise_std=noise, seed=3)
+    model = DiagonalLinearNetwork(d, alpha=0.3, init="balanced", dtype=F64)
+    pred = predict(problem, model, lr=gamma, batch_size=batch, steps=5 * d, method="ode", observables="risk",
+                   num_points=26, blowup_factor=1e300)
+    r0 = float(problem.population_risk(model.beta.detach()))
+    exact = isotropic_linear_risk(pred.t, risk0=r0, gamma=gamma, batch_size=batch, noise_std=noise)
+    assert torch.allclose(pred.curves["risk"], exact, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------- gradient flow
+def test_gradient_flow_matches_independent_uv_ode():
+    from scipy.integrate import solve_ivp
+
+    d = 64
+    problem = TeacherProblem.sparse(d, 0.25, spectrum="two-level", ratio=4.0, noise_std=0.1, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    u0 = 0.2 + 0.1 * torch.rand(d, generator=gen, dtype=F64)
+    v0 = 0.1 * torch.randn(d, generator=gen, dtype=F64)
+    model = DiagonalLinearNetwork(d, init=(u0, v0), dtype=F64)
+    gamma, steps = 0.7, 8 * d
+    pred = predict(problem, model, lr=gamma, batch_size=1, steps=steps, method="gradient_flow",
+                   observables=("risk", "curvature", "l1"), num_points=9, max_types=d)
+    lam, bstar = problem.spectrum.numpy(), problem.beta_star.numpy()
+
+    def rhs(_, y):  # du = -gamma lam r v, dv = -gamma lam r u (E3 without noise), in (u, v)
+        u, v = y[:d], y[d:]
+        r = u * v - bstar
+        return list(-gamma * lam * r * v) + list(-gamma * lam * r * u)
+
+    sol = solve_ivp(rhs, (0, float(pred.t[-1])), list(u0.numpy()) + list(v0.numpy()), t_eval=pred.t.numpy(),
+                    rtol=1e-11, atol=1e-13, method="DOP853")
+    u, v = torch.tensor(sol.y[:d].T), torch.tensor(sol.y[d:].T)
+    risk = problem.population_risk(u * v)
+    assert torch.allclose(pred.curves["risk"], risk, rtol=1e-7)
+    assert torch.allclose(pred.curves["curvature"], (lam_t := problem.spectrum) @ (u * u + v * v).T / d, rtol=1e-7)
+    assert torch.allclose(pred.curves["l1"], (u * v).abs().mean(-1), rtol=1e-7)
+
+
+def test_gradient_flow_closed_form_and_small_init_limit():
+    d, gamma = 10, 0.5
+    bstar = torch.zeros(d, dtype=F64)
+    bstar[0] = 1.0
+    problem = TeacherProblem(torch.full((d,), 1.0 / d, dtype=F64), bstar)
+    gaps = []
+    for alpha in (1e-2, 1e-4, 1e-6):
+        model = DiagonalLinearNetwork(d, alpha=alpha, dtype=F64)  # q0 = 2 alpha^2, phi0 = 0
+        q0 = 2 * alpha**2
+        t_esc = escape_time(gamma=gamma, lam=1.0, beta_star=1.0, q=q0)
+        steps = int(2 * t_esc * d)
+        pred = predict(problem, model, lr=gamma, batch_size=1, steps=steps, method="gradient_flow",
+                       observables="l1", num_points=steps + 1)
+        beta = pred.curves["l1"] * d  # only coordinate 0 moves
+        phi = gradient_flow_closed_form(pred.t, gamma=gamma, lam=1.0, beta_star=1.0, q=q0, phi0=0.0)
+        assert torch.allclose(beta, 0.5 * q0 * torch.sinh(phi), rtol=1e-7, atol=1e-12)
+        t_half = float(pred.t[int((beta >= 0.5).nonzero()[0, 0])])
+        gaps.append(abs(t_half / t_esc - 1))
+    # Small-initialization limit: the support coordinate jumps from 0 to beta* at t_esc
+    # (incremental learning); the relative gap shrinks like 1/log(1/alpha).
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.05
+
+
+# ----------------------------------------------------------------------------- real SGD
+@pytest.mark.parametrize("parametrization", ["uv", "pm"])
+def test_vectorized_sgd_equals_torch_optim(parametrization):
+    d, lr, batch = 32, 0.3, 3
+    problem = TeacherProblem.sparse(d, 0.25, noise_std=0.2, seed=4)
+    model = DiagonalLinearNetwork(d, parametrization=parametrization, alpha=0.5, dtype=F64)
+    u, v = (z.clone() for z in model.uv_state())  # uv_state() shares storage with the parameters
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        x, y = problem.sample(batch, generator=gen)
+        opt.zero_grad()
+        (0.5 * (model(x) - y) ** 2).mean().backward()
+        opt.step()
+        qb = u * u - v * v
+        g = ((x @ (u * v) - y)[:, None] * x).mean(0)
+        u, v = sgd_step(u, v, x, y, lr * model.lr_scale)
+        # E4's discrete identity, exact for any step: q -> (1 - gamma^2 g^2) q
+        assert torch.allclose(u * u - v * v, (1 - (lr * model.lr_scale) ** 2 * g * g) * qb, rtol=1e-10, atol=1e-14)
+    u2, v2 = model.uv_state()
+    assert torch.allclose(u, u2, rtol=1e-10, atol=1e-12) and torch.allclose(v, v2, rtol=1e-10, atol=1e-12)
+
+
+def test_predict_matches_sgd():
+    d = 1024
+    problem = TeacherProblem.sparse(d, 0.1, spectrum="two-level", ratio=3.0, noise_std=0.1, seed=7)
+    model = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+    lr, batch, steps = 0.8, 2, 5 * d
+    pred = predict(problem, model, lr=lr, batch_size=batch, steps=steps, num_points=17)
+    run = simulate_sgd(problem, model, lr=lr, batch_size=batch, record_steps=pred.steps, num_runs=4,
+                       generator=torch.Generator().manual_seed(8))
+    # Tolerance: at d = 1024 the finite-d error of the mean-field limit is a few 1e-3 relative
+    # (the benchmark measures 0.3-1 % at d = 4096 and a fall with d), and the 4-seed mean has a
+    # standard error from the seeds' spread; we require |SGD - PDE| <= 3 SE + 2 % of the value
+    # over the descent window R >= 1e-3 R(0).  (A wrong constant in E4-E6 is a >10 % effect.)
+    risk = pred.curves["risk"]
+    window = risk >= 1e-3 * risk[0]
+    for name in ("risk", "curvature"):
+        mean = run.mean(name)
+        se = run.values[name].std(0) / math.sqrt(run.values[name].shape[0])
+        err = (mean - pred.curves[name]).abs()
+        assert bool((err[window] <= 3 * se[window] + 0.02 * pred.curves[name][window].abs()).all()), (name, err / mean)
+
+
+# ----------------------------------------------------------------------------- types
+def test_types_exact_and_binned():
+    problem, model = section6(d=2000)
+    types = coordinate_types(problem, model)
+    assert types.exact and types.num_types == 3 and abs(float(types.weight.sum()) - 1) < 1e-15
+    pl = TeacherProblem.sparse(4000, 0.1, spectrum="power-law", exponent=1.0, seed=2)
+    m = DiagonalLinearNetwork(4000, alpha=0.1, dtype=F64)
+    binned = coordinate_types(pl, m, max_types=48)
+    assert not binned.exact and binned.num_types <= 48
+    assert abs(float((binned.weight * binned.lam).sum()) - float(pl.spectrum.mean())) < 1e-12  # bin means keep mean(lambda)
+    assert 0 <= binned.binning_error < 0.05
+    # The prediction at t = 0 reproduces the measured observables of the network.
+    pred = predict(pl, m, lr=0.3, batch_size=1, steps=10, observables="all", max_types=48, num_points=2)
+    meas = measure(pl, m, "all")
+    for name in OBSERVABLES:
+        assert abs(float(pred.curves[name][0]) - float(meas[name])) <= 0.05 * abs(float(meas[name])) + 1e-12, name
+
+
+# ----------------------------------------------------------------------------- API
+def test_prediction_interpolation_and_save(tmp_path):
+    problem, model = section6(d=200)
+    pred = predict(problem, model, lr=0.5, batch_size=1, steps=400, method="gradient_flow", num_points=5)
+    assert pred.steps.tolist() == [0, 100, 200, 300, 400]
+    mid = pred.at_step(150)
+    assert isinstance(mid["risk"], float)
+    assert abs(mid["risk"] - 0.5 * float(pred.curves["risk"][1] + pred.curves["risk"][2])) < 1e-15
+    both = pred.at_step(torch.tensor([0, 400]))
+    assert torch.equal(both["risk"], pred.curves["risk"][[0, -1]])
+    with pytest.raises(ValueError, match="k must lie"):
+        pred.at_step(401)
+    path = tmp_path / "pred.pt"
+    pred.save(path)
+    back = Prediction.load(path)
+    assert torch.equal(back.curves["curvature"], pred.curves["curvature"]) and back.info == pred.info
+
+
+def test_divergence_is_predicted():
+    problem, model = section6(d=1000)
+    # gamma = 40 is far above the E8 estimate (~9); between ~9 and ~30 the PDE predicts a bounded
+    # plateau instead (see critical_lr's two thresholds).
+    pred = predict(problem, model, lr=40.0, batch_size=1, steps=5 * problem.dim, num_points=51, tol=3e-3)
+    assert pred.divergence_step is not None and 0 < pred.divergence_step <= 5 * problem.dim
+    assert bool(torch.isnan(pred.curves["risk"][-1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(method="sde"), ValueError, "method"),
+        (dict(observables=("risk", "sharpness")), ValueError, "observables"),
+        (dict(method="ode", observables="curvature"), ValueError, "observables"),
+        (dict(lr="big"), TypeError, "lr"),
+        (dict(steps=2.5), TypeError, "steps"),
+    ],
+)
+def test_predict_validation(kwargs, exc, match):
+    problem, model = section6(d=50)
+    args = dict(lr=0.5, batch_size=1, steps=10)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        predict(problem, model, **args)
+
+
+def test_predict_validation_models():
+    problem, model = section6(d=50)
+    with pytest.raises(ValueError, match="dim"):
+        predict(problem, DiagonalLinearNetwork(49, dtype=F64), lr=0.5, batch_size=1, steps=10)
+    with pytest.raises(ValueError, match="depth"):
+        predict(problem, DiagonalLinearNetwork(50, parametrization="pm", depth=3, dtype=F64), lr=0.5, batch_size=1, steps=10)
+    with pytest.raises(TypeError, match="model"):
+        predict(problem, torch.nn.Linear(50, 1), lr=0.5, batch_size=1, steps=10)
+    with pytest.raises(ValueError, match="depth"):
+        critical_lr(problem, DiagonalLinearNetwork(50, parametrization="pm", depth=3, dtype=F64), batch_size=1, steps=10)
+
+
+@pytest.mark.slow
+def test_critical_lr_brackets_divergence():
+    problem, model = section6(d=1000)
+    steps = 10 * problem.dim
+    crit = critical_lr(problem, model, batch_size=1, steps=steps)
+    assert crit.decay is not None and crit.decay <= crit.bounded * (1 + crit.rel_tol)
+    below = predict(problem, model, lr=0.8 * crit.bounded, batch_size=1, steps=steps, num_points=41, blowup_factor=1e3)
+    above = predict(problem, model, lr=1.25 * crit.bounded, batch_size=1, steps=steps, num_points=41, blowup_factor=1e3)
+    assert below.divergence_step is None and above.divergence_step is not None
