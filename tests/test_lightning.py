@@ -167,3 +167,13 @@ def test_cli_rejects_bad_arguments(argv, words, capsys):
         cli_main(argv)
     assert exc.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_main_example_on_gpu(tmp_path):
+    example = _load_example("sparse_regression")
+    monitor = example.main(["--dim", "1024", "--max-steps", "512", "--every-n-steps", "128",
+                            "--logdir", str(tmp_path), "--accelerator", "gpu", "--devices", "1"])
+    assert max(monitor.history["risk/rel_error"]) < 0.05
+    _assert_real_plot(monitor.figure_path)
