@@ -17,6 +17,7 @@ __all__ = [
     "check_finite_tensor",
     "check_float",
     "check_int",
+    "check_strategy",
 ]
 
 
@@ -84,3 +85,23 @@ def check_finite_tensor(name: str, value: Any, *, nonnegative: bool = False, pos
     if nonnegative and not bool((value >= 0).all()):
         raise ValueError(f"{name} must have entries >= 0")
     return value
+
+
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(strategy: Any, who: str) -> None:
+    """Refuse Lightning strategies that shard parameters or optimizer state.
+
+    The SDE optimizers draw noise per parameter from the *whole* parameter (StructuredNoise
+    needs all of ``u`` and ``v`` to form ``beta``) and the theory monitors read the whole
+    network, so they need every rank to hold full replicas, as single-device and DDP
+    strategies do. Checked by class name along the MRO so that DeepSpeed need not be installed.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    sharded = sorted(names.intersection(_SHARDED_STRATEGIES))
+    if sharded:
+        raise ValueError(
+            f"{who} does not support the {sharded[0]} strategy (it shards parameters or optimizer state); "
+            "use strategy='auto' (one device), 'ddp' or 'ddp_spawn'"
+        )

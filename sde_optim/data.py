@@ -80,6 +80,14 @@ def _collate_request(batch: Any) -> Any:
     return batch
 
 
+def _batch_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating parameter, else ``module.dtype``."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return getattr(module, "dtype", torch.get_default_dtype())
+
+
 class TeacherDataModule(pl.LightningDataModule):
     """Fresh Gaussian teacher samples every training step, generated on the training device.
 
@@ -94,7 +102,11 @@ class TeacherDataModule(pl.LightningDataModule):
         steps_per_epoch: training steps per epoch (>= 1); the stream itself never repeats.
 
     Training batches are ``(x, y)`` with shapes ``(batch_size, d)`` and ``(batch_size,)`` in
-    the LightningModule's dtype (``module.dtype``), so a float64 problem feeds a float32 model. The seed of the batch of optimizer step ``k`` (micro-batch ``m``
+    the dtype of the LightningModule's first floating parameter (``module.dtype`` if it has
+    none), so a float64 problem feeds a float32 model, and a bfloat16/float16 model (built in
+    that dtype, or converted by ``precision="bf16-true"``) gets batches in its own dtype; under
+    ``precision="bf16-mixed"`` the parameters stay float32 and so do the batches (autocast casts
+    inside the matmul). The samples are drawn in that dtype. The seed of the batch of optimizer step ``k`` (micro-batch ``m``
     under gradient accumulation) on global rank ``r`` is ``stream_seed(seed, r, k, m)``.
     Outside a Lightning ``Trainer`` use ``problem.sample`` directly.
     """
@@ -123,6 +135,11 @@ class TeacherDataModule(pl.LightningDataModule):
         self._last_step = -1
         self._micro = 0
 
+    def setup(self, stage: str) -> None:
+        # A new fit (or a resumed one) starts counting micro-batches afresh, even if this module
+        # object already served a fit that stopped in the middle of a step.
+        self._last_step, self._micro = -1, 0
+
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Stream(self.steps_per_epoch), batch_size=None, collate_fn=_collate_request)
@@ -140,7 +157,7 @@ class TeacherDataModule(pl.LightningDataModule):
         if trainer is None:
             raise RuntimeError("TeacherDataModule batches are made by a Lightning Trainer; outside one use problem.sample")
         module = trainer.lightning_module
-        return self.make_batch(module.device, module.dtype, rank=trainer.global_rank, step=trainer.global_step)
+        return self.make_batch(module.device, _batch_dtype(module), rank=trainer.global_rank, step=trainer.global_step)
 
     def make_batch(self, device: torch.device, dtype: torch.dtype, *, rank: int, step: int) -> tuple[Tensor, Tensor]:
         """The training batch of optimizer step ``step`` on ``rank``, generated on ``device`` in ``dtype``.

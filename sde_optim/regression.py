@@ -14,6 +14,17 @@ predicts), HomogenizedSGD (its SDE, THEORY E3) and SVAG (Li-Malladi-Arora):
 
 ``sgd_batch_size`` and ``sgd_steps_per_step`` are what :class:`~sde_optim.callbacks.TheoryMonitor`
 reads to line the prediction up with training.
+
+Distributed: under DDP with ``W`` processes ``sgd_batch_size`` is per process, so the SGD
+being run (or emulated) has the global batch ``W * sgd_batch_size`` (:attr:`global_batch_size`):
+DDP averages the ``"sgd"``/``"svag"`` gradients over ranks, and ``"homogenized"`` draws the
+noise of that global batch (its drift, the population gradient, is the same on every rank).
+Strategies that shard parameters or optimizer state (FSDP, DeepSpeed, ModelParallel) are
+refused with a ``ValueError`` at setup.
+
+Precision: parameters in ``dtype`` (float32 default; float64, bfloat16 and float16 work too),
+the teacher is moved to that dtype once; ``Trainer(precision="bf16-mixed")`` (autocast) and
+``"bf16-true"`` work on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ._validation import check_choice, check_float, check_int
+from ._validation import check_choice, check_float, check_int, check_strategy
 from .models import DiagonalLinearNetwork
 from .optim import SVAG, HomogenizedSGD, StructuredNoise
 from .teacher import TeacherProblem
@@ -46,6 +57,13 @@ class TeacherRegression(pl.LightningModule):
         noise_scale: HomogenizedSGD noise multiplier (>= 0).
         alpha, init, parametrization: passed to :class:`~sde_optim.DiagonalLinearNetwork`.
         dtype: parameter dtype (default float32).
+        noise_seed: seed of HomogenizedSGD's noise stream (integer >= 0). ``None`` (default):
+            drawn from torch's global generator when the optimizer is created, so it depends on
+            what used that generator before (seed it, e.g. ``seed_everything``, right before each
+            fit to compare runs). A resumed fit restores the stream from the checkpoint either way.
+        nonfinite: ``"skip"`` or ``"raise"``, the non-finite policy of HomogenizedSGD and SVAG
+            (see :class:`~sde_optim.optim._base._SGDFamily`); ``"sgd"`` is plain
+            ``torch.optim.SGD`` and accepts only the default.
     """
 
     def __init__(
@@ -61,6 +79,8 @@ class TeacherRegression(pl.LightningModule):
         init: str = "unbalanced",
         parametrization: str = "uv",
         dtype: torch.dtype = torch.float32,
+        noise_seed: int | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__()
         if not isinstance(problem, TeacherProblem):
@@ -71,6 +91,12 @@ class TeacherRegression(pl.LightningModule):
         self.optimizer_name = check_choice("optimizer", optimizer, OPTIMIZERS)
         self.svag_l = check_float("svag_l", svag_l, minimum=1.0)
         self.noise_scale = check_float("noise_scale", noise_scale, minimum=0.0)
+        self.noise_seed = None if noise_seed is None else check_int("noise_seed", noise_seed, minimum=0)
+        self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        if self.optimizer_name == "sgd" and self.nonfinite != "skip":
+            raise ValueError("nonfinite applies to optimizer 'homogenized' or 'svag'; 'sgd' is plain torch.optim.SGD")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.model = DiagonalLinearNetwork(problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
         self._device_problem: TeacherProblem | None = None
         self.save_hyperparameters(ignore=["problem"])
@@ -82,6 +108,12 @@ class TeacherRegression(pl.LightningModule):
         return 2 * self.sgd_batch_size if self.optimizer_name == "svag" else self.sgd_batch_size
 
     @property
+    def global_batch_size(self) -> int:
+        """The SGD batch over all processes: ``sgd_batch_size`` times the trainer's world size."""
+        trainer = self._trainer
+        return self.sgd_batch_size * (trainer.world_size if trainer is not None else 1)
+
+    @property
     def sgd_steps_per_step(self) -> float:
         """SGD steps of time covered by one optimizer step (``1 / l`` for SVAG, else 1)."""
         return 1.0 / self.svag_l if self.optimizer_name == "svag" else 1.0
@@ -89,13 +121,33 @@ class TeacherRegression(pl.LightningModule):
     def teacher(self) -> TeacherProblem:
         """The problem on this module's device and dtype (cached)."""
         p = self._device_problem
-        if p is None or p.device != self.device:
+        if p is None or p.device != self.device or p.dtype != self.model.beta.dtype:
             self._device_problem = p = self.problem.to(self.device, self.model.beta.dtype)
         return p
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, "TeacherRegression")
+
     def on_fit_start(self) -> None:
         self.teacher()  # move the problem once, outside any torch.func transform that may call teacher()
+
+    def on_train_start(self) -> None:
+        self._logger_step_checked = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning 2.6's epoch loop, when restarting, adds 1 to `_batches_that_stepped` (the
+        # logger step of `self.log`) on the assumption that the checkpoint was written in
+        # on_train_batch_end, before its own increment. A checkpoint from `trainer.save_checkpoint`
+        # after a fit (or at an epoch end) already holds the incremented value, so the resumed
+        # curves were shifted one step against an uninterrupted run. With this module's single
+        # optimizer every batch that stepped is one optimizer step: the counter must equal
+        # `global_step`. Set it once per fit, after the loop's reset (a no-op when it is right).
+        if not getattr(self, "_logger_step_checked", True):
+            self._logger_step_checked = True
+            loop = self.trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_batches_that_stepped"):
+                loop._batches_that_stepped = self.trainer.global_step
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -134,6 +186,7 @@ class TeacherRegression(pl.LightningModule):
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(params, lr=self.lr)
         if self.optimizer_name == "svag":
-            return SVAG(params, lr=self.lr, l=self.svag_l)
+            return SVAG(params, lr=self.lr, l=self.svag_l, nonfinite=self.nonfinite)
         noise = StructuredNoise(self.problem, self.model)
-        return HomogenizedSGD(params, lr=self.lr, batch_size=self.sgd_batch_size, noise=noise, noise_scale=self.noise_scale)
+        return HomogenizedSGD(params, lr=self.lr, batch_size=self.global_batch_size, noise=noise,
+                              noise_scale=self.noise_scale, seed=self.noise_seed, nonfinite=self.nonfinite)

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from .. import curvature
-from .._validation import check_int
+from .._validation import check_int, check_strategy
 
 __all__ = ["CurvatureMonitor"]
 
@@ -51,6 +51,8 @@ class CurvatureMonitor(pl.Callback):
     ranks. The computation uses the unwrapped ``pl_module`` and ``torch.autograd.grad`` /
     torch.func, which trigger no gradient all-reduce. As with any ``rank_zero_only`` metric,
     the tags cannot be monitored by other callbacks (e.g. ``ModelCheckpoint``) in such runs.
+    Sharding strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup: the Hessian of
+    a shard is not the Hessian of the model.
 
     Args:
         every_n_steps: optimizer steps between checks (>= 1).
@@ -150,6 +152,9 @@ class CurvatureMonitor(pl.Callback):
         return t[: self.probe_size].detach().clone()
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, "CurvatureMonitor")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = trainer.log_every_n_steps
         if n > 0 and self.every_n_steps % n != 0:

@@ -11,15 +11,21 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from .._validation import check_float, check_int
+from .._validation import check_choice, check_float, check_int, check_strategy
 from ..models import DiagonalLinearNetwork
 from ..observables import measure, resolve_observables
 from ..optim import SVAG, HomogenizedSGD
 from ..plotting import comparison_figure
 from ..teacher import TeacherProblem
-from ..theory import Prediction, critical_lr, predict
+from ..theory import METHODS, Prediction, critical_lr, predict
 
-__all__ = ["TheoryMonitor"]
+__all__ = ["TheoryMonitor", "DEPARTURES"]
+
+# The three ways training can leave the prediction (``TheoryMonitor.departure``).
+AS_PREDICTED = "diverged as predicted"
+AGAINST_PREDICTION = "diverged against the prediction"
+LEFT = "left the prediction"
+DEPARTURES = (AS_PREDICTED, AGAINST_PREDICTION, LEFT)
 
 
 def _find_network(module: torch.nn.Module) -> DiagonalLinearNetwork:
@@ -60,9 +66,26 @@ class TheoryMonitor(pl.Callback):
     Learning-rate schedules are not predicted: if the learning rate changes during the fit
     the callback warns once and marks later points as outside the prediction's assumptions.
 
-    Departure: the first logged step at which ``risk/rel_error`` exceeds ``threshold`` is kept in
-    ``departure_step``; ``departure`` says whether it is ``"diverged as predicted"`` (the
-    prediction itself blows up) or ``"left the prediction"``.
+    Departure: the first logged step at which ``risk/rel_error`` exceeds ``threshold`` (or the
+    measured or predicted risk is not finite) is kept in ``departure_step``, and ``departure``
+    says which of three cases it is:
+
+    * ``"diverged as predicted"``: the prediction diverges (``prediction.divergence_step``) and
+      the measured risk is above the prediction or not finite;
+    * ``"diverged against the prediction"``: the prediction stays bounded but training diverged:
+      the measured risk is not finite or above ``blowup_factor`` times the risk at step 0 (the
+      divergence criterion of :func:`sde_optim.predict`). A departure first classified as
+      ``"left the prediction"`` is upgraded when training diverges later;
+    * ``"left the prediction"``: any other departure (training stays finite but more than
+      ``threshold`` away, e.g. a predicted blow-up that training does not follow).
+
+    ``None`` while training follows the prediction.
+
+    Distributed (DDP): the prediction and the critical learning rate are computed on global
+    rank zero only and broadcast; the parameters are identical on all ranks, so the measured
+    values need no reduction (each rank measures, loggers write on rank zero only, each step
+    once). The batch size read from the module or data module is per process and is multiplied
+    by the world size. Sharding strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup.
 
     Args:
         problem: the teacher the network is trained on.
@@ -71,6 +94,7 @@ class TheoryMonitor(pl.Callback):
         method: prediction method passed to :func:`sde_optim.predict`.
         lr, batch_size: override what is read from the trainer.
         threshold: relative risk error that counts as leaving the prediction (> 0).
+        blowup_factor: measured risk above this times the risk at step 0 counts as diverged (> 1).
         save_figure: draw and save the figure at fit end.
     """
 
@@ -84,6 +108,7 @@ class TheoryMonitor(pl.Callback):
         lr: float | None = None,
         batch_size: int | None = None,
         threshold: float = 0.25,
+        blowup_factor: float = 1e4,
         save_figure: bool = True,
     ) -> None:
         if not isinstance(problem, TeacherProblem):
@@ -93,11 +118,14 @@ class TheoryMonitor(pl.Callback):
         self.observables = tuple(o.name for o in resolve_observables(observables))
         if "risk" not in self.observables:
             self.observables = ("risk",) + self.observables
-        self.method = method
+        self.method = check_choice("method", method, METHODS)
         self.lr = None if lr is None else check_float("lr", lr, minimum=0.0, strict=True)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
         self.threshold = check_float("threshold", threshold, minimum=0.0, strict=True)
-        self.save_figure = bool(save_figure)
+        self.blowup_factor = check_float("blowup_factor", blowup_factor, minimum=1.0, strict=True)
+        if not isinstance(save_figure, bool):
+            raise TypeError(f"save_figure must be a bool, got {type(save_figure).__name__}")
+        self.save_figure = save_figure
         self.prediction: Prediction | None = None
         self.history: dict[str, list[float]] = {"step": []}
         self.departure_step: int | None = None
@@ -109,6 +137,9 @@ class TheoryMonitor(pl.Callback):
         self._warned_lr = False
 
     # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, "TheoryMonitor")
+
     def _sgd_batch_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if self.batch_size is not None:
             return self.batch_size
@@ -143,19 +174,23 @@ class TheoryMonitor(pl.Callback):
         # (resumed with a longer horizon: predict again from the initial state, not the current one)
         model = DiagonalLinearNetwork.from_state(self._initial[0], self._initial[1], parametrization=self._initial[2])
         batch = self._sgd_batch_size(trainer, pl_module)
-        prediction = None
-        if trainer.is_global_zero:
-            prediction = predict(self.problem, model, lr=self._lr_used, batch_size=batch, steps=horizon,
-                                 method=self.method, observables=self.observables)
-        self.prediction = trainer.strategy.broadcast(prediction, src=0)
+        self.prediction, crit = trainer.strategy.broadcast(
+            self._predict(model, batch, horizon) if trainer.is_global_zero else None, src=0)
         self._batch_used = batch
-        if self.prediction.divergence_step is not None:
-            crit = critical_lr(self.problem, model, batch_size=batch, steps=horizon, rel_tol=0.05).bounded
+        if crit is not None:
             rank_zero_warn(
                 f"TheoryMonitor: at lr={self._lr_used} and batch size {batch} the PDE predicts that the risk "
                 f"diverges at SGD step {self.prediction.divergence_step}; predicted critical lr: {crit:.4g}"
             )
         self._register_layout(trainer)
+
+    def _predict(self, model: DiagonalLinearNetwork, batch: int, horizon: int) -> tuple[Prediction, float | None]:
+        """The prediction and, if it diverges, the predicted critical lr (run on global rank zero)."""
+        prediction = predict(self.problem, model, lr=self._lr_used, batch_size=batch, steps=horizon,
+                             method=self.method, observables=self.observables)
+        if prediction.divergence_step is None:
+            return prediction, None
+        return prediction, critical_lr(self.problem, model, batch_size=batch, steps=horizon, rel_tol=0.05).bounded
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0 and not self.history["step"]:
@@ -186,14 +221,35 @@ class TheoryMonitor(pl.Callback):
             metrics.update({f"{name}/measured": m, f"{name}/predicted": p, f"{name}/rel_error": rel})
             for key, value in (("measured", m), ("predicted", p), ("rel_error", rel)):
                 self.history.setdefault(f"{name}/{key}", []).append(value)
-        if self.departure_step is None and metrics["risk/rel_error"] > self.threshold:
-            self.departure_step = step
-            diverges = self.prediction.divergence_step is not None
-            self.departure = "diverged as predicted" if diverges and m > p else "left the prediction"
-            rank_zero_warn(f"TheoryMonitor: at step {step} the measured risk is {metrics['risk/rel_error']:.0%} away "
-                           f"from the prediction ({self.departure})")
+        self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+    def _check_departure(self, step: int, measured: float, predicted: float) -> None:
+        """Record the first departure from the prediction and classify it (class docstring)."""
+        assert self.prediction is not None
+        diverged = not math.isfinite(measured) or measured > self.blowup_factor * self.history["risk/measured"][0]
+        if self.departure == LEFT and diverged:  # a departure that turned into a divergence later
+            self.departure = self._divergence_kind()
+            rank_zero_warn(f"TheoryMonitor: at step {step} training diverged: {self.departure}")
+            return
+        if self.departure_step is not None:
+            return
+        finite = math.isfinite(measured) and math.isfinite(predicted)
+        if finite and abs(measured - predicted) <= self.threshold * abs(predicted):
+            return
+        self.departure_step = step
+        above = math.isfinite(predicted) and measured > predicted
+        if diverged or (above and self.prediction.divergence_step is not None):
+            self.departure = self._divergence_kind()
+        else:
+            self.departure = LEFT
+        rank_zero_warn(f"TheoryMonitor: at step {step} the measured risk {measured:.4g} is more than "
+                       f"{self.threshold:.0%} away from the predicted {predicted:.4g}: {self.departure}")
+
+    def _divergence_kind(self) -> str:
+        assert self.prediction is not None
+        return AS_PREDICTED if self.prediction.divergence_step is not None else AGAINST_PREDICTION
 
     # ------------------------------------------------------------------ layout, figure, summary
     def _register_layout(self, trainer: pl.Trainer) -> None:
@@ -244,7 +300,7 @@ class TheoryMonitor(pl.Callback):
             lines.append(f"{n:<18}{self.history[f'{n}/measured'][-1]:>16.5g}{self.history[f'{n}/predicted'][-1]:>14.5g}"
                          f"{max(self.history[f'{n}/rel_error']):>13.2%}")
         if self.departure_step is not None:
-            lines.append(f"left the prediction at step {self.departure_step}: {self.departure}")
+            lines.append(f"departure from the prediction at step {self.departure_step}: {self.departure}")
         rank_zero_info("TheoryMonitor summary\n" + "\n".join(lines))
 
     # ------------------------------------------------------------------ checkpointing

@@ -43,6 +43,7 @@ class _SGDFamily(Optimizer):
             if key in param_group:
                 check_float(key, param_group[key], minimum=0.0)
         super().add_param_group(param_group)
+        _check_representable(self.param_groups[-1])
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -103,3 +104,15 @@ class _SGDFamily(Optimizer):
         super().load_state_dict(state_dict)
         if extra is not None:
             self._load_extra_state(extra)
+
+
+def _check_representable(group: dict[str, Any]) -> None:
+    """The group's scalar factors must fit the parameters' dtype (they are the ``alpha`` of foreach ops)."""
+    for p in group["params"]:
+        if not p.is_floating_point():
+            raise TypeError(f"parameters must be floating tensors, got one of dtype {p.dtype}")
+        top = torch.finfo(p.dtype).max
+        for key in ("lr", "weight_decay", "noise_scale"):
+            if abs(group.get(key, 0.0)) > top:
+                raise ValueError(f"{key} must be <= {top:.4g} (the largest {p.dtype} value) for these parameters; "
+                                 f"got {group[key]}")

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._validation import check_float, check_int
 from ._base import _SGDFamily
+from ._dist import broadcast_generator
 from .functional import directions
 from .noise import GradientNoise
 
@@ -36,10 +37,30 @@ class HomogenizedSGD(_SGDFamily):
             random numbers are drawn), 1 is SGD-equivalent, > 1 amplified; per group.
         weight_decay: L2 penalty (>= 0) added to the drift, as in ``torch.optim.SGD``; per group.
         generator: a ``torch.Generator`` on the parameters' device. Default: a new one seeded
-            from torch's global generator at construction (so ``torch.manual_seed`` makes runs
-            reproducible). Its state is saved in :meth:`state_dict`.
+            with ``seed``. Its state is saved in :meth:`state_dict`.
+        seed: seed of the default generator (an integer >= 0; not with ``generator``). Default:
+            drawn from torch's global generator at construction, so ``torch.manual_seed`` /
+            ``seed_everything`` right before building the optimizer makes runs reproducible; an
+            explicit seed makes the noise stream independent of whatever else used the global
+            generator before (two fits in one process, a different number of data loaders, ...).
         foreach: use the multi-tensor path (default: when all tensors share device and dtype).
         nonfinite: ``"skip"`` or ``"raise"`` (see :class:`_SGDFamily`).
+
+    Distributed data parallel (DDP). Replicas stay identical because every rank draws the
+    *same* noise: at the first noisy step after construction or :meth:`load_state_dict`, rank
+    zero's generator state is broadcast to all ranks (one collective, once), and from then on
+    every rank advances identical generators by identical draws. Same noise, rather than noise
+    drawn on one rank and broadcast every step, because it costs no communication per step and
+    the drift is already identical on all ranks (DDP all-reduces the gradients), so drift plus
+    noise is identical too. The seed is not trusted to agree by itself: it is drawn from each
+    process's global generator, which agrees only if every rank seeded it the same way.
+    ``batch_size`` is the *global* SGD batch the noise reproduces (per-rank batch times world
+    size when emulating DDP-SGD). Noise models that depend on rank-local data average over
+    ranks (see :class:`~sde_optim.StructuredNoise` with ``risk="loss"`` and
+    :class:`~sde_optim.EmpiricalNoise`).
+
+    Precision: any floating parameter dtype; the noise is drawn in the parameters' dtype
+    (bf16/fp16 noise has the dtype's relative resolution, about 1e-2 / 1e-3).
 
     Example::
 
@@ -61,6 +82,7 @@ class HomogenizedSGD(_SGDFamily):
         noise_scale: float = 1.0,
         weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         foreach: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
@@ -72,13 +94,23 @@ class HomogenizedSGD(_SGDFamily):
         check_float("noise_scale", noise_scale, minimum=0.0)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if seed is not None:
+            seed = check_int("seed", seed, minimum=0)
+            if generator is not None:
+                raise ValueError("pass either generator or seed, not both (seed seeds the default generator)")
         defaults = dict(lr=lr, noise_scale=noise_scale, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults, nonfinite=nonfinite)
         self.noise = noise
         noise.check_params([p for g in self.param_groups for p in g["params"]])
+        device = self.param_groups[0]["params"][0].device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator must be on the parameters' device ({device}), got one on {generator.device}")
         self._generator = generator
-        self._seed = int(torch.randint(0, 2**62, (1,)).item()) if generator is None else None
+        if generator is None and seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._seed = seed
+        self._synced = False  # generator state not yet made identical across DDP ranks
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "noise_scale" in param_group:
@@ -112,6 +144,9 @@ class HomogenizedSGD(_SGDFamily):
         noise_of: dict[int, Tensor] = {}
         if noisy:
             gen = self.generator
+            if not self._synced:
+                broadcast_generator(gen)  # once: identical noise on every DDP rank
+                self._synced = True
             rng = (gen, gen.get_state()) if self.nonfinite == "raise" else None
             drawn = self.noise.sample(self.batch_size, gen, loss)
             noise_of = {id(p): n for p, n in zip(self.noise.params, drawn)}
@@ -137,3 +172,4 @@ class HomogenizedSGD(_SGDFamily):
         super()._load_extra_state(extra)
         if "generator_state" in extra:
             self.generator.set_state(extra["generator_state"].clone())
+        self._synced = False

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_int
+from ._dist import all_reduce_mean_, world_size
 from ..models import DiagonalLinearNetwork
 from ..teacher import TeacherProblem
 
@@ -81,7 +82,8 @@ class StructuredNoise(GradientNoise):
             for the exact population gradient (default).
         risk: where the current risk ``R`` comes from: ``"exact"`` (E1 from the model's beta,
             default) or ``"loss"`` (the loss returned by the optimizer's closure, an unbiased
-            minibatch estimate of R).
+            minibatch estimate of R; under DDP averaged over ranks, one all-reduce per step, so
+            that every replica draws the same noise from the global-batch estimate).
     """
 
     def __init__(
@@ -125,7 +127,8 @@ class StructuredNoise(GradientNoise):
         elif loss is None:
             raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
         else:
-            risk = loss.detach()
+            risk = loss.detach().clone()
+            all_reduce_mean_([risk])
         z = torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device)
         beta_noise = (2.0 * c2 * risk.to(a.dtype)).sqrt() * problem.feature_variance.sqrt() * z
         if self.model.parametrization == "uv":
@@ -159,6 +162,12 @@ class EmpiricalNoise(GradientNoise):
 
     Before each optimizer step call ``set_batch(inputs, targets)`` with the ``M >= B``
     samples whose mean gradient is the drift (usually the training batch).
+
+    Under DDP with ``W`` ranks each rank holds ``M`` different samples and the drift is the
+    mean over ``W M`` of them (DDP's all-reduce). Every rank draws its noise from its own
+    samples with ``c^2 = W (1/B - 1/(W M))`` (``B`` the global batch) and the noises are
+    averaged over ranks (one all-reduce per parameter): the ranks' samples are independent,
+    so the average has covariance ``(1/B - 1/(W M)) Sigma``, and it is the same on every rank.
     """
 
     def __init__(self, model: nn.Module, per_sample_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
@@ -192,7 +201,8 @@ class EmpiricalNoise(GradientNoise):
         inputs, targets = self._batch
         self._batch = None
         m = inputs.shape[0]
-        c2 = missing_variance(batch_size, m)
+        ranks = world_size()
+        c2 = ranks * missing_variance(batch_size, ranks * m)
         if c2 == 0.0:
             return [torch.zeros_like(p) for p in self.params]
         ref = self.params[0]
@@ -203,4 +213,6 @@ class EmpiricalNoise(GradientNoise):
             if losses.shape != (m,):
                 raise ValueError(f"per_sample_loss must return shape ({m},), got {tuple(losses.shape)}")
             grads = torch.autograd.grad((weights.to(losses.dtype) * losses).sum(), self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        noise = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        all_reduce_mean_(noise)
+        return noise

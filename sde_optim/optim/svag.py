@@ -46,6 +46,11 @@ class SVAG(_SGDFamily):
     the weights once with :func:`svag_weights`. Lightning's automatic optimization then
     calls :meth:`step` as for any optimizer.
 
+    Distributed data parallel (DDP): SVAG draws no random numbers, so replicas stay identical
+    because DDP all-reduces the gradient of the combined loss. Each rank combines its own two
+    halves; the all-reduced gradient is ``w1 mean_r(g1_r) + w2 mean_r(g2_r)``, SVAG with the
+    global batch (per-rank batch times world size).
+
     Args:
         params: parameters or param-group dicts.
         lr: the SGD step size (>= 0) being approximated; the actual step is ``lr / l``.
