@@ -35,6 +35,16 @@ def _find_network(module: torch.nn.Module) -> DiagonalLinearNetwork:
     raise ValueError("TheoryMonitor needs a DiagonalLinearNetwork inside the LightningModule; none was found")
 
 
+def _relative_error(measured: float, predicted: float) -> float:
+    """``|m - p| / |p|``; 0 when both vanish (e.g. l1 at a zero initialization: the PDE gives
+    ~1e-14 there), inf when only p does. Observables are O(1) in THEORY's normalization, so a
+    difference below 1e-12 is rounding."""
+    diff = abs(measured - predicted)
+    if diff <= 1e-12:
+        return 0.0
+    return diff / abs(predicted) if predicted != 0 else math.inf
+
+
 class TheoryMonitor(pl.Callback):
     """Track risk, curvature, ... of a :class:`~sde_optim.DiagonalLinearNetwork` against the PDE.
 
@@ -217,7 +227,7 @@ class TheoryMonitor(pl.Callback):
         self.history["step"].append(step)
         for name in self.observables:
             m, p = float(measured[name]), float(predicted[name])
-            rel = abs(m - p) / abs(p) if p != 0 else math.inf
+            rel = _relative_error(m, p)
             metrics.update({f"{name}/measured": m, f"{name}/predicted": p, f"{name}/rel_error": rel})
             for key, value in (("measured", m), ("predicted", p), ("rel_error", rel)):
                 self.history.setdefault(f"{name}/{key}", []).append(value)

@@ -3,7 +3,7 @@ step counting and the extra entries of ``state_dict``."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -51,6 +51,14 @@ class _SGDFamily(Optimizer):
         if self._skipped is None:
             return torch.zeros((), dtype=torch.int64)
         return self._skipped
+
+    @staticmethod
+    def _evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+        """Run ``closure`` (loss and backward) with gradients enabled, as ``torch.optim.SGD`` does."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params = [p for p in group["params"] if p.grad is not None]

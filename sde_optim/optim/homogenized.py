@@ -135,10 +135,7 @@ class HomogenizedSGD(_SGDFamily):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One homogenized SGD step; ``closure`` (optional) re-evaluates the loss and its gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         noisy = any(g["noise_scale"] != 0 for g in self.param_groups)
         rng = None
         noise_of: dict[int, Tensor] = {}

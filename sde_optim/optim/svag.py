@@ -85,10 +85,7 @@ class SVAG(_SGDFamily):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """``p <- p - (lr / l) (grad + weight_decay p)``, with ``grad`` the combined gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         updates = []
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
