@@ -5,6 +5,7 @@ from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES, CoordinateState, Observable, measure
 from .optim import SVAG, EmpiricalNoise, HomogenizedSGD, NonFiniteUpdateError, StructuredNoise, svag_weights
 from .teacher import TeacherProblem
+from .theory import CriticalLR, Prediction, critical_lr, predict
 
 __all__ = [
     "DiagonalLinearNetwork",
@@ -19,6 +20,10 @@ __all__ = [
     "StructuredNoise",
     "EmpiricalNoise",
     "NonFiniteUpdateError",
+    "predict",
+    "Prediction",
+    "critical_lr",
+    "CriticalLR",
 ]
 
 __version__ = "0.1.0"

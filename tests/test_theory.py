@@ -148,7 +148,7 @@ def test_gradient_flow_matches_independent_uv_ode():
     u, v = torch.tensor(sol.y[:d].T), torch.tensor(sol.y[d:].T)
     risk = problem.population_risk(u * v)
     assert torch.allclose(pred.curves["risk"], risk, rtol=1e-7)
-    assert torch.allclose(pred.curves["curvature"], (lam_t := problem.spectrum) @ (u * u + v * v).T / d, rtol=1e-7)
+    assert torch.allclose(pred.curves["curvature"], problem.spectrum @ (u * u + v * v).T / d, rtol=1e-7)
     assert torch.allclose(pred.curves["l1"], (u * v).abs().mean(-1), rtol=1e-7)
 
 
@@ -206,10 +206,12 @@ def test_predict_matches_sgd():
     pred = predict(problem, model, lr=lr, batch_size=batch, steps=steps, num_points=17)
     run = simulate_sgd(problem, model, lr=lr, batch_size=batch, record_steps=pred.steps, num_runs=4,
                        generator=torch.Generator().manual_seed(8))
-    # Tolerance: at d = 1024 the finite-d error of the mean-field limit is a few 1e-3 relative
-    # (the benchmark measures 0.3-1 % at d = 4096 and a fall with d), and the 4-seed mean has a
-    # standard error from the seeds' spread; we require |SGD - PDE| <= 3 SE + 2 % of the value
-    # over the descent window R >= 1e-3 R(0).  (A wrong constant in E4-E6 is a >10 % effect.)
+    # Tolerance: |SGD - PDE| <= 3 SE + 2 % of the value over the descent window R >= 1e-3 R(0),
+    # SE = the 4 seeds' standard error.  The 2 % is the finite-d allowance for this setting: the
+    # deterministic limit is exact only as d -> infinity, and here (noise floor, so R stays
+    # O(1e-2)) the measured gap at d = 1024 was <= 1.3 % with seed SE ~1.4 % at that point.
+    # A wrong constant in E4-E6 is a >10 % effect.  (Where R falls to ~1e-3 R(0) without a
+    # noise floor the finite-d gap is larger, ~1/sqrt(d): see benchmarks/theory_accuracy.py.)
     risk = pred.curves["risk"]
     window = risk >= 1e-3 * risk[0]
     for name in ("risk", "curvature"):

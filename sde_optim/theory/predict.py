@@ -133,6 +133,7 @@ def predict(
     dt: float = 2e-3,
     noise_scale: float = 1.0,
     blowup_factor: float = 1e4,
+    step_stability: bool = True,
     dtype: torch.dtype = torch.float64,
     solver_options: dict[str, Any] | None = None,
 ) -> Prediction:
@@ -151,6 +152,12 @@ def predict(
             num_replicas, dt: particle method (:func:`simulate_particles`).
         noise_scale: multiplies the gradient noise (1 = SGD); ``"pde"``/``"particles"`` only.
         blowup_factor: divergence threshold on ``R / R(0)``.
+        step_stability: (``"pde"``) also predict divergence when, at any solver step, the law
+            puts at least one of the ``d`` coordinates beyond the discrete-step stability limit
+            ``gamma lam rho / d > 2`` (the top eigenvalue of coordinate ``i``'s 2x2 Hessian
+            block, ``(lam/d) rho`` near ``beta = beta*``, E7): the SDE's drift confines
+            such coordinates but a discrete SGD step overshoots and blows them up.  This is a
+            finite-``d`` effect the continuum limit cannot see by itself.
         dtype: computation dtype (float64 default).  solver_options: extra keyword
             arguments for :func:`solve_fokker_planck`.
     """
@@ -176,7 +183,8 @@ def predict(
     }
     stderr: dict[str, Tensor] = {}
     if method == "pde":
-        sol = solve_fokker_planck(dyn, t, tol=tol, blowup_factor=blowup_factor, **(solver_options or {}))
+        sol = solve_fokker_planck(dyn, t, tol=tol, blowup_factor=blowup_factor, dim=d if step_stability else None,
+                                  **(solver_options or {}))
         c, w = sol.points()
         curves = observable_values(c, w, obs, problem.noise_std)
         rate = e8_local_rate(c, w, gamma, batch_size, sol.risk, noise_scale)
@@ -285,7 +293,16 @@ def critical_lr(
     until it contains the transition, then bisected (geometrically) until
     ``hi / lo <= 1 + rel_tol``.  With ``noise_std = 0`` a second bisection finds the largest
     ``lr`` whose risk decays (``R(T) <= decay_fraction R(0)`` and ``dR/dt < 0`` at ``T``).
-    Assumes each predicate is monotone in ``lr``.
+    Boundedness is assumed monotone in ``lr``; decay holds on a window of ``lr`` (too small makes
+    no progress within the horizon), so its upper edge is searched below the stability limit and
+    ``decay`` is ``None`` when no ``lr`` in ``[bounded / 256, bounded]`` decays within the horizon.
+    A horizon so short that nothing diverges up to ``2^20`` times the E8 estimate is a
+    ``ValueError``.
+
+    Between the two thresholds the PDE predicts a bounded plateau (the noise keeps the
+    support coordinates from converging; with balanced initialization it drives every
+    ``beta`` to 0), not a divergence.  Divergence is ``R > blowup_factor R(0)``, an unresolved
+    heavy tail of the law, or a coordinate past the discrete-step limit (:func:`predict`).
     """
     _check_inputs(problem, model, 1.0, batch_size, steps, "pde")
     rel_tol = check_float("rel_tol", rel_tol, minimum=0.0, strict=True)
@@ -307,31 +324,44 @@ def critical_lr(
         r = p.curves["risk"]
         return p.divergence_step is None and float(r[-1]) <= decay_fraction * float(r[0]) and float(p.local_rate[-1]) > 0
 
-    def search(pred) -> float:
-        lo, hi = est, est
-        p = pred(run(est))
-        if p:
-            while True:
-                hi = 2.0 * lo
-                if not pred(run(hi)):
-                    break
-                lo = hi
-        else:
-            while True:
-                lo = hi / 2.0
-                if pred(run(lo)):
-                    break
-                hi = lo
-                if lo < 1e-12 * est:
-                    raise RuntimeError("critical_lr found no stable learning rate")
+    def bisect(pred, lo: float, hi: float) -> float:
         while hi / lo > 1.0 + rel_tol:
             mid = math.sqrt(lo * hi)
-            if pred(run(mid)):
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if pred(run(mid)) else (lo, mid)
         return lo
 
-    lr_bounded = search(bounded)
-    lr_decay = search(decays) if problem.noise_std == 0 else None
+    def search_bounded() -> float:
+        lo = hi = est
+        if bounded(run(est)):
+            while True:
+                hi = 2.0 * lo
+                if not bounded(run(hi)):
+                    return bisect(bounded, lo, hi)
+                lo = hi
+                if lo > 2.0**20 * est:
+                    raise ValueError(
+                        f"steps={steps} is too short a horizon: the predicted risk stays bounded for every lr up to "
+                        f"{lo:.3g} (2^20 times the E8 estimate); use a longer horizon"
+                    )
+        while True:
+            lo = hi / 2.0
+            if bounded(run(lo)):
+                return bisect(bounded, lo, hi)
+            hi = lo
+            if lo < 1e-12 * est:
+                raise RuntimeError("critical_lr found no stable learning rate")
+
+    def search_decay(limit: float) -> float | None:
+        # decay holds on a window of lr (too small: no progress within the horizon; too large: noise
+        # floor), so look below the stability limit for a decaying lr, then bisect its upper edge.
+        hi = limit
+        for _ in range(8):
+            lo = hi / 2.0
+            if decays(run(lo)):
+                return bisect(decays, lo, hi)
+            hi = lo
+        return None  # no lr in [limit / 256, limit] brings R below decay_fraction R(0) within the horizon
+
+    lr_bounded = search_bounded()
+    lr_decay = search_decay(lr_bounded) if problem.noise_std == 0 else None
     return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0])

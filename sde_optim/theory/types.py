@@ -107,27 +107,48 @@ class CoordinateTypes:
 
 
 def _bin_codes(x: Tensor, bins: int) -> Tensor:
-    """Bin index in ``[0, bins)`` for each entry of ``x`` (shape ``(d,)``); ties share a bin.
+    """Bin index for each entry of ``x`` (shape ``(d,)``), at most about ``bins`` bins; ties share a bin.
 
-    Positive fields spanning more than a decade (spectra) get equal-width bins in ``log x``:
-    time scales are ``1/(gamma lambda)``, so this resolves them uniformly in relative terms,
-    and equal-count bins would lump a heavy tail (e.g. the top of a power law) into one bin.
-    Other fields get equal-count (quantile) bins.
+    * Positive fields spanning more than a decade (spectra) get equal-width bins in
+      ``log x``: time scales are ``1/(gamma lambda)``, so this resolves them uniformly in
+      relative terms (equal-count bins would lump a heavy tail, e.g. the top of a power law).
+    * Otherwise: values carrying at least ``1/bins`` of the coordinates (atoms, e.g.
+      ``beta* = 0`` of a sparse teacher) get their own bin; the rest are split by sign (a bin
+      must not mix signs: its mean would cancel) and binned by equal counts, the bins shared
+      between the signs in proportion to their counts.
     """
-    uniq, inv = torch.unique(x, return_inverse=True)
+    uniq, inv, counts = torch.unique(x, return_inverse=True, return_counts=True)
     if uniq.numel() <= bins:
         return inv
     if bool((x > 0).all()) and float(x.max()) > 10.0 * float(x.min()):
         lx = torch.log(x)
         lo, hi = float(lx.min()), float(lx.max())
         return ((lx - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).to(torch.int64)
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(x.numel(), device=x.device)
-    codes = (ranks * bins) // x.numel()
-    # Equal values must land in one bin (a bin boundary inside a run of ties would split an exact type).
-    first = torch.full((uniq.numel(),), x.numel(), dtype=codes.dtype, device=x.device).scatter_reduce(0, inv, codes, "amin")
-    return first[inv]
+    n = x.numel()
+    is_atom = counts * bins >= n
+    atom_id = torch.cumsum(is_atom.to(torch.int64), 0) - 1
+    codes = torch.where(is_atom[inv], atom_id[inv], torch.full_like(inv, -1))
+    n_atoms = int(is_atom.sum())
+    rest = ~is_atom[inv]
+    groups = [rest & (x < 0), rest & (x >= 0)]
+    sizes = [int(g.sum()) for g in groups]
+    free = max(bins - n_atoms, sum(1 for z in sizes if z))
+    offset = n_atoms
+    for g, size in zip(groups, sizes):
+        if size == 0:
+            continue
+        k = max(1, round(free * size / max(1, sum(sizes))))
+        vals = x[g]
+        order = torch.argsort(vals, stable=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(size, device=x.device)
+        c = (ranks * k) // size
+        # equal values share the bin of their first occurrence
+        u, iv = torch.unique(vals, return_inverse=True)
+        first = torch.full((u.numel(),), size, dtype=c.dtype, device=x.device).scatter_reduce(0, iv, c, "amin")
+        codes[g] = first[iv] + offset
+        offset += k
+    return codes
 
 
 def coordinate_types(problem, model, *, max_types: int = 64) -> CoordinateTypes:

@@ -1,0 +1,306 @@
+"""Accuracy and speed of the theory engine (sde_optim.theory) against particles and real SGD.
+
+Tables printed:
+  1. PDE (E6) vs particles (E4-E5): max relative risk difference and max |z| (difference in
+     Monte Carlo standard errors from independent replicas), N particles per type in total.
+  2. PDE vs plain streaming SGD (mean of several seeds, vectorized over seeds; fresh Gaussian
+     samples every step) at several d: max relative error of risk and curvature over the
+     descent window R >= 1e-3 R(0), on six settings.
+  3. E9: the linear least-squares predictor vs its isotropic closed form.
+  4. Stability: critical_lr, then SGD at d = 4096 at 0.8x and 1.25x of it.
+  5. Exponential decay rate with noise 0: E8 local rate vs the rate fitted on SGD.
+  6. Speed: PDE with <= 8 types to t = 20 vs one SGD run at d = 16384 to t = 20.
+
+Usage:
+  python benchmarks/theory_accuracy.py            # full (tens of minutes on 2 cores)
+  python benchmarks/theory_accuracy.py --quick    # short version (few minutes)
+Flags: --dims, --seeds, --particles, --replicas, --dt, --tol, --threads, --settings NAME...,
+--json PATH, --skip SECTION...  (sections: particles sgd e9 stability rate speed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sde_optim import DiagonalLinearNetwork, TeacherProblem  # noqa: E402
+from sde_optim.theory import critical_lr, isotropic_linear_risk, predict, simulate_sgd  # noqa: E402
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- settings
+def make_setting(name: str, d: int):
+    """(problem, model, lr, batch, horizon t) of a named setting at dimension d."""
+    if name == "iso-s6":  # THEORY §6: small lr, noiseless, B = 1, unbalanced
+        p = TeacherProblem.sparse(d, 0.1, noise_std=0.0, seed=0)
+        m = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+        return p, m, 0.5, 1, 10.0
+    if name == "iso-noisy-B4-bal":  # label noise, batch 4, balanced init
+        p = TeacherProblem.sparse(d, 0.1, noise_std=0.2, seed=1)
+        m = DiagonalLinearNetwork(d, alpha=0.1, init="balanced", dtype=F64)
+        return p, m, 2.0, 4, 6.0
+    if name == "two-level-noisy":  # two-level spectrum (ratio 4), noise, B = 1
+        p = TeacherProblem.sparse(d, 0.1, spectrum="two-level", ratio=4.0, noise_std=0.1, seed=2)
+        m = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+        return p, m, 0.3, 1, 8.0
+    if name == "power-law-B2-bal":  # power-law spectrum i^-0.5, noiseless, B = 2, balanced
+        p = TeacherProblem.sparse(d, 0.1, spectrum="power-law", exponent=0.5, noise_std=0.0, seed=3)
+        m = DiagonalLinearNetwork(d, alpha=0.1, init="balanced", dtype=F64)
+        return p, m, 0.4, 2, 8.0
+    if name == "pm-two-level-B3":  # the +- parametrization (lr_scale 2), gaussian teacher, B = 3
+        p = TeacherProblem.sparse(d, 0.2, spectrum="two-level", ratio=2.0, values="gaussian", noise_std=0.3, seed=4)
+        m = DiagonalLinearNetwork(d, parametrization="pm", alpha=0.1, dtype=F64)
+        return p, m, 0.5, 3, 6.0
+    raise KeyError(name)
+
+
+NEAR_CRITICAL = "iso-near-critical"  # THEORY §6 problem at 0.8x the predicted decay-critical lr
+
+
+def fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(title, header, rows):
+    print(f"\n## {title}")
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- 1. particles
+def section_particles(args, out):
+    rows = []
+    for name, noise, B, gamma in (("iso-s6", 0.0, 1, 0.5), ("iso-noisy-B4", 0.2, 4, 2.0)):
+        d = 1000
+        p = TeacherProblem.sparse(d, 0.1, noise_std=noise, seed=0)
+        m = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+        steps = int((6.0 if args.quick else 8.0) * d)
+        t0 = time.perf_counter()
+        pde = predict(p, m, lr=gamma, batch_size=B, steps=steps, num_points=33, tol=args.tol)
+        t_pde = time.perf_counter() - t0
+        per_rep = args.particles // args.replicas
+        t0 = time.perf_counter()
+        par = predict(p, m, lr=gamma, batch_size=B, steps=steps, num_points=33, method="particles",
+                      num_particles=per_rep, num_replicas=args.replicas, dt=args.dt,
+                      generator=torch.Generator().manual_seed(11))
+        t_par = time.perf_counter() - t0
+        a, b, se = pde.curves["risk"][1:], par.curves["risk"][1:], par.stderr["risk"][1:]
+        rel = float(((a - b).abs() / a).max())
+        z = float(((a - b).abs() / se).max())
+        ca, cb, cse = pde.curves["curvature"][1:], par.curves["curvature"][1:], par.stderr["curvature"][1:]
+        crel = float(((ca - cb).abs() / ca).max())
+        cz = float(((ca - cb).abs() / cse).max())
+        rows.append([name, f"{args.replicas}x{per_rep}", fmt(rel, ".2e"), fmt(z, ".2f"), fmt(crel, ".2e"), fmt(cz, ".2f"),
+                     f"{t_pde:.2f}", f"{t_par:.1f}"])
+        out.setdefault("particles", []).append(dict(setting=name, replicas=args.replicas, per_replica=per_rep,
+                                                     risk_max_rel=rel, risk_max_z=z, curv_max_rel=crel, curv_max_z=cz,
+                                                     pde_s=t_pde, particles_s=t_par))
+    table("1. PDE vs particles (risk and curvature over t in (0, T]; z = |diff| / replica SE)",
+          ["setting", "particles/type", "risk max rel", "risk max z", "curv max rel", "curv max z", "PDE s", "particles s"], rows)
+
+
+# ----------------------------------------------------------------------------- 2. SGD
+def descent_errors(pred, run):
+    risk = pred.curves["risk"]
+    window = torch.isfinite(risk) & (risk >= 1e-3 * risk[0])
+    res = {}
+    for name in ("risk", "curvature"):
+        mean = run.mean(name)
+        err = ((mean - pred.curves[name]).abs() / pred.curves[name].abs())[window]
+        se = (run.values[name].std(0) / math.sqrt(run.values[name].shape[0]) / pred.curves[name].abs())[window]
+        i = int(err.argmax())
+        res[name] = (float(err.max()), float(se[i]))
+    return res
+
+
+SGD_SETTINGS = ["iso-s6", "iso-noisy-B4-bal", "two-level-noisy", "power-law-B2-bal", "pm-two-level-B3", NEAR_CRITICAL]
+
+
+def section_sgd(args, out, crit_cache):
+    names = args.settings
+    rows = []
+    for name in names:
+        for d in args.dims:
+            if name == NEAR_CRITICAL:
+                p, m, _, B, horizon = make_setting("iso-s6", d)
+                lr = 0.8 * crit_cache.setdefault("iso-s6", critical_lr(*make_setting("iso-s6", 1000)[:2], batch_size=1,
+                                                                       steps=10_000)).decay
+                horizon = 10.0
+            else:
+                p, m, lr, B, horizon = make_setting(name, d)
+            steps = int(horizon * d)
+            t0 = time.perf_counter()
+            pred = predict(p, m, lr=lr, batch_size=B, steps=steps, num_points=41, tol=args.tol)
+            t_pde = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run = simulate_sgd(p, m, lr=lr, batch_size=B, record_steps=pred.steps, num_runs=args.seeds,
+                               generator=torch.Generator().manual_seed(100 + d))
+            t_sgd = time.perf_counter() - t0
+            e = descent_errors(pred, run)
+            rows.append([name, d, f"{lr:.3g}", B, pred.info["num_types"], fmt(e["risk"][0], ".2%"), fmt(e["risk"][1], ".2%"),
+                         fmt(e["curvature"][0], ".2%"), fmt(e["curvature"][1], ".2%"), f"{t_pde:.2f}", f"{t_sgd:.1f}"])
+            out.setdefault("sgd", []).append(dict(setting=name, d=d, lr=lr, batch=B, types=pred.info["num_types"],
+                                                  risk_max_rel=e["risk"][0], risk_se_at_max=e["risk"][1],
+                                                  curv_max_rel=e["curvature"][0], curv_se_at_max=e["curvature"][1],
+                                                  pde_s=t_pde, sgd_s=t_sgd))
+            print(f"   [{name} d={d}] risk {e['risk'][0]:.2%} curv {e['curvature'][0]:.2%}  (pde {t_pde:.1f}s, sgd {t_sgd:.0f}s)",
+                  flush=True)
+    table(f"2. PDE vs SGD (mean of {args.seeds} seeds): max relative error over the descent window R >= 1e-3 R(0); "
+          "'se' = seed standard error (relative) at that point",
+          ["setting", "d", "lr", "B", "types", "risk err", "risk se", "curv err", "curv se", "PDE s", "SGD s"], rows)
+
+
+# ----------------------------------------------------------------------------- 3. E9
+def section_e9(args, out):
+    rows = []
+    d = 1000
+    for gamma, B, noise in ((0.5, 1, 0.0), (1.5, 2, 0.4), (3.0, 1, 0.2), (7.0, 4, 0.1)):
+        p = TeacherProblem.sparse(d, 0.2, noise_std=noise, seed=3)
+        m = DiagonalLinearNetwork(d, alpha=0.3, init="balanced", dtype=F64)
+        pred = predict(p, m, lr=gamma, batch_size=B, steps=5 * d, method="ode", observables="risk", num_points=51,
+                       blowup_factor=1e300)
+        r0 = float(p.population_risk(m.beta.detach()))
+        exact = isotropic_linear_risk(pred.t, risk0=r0, gamma=gamma, batch_size=B, noise_std=noise)
+        err = float(((pred.curves["risk"] - exact).abs() / exact).max())
+        floor = noise**2 / (2 - gamma / B) if gamma < 2 * B else float("inf")
+        rows.append([gamma, B, noise, fmt(err, ".1e"), fmt(floor, ".4g"), fmt(float(pred.curves["risk"][-1]), ".4g")])
+        out.setdefault("e9", []).append(dict(gamma=gamma, batch=B, noise=noise, max_rel_err=err))
+    table("3. E9 predictor vs isotropic closed form (max relative error over t in [0, 5])",
+          ["gamma", "B", "sigma", "max rel err", "floor sigma^2/(2-gamma/B)", "R(5)"], rows)
+
+
+# ----------------------------------------------------------------------------- 4/5. stability and rate
+def section_stability(args, out, crit_cache):
+    rows = []
+    d = 4096
+    for name in ("iso-s6", "iso-noisy-B4-bal"):
+        p1, m1, _, B, horizon = make_setting(name, 1000)
+        steps_per_d = 10.0 if name == "iso-s6" else 6.0
+        t0 = time.perf_counter()
+        crit = crit_cache.get(name) or critical_lr(p1, m1, batch_size=B, steps=int(steps_per_d * 1000))
+        crit_cache[name] = crit
+        t_crit = time.perf_counter() - t0
+        p, m, _, B, _ = make_setting(name, d)
+        steps = int(steps_per_d * d)
+        checks = [("0.8x bounded", 0.8 * crit.bounded), ("1.25x bounded", 1.25 * crit.bounded)]
+        if crit.decay is not None:
+            checks = [("0.8x decay", 0.8 * crit.decay), ("1.25x decay", 1.25 * crit.decay)] + checks
+        for label, lr in checks:
+            pred = predict(p, m, lr=lr, batch_size=B, steps=steps, num_points=21, tol=args.tol, blowup_factor=1e3)
+            run = simulate_sgd(p, m, lr=lr, batch_size=B, record_steps=pred.steps, num_runs=args.seeds,
+                               generator=torch.Generator().manual_seed(7))
+            r = run.values["risk"]
+            r_end = float(r[:, -1].mean()) if not bool(run.diverged.any()) else float("inf")
+            r_max = float(r.max()) if bool(torch.isfinite(r).all()) else float("inf")
+            sgd_state = ("diverged" if bool(run.diverged.any()) or r_max > 1e3 * float(r[:, 0].mean())
+                         else ("converges" if r_end <= 0.1 * float(r[:, 0].mean()) else "bounded, no decay"))
+            pde_state = ("diverges" if pred.divergence_step is not None
+                         else ("converges" if float(pred.curves["risk"][-1]) <= 0.1 * float(pred.curves["risk"][0]) else "bounded, no decay"))
+            rows.append([name, f"{crit.bounded:.3g}", fmt(crit.decay, ".3g"), f"{t_crit:.0f}", label, f"{lr:.3g}", pde_state, sgd_state,
+                         fmt(r_end, ".3g")])
+            out.setdefault("stability", []).append(dict(setting=name, lr_bounded=crit.bounded, lr_decay=crit.decay,
+                                                        e8_estimate=crit.e8_estimate, check=label, lr=lr, pde=pde_state,
+                                                        sgd=sgd_state, sgd_final_risk=r_end, critical_lr_s=t_crit))
+    table(f"4. Stability: predicted critical lr (PDE bisection, E8 bracket), then SGD at d = {d} ({args.seeds} seeds)",
+          ["setting", "lr_c bounded", "lr_c decay", "crit s", "check", "lr", "PDE", "SGD", "SGD R(T)"], rows)
+
+
+def section_rate(args, out):
+    rows = []
+    d = 4096
+    for name in ("iso-s6", "power-law-B2-bal"):
+        p, m, lr, B, horizon = make_setting(name, d)
+        horizon = 12.0
+        steps = int(horizon * d)
+        pred = predict(p, m, lr=lr, batch_size=B, steps=steps, num_points=61, tol=args.tol)
+        run = simulate_sgd(p, m, lr=lr, batch_size=B, record_steps=pred.steps, num_runs=args.seeds,
+                           generator=torch.Generator().manual_seed(3))
+        # window: where the PDE rate is largest (the exponential phase), +-1 time unit
+        rate = pred.local_rate
+        i = int(torch.nan_to_num(rate, nan=-1).argmax())
+        lo, hi = max(0, i - 5), min(len(rate) - 1, i + 5)
+        tt = pred.t[lo:hi + 1]
+        logr = torch.log(run.mean("risk")[lo:hi + 1])
+        slope = float(((tt - tt.mean()) * (logr - logr.mean())).sum() / ((tt - tt.mean()) ** 2).sum())
+        logp = torch.log(pred.curves["risk"][lo:hi + 1])
+        pslope = float(((tt - tt.mean()) * (logp - logp.mean())).sum() / ((tt - tt.mean()) ** 2).sum())
+        rows.append([name, f"[{float(tt[0]):.1f}, {float(tt[-1]):.1f}]", f"{float(rate[lo:hi + 1].mean()):.4g}",
+                     f"{-pslope:.4g}", f"{-slope:.4g}", f"{float(rate[-1]):.4g}"])
+        out.setdefault("rate", []).append(dict(setting=name, window=[float(tt[0]), float(tt[-1])],
+                                               e8_rate=float(rate[lo:hi + 1].mean()), pde_fit=-pslope, sgd_fit=-slope,
+                                               e8_rate_end=float(rate[-1])))
+    table(f"5. Exponential decay with noise 0: E8 local rate -dlogR/dt vs fitted rates (d = {d})",
+          ["setting", "t window", "E8 mean rate", "PDE fit", "SGD fit", "E8 rate at T"], rows)
+
+
+# ----------------------------------------------------------------------------- 6. speed
+def section_speed(args, out):
+    d = 16384
+    p = TeacherProblem.sparse(d, 0.1, spectrum="two-level", ratio=4.0, noise_std=0.1, seed=5)
+    m = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+    lr, B = 0.3, 1
+    steps = 20 * d
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        pred = predict(p, m, lr=lr, batch_size=B, steps=steps, num_points=101, max_types=8)
+        times.append(time.perf_counter() - t0)
+    t_pde = min(times)
+    sgd_steps = steps if not args.quick else steps // 10
+    t0 = time.perf_counter()
+    simulate_sgd(p, m, lr=lr, batch_size=B, record_steps=[0, sgd_steps], num_runs=1, generator=torch.Generator().manual_seed(0))
+    t_sgd = (time.perf_counter() - t0) * (steps / sgd_steps)
+    rows = [[pred.info["num_types"], pred.info["num_cells"], 20, f"{t_pde:.2f}", f"{t_sgd:.1f}" + (" (extrapolated x10)" if args.quick else ""),
+             f"{t_sgd / t_pde:.0f}x"]]
+    out["speed"] = dict(types=pred.info["num_types"], cells=pred.info["num_cells"], pde_s=t_pde, pde_runs=times, sgd_s=t_sgd)
+    table(f"6. Speed (torch threads = {torch.get_num_threads()}): PDE to t = 20 vs one SGD run at d = {d} to t = 20",
+          ["types", "cells/type", "horizon t", "PDE s (best of 3)", "SGD s", "SGD / PDE"], rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short version (d in {1024, 4096}, fewer particles)")
+    ap.add_argument("--dims", type=int, nargs="+", default=None, help="SGD dimensions (default 1024 4096 16384)")
+    ap.add_argument("--seeds", type=int, default=4, help="SGD seeds per setting (>= 4)")
+    ap.add_argument("--particles", type=int, default=None, help="particles per type in total (default 1e5)")
+    ap.add_argument("--replicas", type=int, default=8, help="independent particle replicas (for the standard error)")
+    ap.add_argument("--dt", type=float, default=2e-3, help="particle Euler-Maruyama step")
+    ap.add_argument("--tol", type=float, default=1e-3, help="PDE tolerance")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine may be shared)")
+    ap.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--settings", nargs="+", default=SGD_SETTINGS, choices=SGD_SETTINGS, help="SGD settings of table 2")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["particles", "sgd", "e9", "stability", "rate", "speed"])
+    args = ap.parse_args(argv)
+    if args.dims is None:
+        args.dims = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    if args.particles is None:
+        args.particles = 16_000 if args.quick else 100_000
+    torch.set_num_threads(args.threads)
+    out: dict = {"args": vars(args)}
+    crit_cache: dict = {}
+    t_start = time.perf_counter()
+    sections = [("speed", section_speed), ("e9", section_e9), ("particles", section_particles),
+                ("stability", lambda a, o: section_stability(a, o, crit_cache)), ("rate", section_rate),
+                ("sgd", lambda a, o: section_sgd(a, o, crit_cache))]
+    for key, fn in sections:
+        if key not in args.skip:
+            fn(args, out)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
