@@ -44,7 +44,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--accelerator", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     problem = TeacherProblem.sparse(args.dim, 0.1, seed=0)
 
     def population_risk(pl_module, batch):

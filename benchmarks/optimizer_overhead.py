@@ -97,6 +97,23 @@ def _case(name, make, device, reps, inner):
         print(f"{name:<22} {k:<24} {s * 1e6:10.1f} {s / s0:8.2f}x {t * 1e6:12.1f} {t / t0:8.2f}x {mem[k] / 2**20:10.2f}")
 
 
+class _RandnFloor:
+    """Not an optimizer: one ``torch.randn`` of the parameters' size per step, the least any
+    Gaussian-noise optimizer must do (a lower bound on HomogenizedSGD's step)."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.gen = torch.Generator(device=self.params[0].device).manual_seed(0)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        p = self.params[0]
+        torch.randn(p.shape, generator=self.gen, dtype=p.dtype, device=p.device)
+
+
 def dln_case(device, dtype, reps, inner):
     d = 100_000
     problem = TeacherProblem.sparse(d, 0.1, seed=0, dtype=dtype, device=device)
@@ -109,13 +126,15 @@ def dln_case(device, dtype, reps, inner):
                 opt = torch.optim.SGD(m.parameters(), lr=0.5)
             elif kind == "SVAG l=4":
                 opt = SVAG(m.parameters(), lr=0.5, l=4)
+            elif kind.startswith("floor"):
+                opt = _RandnFloor(m.parameters())
             else:
                 opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=StructuredNoise(problem, m),
                                      nonfinite="skip" if kind.endswith("skip)") else "raise")
             return m, opt, lambda: problem.population_risk(m.beta).backward(), lambda: None
         return f
 
-    kinds = ["SGD", "HomogenizedSGD (skip)", "HomogenizedSGD (raise)", "SVAG l=4"]
+    kinds = ["SGD", "HomogenizedSGD (skip)", "HomogenizedSGD (raise)", "SVAG l=4", "floor: randn(d) only"]
     _case("DLN d=1e5 structured", {k: build(k) for k in kinds}, device, reps, inner)
 
 
@@ -151,7 +170,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"# device={device}, dtype={args.dtype}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"median of {args.reps} interleaved repetitions x {args.inner} steps")
