@@ -42,15 +42,16 @@ def missing_variance(batch_size: int, drift_batch_size: int | None) -> float:
 
 
 class GradientNoise:
-    """Base class: ``sample`` returns one noise tensor per parameter it covers.
+    """Base class: ``sample`` returns one noise tensor (or ``None``: no noise) per parameter it covers.
 
     Subclasses implement :meth:`sample` and list the parameters they cover in ``params``.
     """
 
     params: Sequence[Tensor]
 
-    def sample(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[Tensor]:
-        """Noise for each of ``self.params`` with covariance ``c^2 Sigma`` (``c^2`` as above)."""
+    def sample(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[Tensor | None]:
+        """Noise for each of ``self.params`` with covariance ``c^2 Sigma`` (``c^2`` as above);
+        ``None`` where it is exactly zero (nothing to add, nothing allocated)."""
         raise NotImplementedError
 
     def check_params(self, optimizer_params: Sequence[Tensor]) -> None:
@@ -203,8 +204,8 @@ class EmpiricalNoise(GradientNoise):
         m = inputs.shape[0]
         ranks = world_size()
         c2 = ranks * missing_variance(batch_size, ranks * m)
-        if c2 == 0.0:
-            return [torch.zeros_like(p) for p in self.params]
+        if c2 == 0.0:  # M = B: the drift already has SGD's noise
+            return [None] * len(self.params)
         ref = self.params[0]
         z = torch.randn(m, generator=generator, dtype=ref.dtype, device=ref.device)
         weights = (z - z.mean()) * math.sqrt(c2 / (m - 1))
