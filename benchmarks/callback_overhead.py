@@ -1,48 +1,35 @@
 """Wall-time overhead of TheoryMonitor and CurvatureMonitor at their default settings.
 
 The main example's setting (DLN on the sparse teacher, torch.optim.SGD, batch 1) is fitted
-with no callback, each callback alone, and both, interleaved over repetitions (median), in
-one run. Reported: fit wall time and its ratio to the fit without callbacks; the one-off
-prediction at fit start is shown separately ("predict s"), because it does not grow with the
-number of steps.
+with both callbacks at their defaults under Lightning's ``SimpleProfiler``, which times every
+callback hook inside the same run. Reported per callback: the time spent in its hooks as a
+fraction of the fit's wall time, split into the one-off set-up (``on_fit_start``: the
+prediction) and the per-step work. Measuring inside one run avoids comparing separate fits,
+whose wall times vary by more than the overhead on a shared machine (+-15 % seen here).
 
-    python benchmarks/callback_overhead.py [--dim 1024] [--steps 3000] [--reps 3]
+    python benchmarks/callback_overhead.py [--dim 1024] [--steps 6144] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.profilers import SimpleProfiler
 
 from sde_optim import TeacherProblem
 from sde_optim.callbacks import CurvatureMonitor, TheoryMonitor
 from sde_optim.data import TeacherDataModule
 from sde_optim.regression import TeacherRegression
-from sde_optim.theory import predict
-
-
-def _fit(problem, steps, callbacks, accelerator):
-    pl.seed_everything(0, verbose=False)
-    module = TeacherRegression(problem, lr=0.5, sgd_batch_size=1)
-    data = TeacherDataModule(problem, batch_size=1, val_size=16)
-    trainer = pl.Trainer(max_steps=steps, logger=pl.loggers.CSVLogger(tempfile.mkdtemp(prefix="sde_optim_overhead_")), callbacks=callbacks,
-                         accelerator=accelerator, devices=1, limit_val_batches=0, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    return time.perf_counter() - t0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6144, help="optimizer steps (default 6144: the main example, t = 6)")
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -53,29 +40,34 @@ def main(argv=None):
     def population_risk(pl_module, batch):
         return pl_module.teacher().population_risk(pl_module.model.beta)
 
-    configs = {
-        "none": lambda: [],
-        "TheoryMonitor": lambda: [TheoryMonitor(problem, save_figure=False)],
-        "CurvatureMonitor": lambda: [CurvatureMonitor(probe_batch=1, loss_fn=population_risk)],
-        "both": lambda: [TheoryMonitor(problem, save_figure=False), CurvatureMonitor(probe_batch=1, loss_fn=population_risk)],
-    }
+    callbacks = [TheoryMonitor(problem, save_figure=False), CurvatureMonitor(probe_batch=1, loss_fn=population_risk)]
+    profiler = SimpleProfiler(extended=False)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=args.steps, logger=pl.loggers.CSVLogger(tempfile.mkdtemp(prefix="sde_optim_overhead_")),
+                         callbacks=callbacks, profiler=profiler, accelerator=args.accelerator, devices=1,
+                         limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
     t0 = time.perf_counter()
-    from sde_optim import DiagonalLinearNetwork
-
-    predict(problem, DiagonalLinearNetwork(args.dim, dtype=torch.float64), lr=0.5, batch_size=1, steps=args.steps)
-    t_predict = time.perf_counter() - t0
-    times = {k: [] for k in configs}
-    for _ in range(args.reps):
-        for k, make in configs.items():
-            times[k].append(_fit(problem, args.steps, make(), args.accelerator))
-    base = statistics.median(times["none"])
-    print(f"# d={args.dim}, {args.steps} steps, median of {args.reps} interleaved fits, accelerator={args.accelerator}, "
-          f"torch {torch.__version__}; one-off prediction at fit start: {t_predict:.2f} s")
-    print(f"{'callbacks':<18} {'fit s':>8} {'ratio':>7} {'per-step overhead':>18} {'excl. prediction':>17}")
-    for k in configs:
-        t = statistics.median(times[k])
-        extra = t_predict if "Theory" in k or k == "both" else 0.0
-        print(f"{k:<18} {t:8.2f} {t / base:7.3f} {(t - base) / args.steps * 1e3:15.3f} ms {(t - extra) / base:17.3f}")
+    trainer.fit(TeacherRegression(problem, lr=0.5, sgd_batch_size=1), datamodule=TeacherDataModule(problem, batch_size=1, val_size=16))
+    total = time.perf_counter() - t0
+    print(f"# d={args.dim}, {args.steps} steps, accelerator={args.accelerator}, threads={torch.get_num_threads()}, "
+          f"torch {torch.__version__}; fit wall time {total:.2f} s ({total / args.steps * 1e3:.3f} ms/step)")
+    print(f"{'callback':<18} {'set-up s':>9} {'per-step s':>11} {'set-up %':>9} {'per-step %':>11} {'total %':>8}")
+    totals = [0.0, 0.0]
+    for cb in callbacks:
+        name = type(cb).__name__
+        setup = per_step = 0.0
+        for action, durations in profiler.recorded_durations.items():
+            if f"[Callback]{name}" in action:
+                if action.endswith("on_fit_start") or action.endswith("setup"):
+                    setup += sum(durations)
+                else:
+                    per_step += sum(durations)
+        totals[0] += setup
+        totals[1] += per_step
+        print(f"{name:<18} {setup:9.3f} {per_step:11.3f} {setup / total:9.2%} {per_step / total:11.2%} {(setup + per_step) / total:8.2%}")
+    print(f"{'both':<18} {totals[0]:9.3f} {totals[1]:11.3f} {totals[0] / total:9.2%} {totals[1] / total:11.2%} "
+          f"{sum(totals) / total:8.2%}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class TeacherRegression(pl.LightningModule):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.model = DiagonalLinearNetwork(problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
         self._device_problem: TeacherProblem | None = None
-        self.save_hyperparameters(ignore=["problem"])
+        self.save_hyperparameters(ignore=["problem", "dtype"])
 
     # ------------------------------------------------------------------ bookkeeping for TheoryMonitor
     @property
