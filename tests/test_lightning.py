@@ -177,3 +177,11 @@ def test_main_example_on_gpu(tmp_path):
                             "--logdir", str(tmp_path), "--accelerator", "gpu", "--devices", "1"])
     assert max(monitor.history["risk/rel_error"]) < 0.05
     _assert_real_plot(monitor.figure_path)
+
+
+@pytest.mark.parametrize("name", ["sparse_regression", "compare_optimizers", "lr_sweep", "general_model", "plain_loop"])
+def test_every_example_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_example(name).main(["--help"])
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
