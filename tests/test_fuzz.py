@@ -20,8 +20,11 @@ from sde_optim.data import TeacherDataModule
 from sde_optim.regression import TeacherRegression
 from sde_optim.theory import critical_lr, predict
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW_FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI must be reproducible, so the examples are a fixed pseudo-random draw.  Explore by removing it
+# locally; a failure found that way becomes an explicit regression test (as the R(0) = 0 problem of
+# tests/test_theory.py::test_prediction_at_a_global_minimizer_is_constant did).
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SLOW_FUZZ = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 # Values a caller might pass by mistake, mixed with valid ones.
 NUMBERS = st.one_of(st.integers(-3, 6), st.floats(allow_nan=True, allow_infinity=True, width=32),
@@ -159,7 +162,7 @@ def test_fuzz_predict(lr, batch_size, steps, method, num_points, noise_scale):
     observables = ("risk",) if method == "ode" else ("risk", "curvature")
     pred = _accepts_or_refuses(predict, _problem(8), DiagonalLinearNetwork(8, dtype=torch.float64), lr=lr,
                                batch_size=batch_size, steps=steps, method=method, num_points=num_points,
-                               noise_scale=noise_scale, observables=observables, num_particles=64)
+                               noise_scale=noise_scale, observables=observables, num_particles=64, tol=0.05)
     if pred is not None and pred.divergence_step is None:
         assert all(_finite(c) for c in pred.curves.values())
 
