@@ -373,8 +373,9 @@ def solve_fokker_planck(
     """Solve E6 (with E4) at the increasing times ``t_out`` (shape ``(n,)``, ``t_out >= 0``).
 
     **Resolution from the tolerance, checked a posteriori.**  Unless ``num_cells`` is given,
-    the system is solved twice, on ``N/2`` cells with local step tolerance ``4 step_tol`` and on
-    ``N = cells_for_tolerance(tol)`` cells with ``step_tol``; the relative difference of ``R``
+    the system is solved twice, on ``N/2`` cells with local step tolerance ``4 s`` and on ``N``
+    cells with ``s``, starting from ``N = cells_for_tolerance(tol) / 2`` and ``s = 4 step_tol``
+    (one level below the a priori map, which the check makes safe); the relative difference of ``R``
     and ``C`` between the two, divided by 3 (Richardson: both errors are second order, and the
     finer solve has half the cell width and half the step), is the error estimate of the finer
     solve.  While it exceeds ``tol`` the cells are doubled and ``step_tol`` divided by 4 (up to
@@ -439,12 +440,19 @@ def solve_fokker_planck(
     # Both errors are second order in (h, dt), and the step control keeps the embedded first-order error
     # per step ~ dt^2 near step_tol (measured: nfe x3.5 for step_tol / 10): each level doubles the cells and
     # divides step_tol by 4 (halving dt), so the error falls ~4x per level (Richardson's 3 below).
+    # The check makes the answer safe, so the first pair starts one level below the a priori map
+    # (cells_for_tolerance is calibrated on an easy problem; most problems then stop at the first pair).
+    n_prior = n_cells
+    n_cells, st = max(16, n_cells // 2), 4.0 * st
     coarse = _solve_on_grid(dynamics, t_out, max(8, n_cells // 2), 4.0 * st, **opts)
     fine = _solve_on_grid(dynamics, t_out, n_cells, st, **opts)
     levels, spent = 1, coarse.nfe + fine.nfe
     while True:
         estimate = _richardson_estimate(fine, coarse, estimate_floor)
-        if estimate <= tol or 2 * n_cells > max_cells or spent + 2 * fine.nfe > max_evaluations:
+        # A predicted divergence is believed only from the a priori resolution on (a grid far too coarse
+        # can blow up spuriously, and two such grids may agree).
+        unconfirmed = fine.diverged_at is not None and n_cells < n_prior
+        if (estimate <= tol and not unconfirmed) or 2 * n_cells > max_cells or spent + 2 * fine.nfe > max_evaluations:
             break
         n_cells, st = 2 * n_cells, st / 4.0
         coarse, fine = fine, _solve_on_grid(dynamics, t_out, n_cells, st, **opts)
@@ -467,10 +475,10 @@ def _observed_curves(sol: "FokkerPlanckSolution") -> Tensor:
 def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
     """Estimated relative error of ``fine``: ``max |fine - coarse| / (3 |fine|)`` over R and C (second order).
 
-    Taken over output times before either solve diverged, with ``R >= floor * R(0)``.  If only one of
-    the two diverged, the divergence itself is unresolved: ``inf``.
+    Taken over output times before the divergence, with ``R >= floor * R(0)``.  If only one of the two
+    diverged, or they diverged at different output times, the divergence itself is unresolved: ``inf``.
     """
-    if (fine.diverged_at is None) != (coarse.diverged_at is None):
+    if fine.diverged_at != coarse.diverged_at:  # one diverged, or both at different output times
         return math.inf
     a, b = _observed_curves(fine), _observed_curves(coarse)
     ok = torch.isfinite(a).all(0) & torch.isfinite(b).all(0) & (fine.risk >= floor * fine.risk[0])
