@@ -43,7 +43,9 @@ Numerics (see THEORY §4, "A measured warning about grids"):
   1.2e-2 / 5.7e-3 / 2.0e-3 / 1.4e-3 at ``N = 48 / 64 / 96 / 128``; with the plain midpoint
   rule the late-time risk was 0.9 % off at ``N = 64``.  A uniform grid over the whole phi
   range is not used at all (THEORY §4's warning): the co-moving grid keeps ``N / 2L`` cells per standard
-  deviation of every type at every time (10 at the default ``tol = 1e-3``).
+  deviation of every type at every time; ``N`` is chosen by the a posteriori error check of
+  :func:`solve_fokker_planck` (5 to 10 per standard deviation on easy problems at ``tol = 1e-3``,
+  about 80 near the critical step).
 * **Divergence.** When ``R`` exceeds ``blowup_factor * R(0)`` the integration stops (the
   torchdiffeq path freezes its right-hand side instead) and the state is held;
   :attr:`FokkerPlanckSolution.diverged_at` is the first output time past the threshold.
