@@ -471,7 +471,7 @@ def solve_fokker_planck(
 def _observed_curves(sol: "FokkerPlanckSolution") -> Tensor:
     """``(2, n)``: ``R`` and ``C`` (E7) at the output times."""
     c, w = sol.points()
-    return torch.stack([sol.risk, (c.lam * c.rho * w).sum(dim=(-2, -1))])
+    return torch.stack([sol.risk, (_CURVATURE.density(c) * w).sum(dim=(-2, -1))])
 
 
 def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
