@@ -26,8 +26,10 @@ def uv_to_phi(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def phi_to_state(q: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     """``(q, phi) -> (beta, rho)`` with ``beta = |q| sinh(phi) / 2``, ``rho = |q| cosh(phi)`` (E5)."""
-    aq = q.abs()
-    return 0.5 * aq * torch.sinh(phi), aq * torch.cosh(phi)
+    half = 0.5 * q.abs()
+    e = torch.exp(phi)  # one exponential for both: sinh = (e - 1/e) / 2, cosh = (e + 1/e) / 2
+    inv = torch.reciprocal(e)
+    return 0.5 * half * (e - inv), half * (e + inv)
 
 
 def psi_to_state(sign: Tensor, psi: Tensor) -> tuple[Tensor, Tensor]:
