@@ -13,7 +13,8 @@ from .odes import gradient_flow, gradient_flow_closed_form, isotropic_linear_ris
 from .particles import ParticleSolution, simulate_particles
 from .predict import METHODS, CriticalLR, Prediction, critical_lr, predict
 from .sgd_reference import SGDRun, sgd_step, simulate_sgd
-from .types import CoordinateTypes, coordinate_types, effective_step
+from .quadrature import coordinate_types
+from .types import CoordinateTypes, effective_step
 
 __all__ = [
     "predict", "Prediction", "critical_lr", "CriticalLR", "METHODS",

@@ -79,7 +79,7 @@ def simulate_particles(
     extrapolated -1.6e-4 (standard error ~2e-4).  With one replica the standard errors are
     those of the ``h`` system alone.
     """
-    num_particles = check_int("num_particles", num_particles, minimum=2)
+    num_particles = check_int("num_particles", num_particles, minimum=1)
     num_replicas = check_int("num_replicas", num_replicas, minimum=1)
     dt = check_float("dt", dt, minimum=0.0, strict=True)
     observables = tuple(observables)
@@ -131,8 +131,13 @@ def simulate_particles(
                 for c, r in zip(states, risks)]
         for o in observables:
             per_rep[o.name].append(_combine([v[o.name] for v in vals]))
-            var = o.density(states[0]).expand_as(systems[0].x).var(dim=-1)  # (K, T)
-            iid_se[o.name].append(torch.sqrt((dynamics.weight[:, 0] ** 2 * var).sum(-1) / P).mean() / math.sqrt(K))
+            g = o.density(states[0]).expand_as(systems[0].x)  # (K, T, P)
+            if P >= 2:  # stratified: within-type variance
+                var = g.var(dim=-1)  # (K, T)
+                iid_se[o.name].append(torch.sqrt((dynamics.weight[:, 0] ** 2 * var).sum(-1) / P).mean() / math.sqrt(K))
+            else:  # one particle per type: the spread around the overall mean (an upper bound)
+                spread = (g - (g * weight).sum(dim=(-2, -1), keepdim=True)) * weight
+                iid_se[o.name].append(torch.sqrt((spread * spread).sum(dim=(-2, -1))).mean() / math.sqrt(K))
         rates.append(_combine(rate).mean())
     replicas = {k: torch.stack(v, dim=1) for k, v in per_rep.items()}  # (K, n)
     values = {k: v.mean(0) for k, v in replicas.items()}

@@ -15,6 +15,7 @@ E7 observable curves, the E8 local rate and the predicted divergence step, compu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -23,13 +24,14 @@ from torch import Tensor
 
 from .._validation import check_choice, check_float, check_int
 from ..models import DiagonalLinearNetwork
-from ..observables import OBSERVABLES, resolve_observables
+from ..observables import OBSERVABLES, measure, resolve_observables
 from ..teacher import TeacherProblem
-from .fokker_planck import MeanFieldDynamics, solve_fokker_planck
+from .fokker_planck import MeanFieldDynamics, grid_level, refine_grid, refine_grid_on_subset, solve_on_grid
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
 from .statistics import e8_local_rate, observable_values
-from .types import CoordinateTypes, coordinate_types, effective_step
+from .quadrature import TypeCheck, TypeSolve, coordinate_columns, coordinate_types, solve_with_type_control
+from .types import CoordinateTypes, effective_step, exact_types
 
 __all__ = ["Prediction", "predict", "CriticalLR", "critical_lr", "METHODS"]
 
@@ -126,9 +128,9 @@ def predict(
     observables: str | Iterable[str] | None = None,
     num_points: int = 201,
     generator: torch.Generator | None = None,
-    max_types: int = 128,
+    max_types: int = 4096,
     tol: float = 1e-3,
-    num_particles: int = 10_000,
+    num_particles: int = 32_768,
     num_replicas: int = 1,
     dt: float = 2e-3,
     extrapolate: bool = True,
@@ -148,12 +150,24 @@ def predict(
         observables: ``None`` (risk, curvature), ``"all"`` or names from ``OBSERVABLES``.
         num_points: number of output points (>= 2), evenly spaced in steps.
         generator: randomness of ``"particles"`` (on the problem's device).
-        max_types: type budget (:func:`coordinate_types`).  128 by default: on the benchmark's
-            Gaussian teacher (continuous ``beta*``, two-level spectrum, d = 16384) the curvature
-            error against SGD is 2.7 % with 64 types and 1.2 % with 128 (the PDE costs ~2x).
-        tol: PDE accuracy target: relative error of ``R`` and ``C``, estimated a posteriori and met
-            by refining the grid (:func:`solve_fokker_planck`; ``info["error_estimate"]``).  num_particles (per type and replica),
-            num_replicas, dt, extrapolate (Richardson in ``dt``): particle method (:func:`simulate_particles`).
+        tol: accuracy target: relative error of ``R`` and ``C`` (maximum over the output times with
+            ``R >= 1e-3 R(0)``), estimated a posteriori from each source and met by refinement;
+            ``info["error_estimates"]`` has the estimate of each source, ``info["error_estimate"]`` their sum:
+
+            * ``"types"``: when the coordinates ``(lambda_i, beta*_i, u0_i, v0_i)`` take more than 64
+              distinct values (a continuous spectrum, teacher or initialization) the coordinate
+              distribution is replaced by an error-controlled quadrature
+              (:mod:`sde_optim.theory.quadrature`), refined until its estimate is below ``tol / 2``;
+            * ``"grid"`` (``"pde"``): the cells and time steps of the Fokker-Planck solve, refined until
+              the rest of ``tol`` is met (:func:`solve_fokker_planck`; with many types the grid is
+              refined on a subset of them and combined, :func:`refine_grid_on_subset`).
+
+            If a cap stops a refinement first, a ``RuntimeWarning`` gives the estimate and the cap.
+        max_types: cap on the number of quadrature types (sigma points) in one solve.
+        num_particles, num_replicas, dt, extrapolate: particle method (:func:`simulate_particles`) on the
+            exact coordinates: ``num_particles`` particles per replica in total, the same number for each
+            distinct coordinate row (weighted by its frequency), so at least the number of distinct rows;
+            no quadrature, only Monte Carlo error.  Richardson extrapolation in ``dt``.
         noise_scale: multiplies the gradient noise (1 = SGD); ``"pde"``/``"particles"`` only.  With
             ``noise_scale = 0`` E6 has no diffusion and transports the delta initial law along the
             gradient-flow ODE, so ``"pde"`` solves that ODE (``info["solver"] = "gradient_flow"``).
@@ -177,53 +191,74 @@ def predict(
             raise ValueError(f"observables for method 'ode' (linear model, E9) must be among {_ODE_OBSERVABLES}; got {bad}")
     gamma = effective_step(model, lr)
     d = problem.dim
-    problem64 = problem.to(dtype=dtype)
-    types = coordinate_types(problem64, model, max_types=max_types).to(dtype=dtype)
-    dyn = MeanFieldDynamics(types, gamma, batch_size, problem.noise_std, noise_scale, float(model.lr_scale))
-    k = _output_steps(steps, num_points, types.lam.device)
+    problem64 = problem.to(dtype=torch.float64)
+    columns = coordinate_columns(problem64, model)
+    k = _output_steps(steps, num_points, columns.device)
     t = k.to(dtype) / d
     info: dict[str, Any] = {
         "method": method, "lr": lr, "gamma": gamma, "batch_size": batch_size, "dim": d, "noise_std": problem.noise_std,
-        "num_types": types.num_types, "types_exact": types.exact, "binning_error": types.binning_error,
         "noise_scale": noise_scale,
     }
+
+    def dynamics(types: CoordinateTypes) -> MeanFieldDynamics:
+        return MeanFieldDynamics(types.to(dtype=dtype), gamma, batch_size, problem.noise_std, noise_scale,
+                                 float(model.lr_scale))
+
     stderr: dict[str, Tensor] = {}
-    if _at_global_minimum(types, problem.noise_std):
+    if _at_global_minimum(columns, problem.noise_std):
         # R(0) = 0: every residual and the label noise vanish, so every per-sample gradient is zero and
         # SGD, E3 and E6 all stay at the initial point (a relative blow-up test would be meaningless).
-        c0 = types.initial_state(float(model.lr_scale))
-        col = lambda z: z[:, None]  # noqa: E731
-        c0 = type(c0)(col(c0.lam), col(c0.beta_star), col(c0.beta), col(c0.rho), col(c0.q), c0.param_scale)
-        values = observable_values(c0, col(types.weight), obs, problem.noise_std)
-        curves = {n: v.expand(t.numel()).clone() for n, v in values.items()}
+        values = measure(problem64, model, [o.name for o in obs])
+        curves = {n: v.to(dtype).expand(t.numel()).clone() for n, v in values.items()}
         info["solver"] = "fixed_point"
         return Prediction(k, t, curves, torch.zeros_like(t), None, stderr, info)
     if method == "pde" and noise_scale == 0:
         method = "gradient_flow"  # zero diffusion: the law stays a delta on the ODE path (exact)
     info["solver"] = method
+    control = dict(tol=tol, max_types=max_types, noise_std=problem.noise_std)
     if method == "pde":
-        sol = solve_fokker_planck(dyn, t, tol=tol, blowup_factor=blowup_factor, dim=d if step_stability else None,
-                                  **(solver_options or {}))
-        c, w = sol.points()
-        curves = observable_values(c, w, obs, problem.noise_std)
-        rate = e8_local_rate(c, w, gamma, batch_size, sol.risk, noise_scale)
-        diverged_at = sol.diverged_at
-        info.update(num_cells=int(sol.xi.numel()), operator_evaluations=sol.nfe, tail_mass=sol.tail_mass,
-                    error_estimate=sol.error_estimate)
+        terms, check = _solve_pde(columns, dynamics, t, control, dict(blowup_factor=blowup_factor,
+                                  dim=d if step_stability else None, **(solver_options or {})))
+        curves, rate = _combine([(a, _pde_outputs(sol, obs, gamma, batch_size, noise_scale)) for a, sol in terms])
+        head = terms[0][1]
+        diverged_at = head.diverged_at
+        grid_estimate = head.error_estimate
+        info.update(num_cells=int(head.xi.numel()), operator_evaluations=sum(sol.nfe for _, sol in terms),
+                    tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
+                    error_estimates={"grid": grid_estimate, "types": check.estimate},
+                    error_estimate=None if grid_estimate is None else grid_estimate + check.estimate)
     elif method == "particles":
-        ps = simulate_particles(dyn, t, obs, num_particles=num_particles, num_replicas=num_replicas, dt=dt,
-                                extrapolate=extrapolate,
-                                generator=generator, blowup_factor=blowup_factor)
+        types = exact_types(columns, max_types=columns.shape[0])
+        num_particles = check_int("num_particles", num_particles, minimum=types.num_types)  # at least one per type
+        ps = simulate_particles(dynamics(types), t, obs, num_particles=num_particles // types.num_types,
+                                num_replicas=num_replicas, dt=dt, extrapolate=extrapolate, generator=generator,
+                                blowup_factor=blowup_factor)
         curves, stderr, rate, diverged_at = ps.values, ps.stderr, ps.local_rate, ps.diverged_at
+        check = TypeCheck(None, types, 0.0, 1, types.num_types)  # exact coordinates: no type error
         info.update(num_particles=num_particles, num_replicas=num_replicas, dt=dt, extrapolate=extrapolate)
     elif method == "gradient_flow":
-        c, w = gradient_flow(dyn, t)
+        def solve_gf(types: CoordinateTypes) -> TypeSolve:
+            c, w = gradient_flow(dynamics(types), t)
+            per_type = torch.stack([(OBSERVABLES[n].density(c) * w).sum(-1) for n in ("risk", "curvature")])
+            return TypeSolve((c, w), per_type, None)
+
+        check = _controlled(columns, solve_gf, t, control)
+        c, w = check.solve.result
         curves = observable_values(c, w, obs, problem.noise_std)
         risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
         rate = e8_local_rate(c, w, gamma, batch_size, risk, noise_scale=0.0)
         diverged_at = None
+        info.update(error_estimates={"types": check.estimate}, error_estimate=check.estimate)
     else:
-        curves, rate, diverged_at = _predict_linear(types, gamma, batch_size, problem.noise_std, t, obs, blowup_factor)
+        def solve_linear(types: CoordinateTypes) -> TypeSolve:
+            res = _predict_linear(types.to(dtype=dtype), gamma, batch_size, problem.noise_std, t, blowup_factor)
+            return TypeSolve(res, res[3], res[2])
+
+        check = _controlled(columns, solve_linear, t, control)
+        values, rate, diverged_at, _ = check.solve.result
+        curves = {o.name: values[o.name] for o in obs}
+        info.update(error_estimates={"types": check.estimate}, error_estimate=check.estimate)
+    info.update(num_types=check.types.num_types, types_exact=check.types.exact, type_solves=check.solves)
     divergence_step = None
     if diverged_at is not None:
         divergence_step = int(round(diverged_at * d))
@@ -233,13 +268,90 @@ def predict(
     return Prediction(k, t, dict(curves), rate, divergence_step, stderr, info)
 
 
-def _at_global_minimum(types: CoordinateTypes, noise_std: float) -> bool:
-    """Whether ``R(0) = 0`` exactly: no label noise and ``beta0 = beta*`` wherever ``lambda > 0``."""
-    return noise_std == 0 and bool(((types.beta0 - types.beta_star) * types.lam == 0).all())
+def _at_global_minimum(columns: Tensor, noise_std: float) -> bool:
+    """Whether ``R(0) = 0`` exactly: no label noise and ``beta0 = beta*`` wherever ``lambda > 0`` (``columns``: ``(d, 4)``)."""
+    lam, bstar, u0, v0 = columns.unbind(1)
+    return noise_std == 0 and bool(((u0 * v0 - bstar) * lam == 0).all())
 
 
-def _predict_linear(types: CoordinateTypes, gamma, batch_size, noise_std, t, obs, blowup_factor):
-    """E9 curves for the linear model started at ``w0 = beta0`` (see module docstring)."""
+def _controlled(columns: Tensor, solve, t: Tensor, control: dict[str, Any]) -> TypeCheck:
+    """:func:`solve_with_type_control` at ``control["tol"] / 2`` (the other half is the solver's), warning when a
+    cap stops the type refinement above it."""
+    check = solve_with_type_control(columns, solve, t, tol=0.5 * control["tol"], max_types=control["max_types"],
+                                    noise_std=control["noise_std"])
+    if check.estimate > 0.5 * control["tol"]:
+        warnings.warn(f"predict: estimated relative error {check.estimate:.2g} of the type quadrature exceeds "
+                      f"tol/2 = {0.5 * control['tol']:g} with {check.types.num_types} types ({check.solves} solves, "
+                      f"max_types={control['max_types']}); raise max_types or relax tol", RuntimeWarning, stacklevel=3)
+    return check
+
+
+def _solve_pde(columns: Tensor, dynamics, t: Tensor, control: dict[str, Any], options: dict[str, Any]):
+    """E6 with both error sources controlled: types at grid level 0, then the grid at the final types.
+
+    Returns ``[(coefficient, FokkerPlanckSolution), ...]`` whose combination of outputs is the answer (one
+    solve, or the grid combination of :func:`refine_grid_on_subset`; the first term's ``error_estimate`` is the
+    grid's) and the :class:`TypeCheck`.  ``options``: keywords of :func:`solve_fokker_planck`; ``num_cells``
+    (one grid) or ``refine=False`` (the a priori grid) skip the grid check.
+    """
+    options = dict(options)
+    tol = control["tol"]
+    num_cells, refine = options.pop("num_cells", None), options.pop("refine", True)
+    step_tol = options.pop("step_tol", None)
+    refine_keys = ("max_cells", "max_evaluations", "estimate_floor")
+    refine_opts = {key: options.pop(key) for key in refine_keys if key in options}
+    opts = {"half_width": 12.0, **options}
+    if num_cells is not None:
+        n, st = int(num_cells), (step_tol if step_tol is not None else tol)
+    elif not refine:
+        n, st = grid_level(tol, opts["half_width"], step_tol, 2, refine_opts.get("max_cells", 4096))
+    else:
+        n, st = grid_level(tol, opts["half_width"], step_tol, 0, refine_opts.get("max_cells", 4096))
+
+    schedule: list[float] | None = None
+
+    def solve(types: CoordinateTypes) -> TypeSolve:
+        # every type solve replays the first one's time steps: their differences are then the types' alone
+        nonlocal schedule
+        sol = solve_on_grid(dynamics(types), t, n, st, schedule=schedule, **opts)
+        schedule = sol.schedule if schedule is None else schedule
+        return TypeSolve(sol, sol.type_curves(), sol.diverged_at)
+
+    check = _controlled(columns, solve, t, control)
+    sol = check.solve.result
+    if num_cells is not None or not refine:
+        return [(1.0, sol)], check
+    grid = {**dict(max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3), **refine_opts}
+    grid.update(tol=tol, step_tol=step_tol, tol_used=min(check.estimate, 0.5 * tol), **opts)
+    if check.first is not None and check.first[1].num_types < check.types.num_types:
+        # many types: refine the grid on the first two type sets and combine (refine_grid_on_subset)
+        (first, types_s), (coarsest, types_c) = check.first, check.coarsest
+        found = refine_grid_on_subset(dynamics(types_s), dynamics(types_c), t, first.result, coarsest.result, **grid)
+        if found is not None:
+            return [(1.0, found[0]), (1.0, sol), (-1.0, first.result)], check
+    return [(1.0, refine_grid(dynamics(check.types), t, sol, **grid))], check
+
+
+def _pde_outputs(sol, obs, gamma: float, batch_size: int, noise_scale: float) -> tuple[dict[str, Tensor], Tensor]:
+    """The E7 curves and the E8 local rate of one Fokker-Planck solution."""
+    c, w = sol.points()
+    curves = observable_values(c, w, obs, sol.dynamics.noise_std)
+    return curves, e8_local_rate(c, w, gamma, batch_size, sol.risk, noise_scale)
+
+
+def _combine(terms: list[tuple[float, tuple[dict[str, Tensor], Tensor]]]) -> tuple[dict[str, Tensor], Tensor]:
+    """``sum_i a_i (curves_i, rate_i)`` (one term: returned as is)."""
+    if len(terms) == 1:
+        return terms[0][1]
+    curves = {n: sum(a * out[0][n] for a, out in terms) for n in terms[0][1][0]}
+    return curves, sum(a * out[1] for a, out in terms)
+
+
+def _predict_linear(types: CoordinateTypes, gamma, batch_size, noise_std, t, blowup_factor):
+    """E9 for the linear model started at ``w0 = beta0`` (module docstring): ``(values, rate, diverged_at, per_type)``.
+
+    ``per_type`` ``(2, n, T)``: each type's contribution to the excess risk and to the distance.
+    """
     risk, m = linear_least_squares(types.lam, types.beta_star, types.beta0, types.weight, gamma=gamma,
                                    batch_size=batch_size, noise_std=noise_std, t_out=t)
     dmdt = -2.0 * gamma * types.lam * m + 2.0 * gamma**2 * types.lam * risk[:, None] / batch_size
@@ -247,7 +359,8 @@ def _predict_linear(types: CoordinateTypes, gamma, batch_size, noise_std, t, obs
     values = {"risk": risk, "excess_risk": risk - 0.5 * noise_std**2, "distance": (types.weight * m).sum(-1)}
     bad = (~torch.isfinite(risk)) | (risk > blowup_factor * float(risk[0]))
     diverged_at = float(t[int(bad.nonzero()[0, 0])]) if bool(bad.any()) else None
-    return {o.name: values[o.name] for o in obs}, rate, diverged_at
+    per_type = torch.stack([0.5 * types.weight * types.lam * m, types.weight * m])
+    return values, rate, diverged_at, per_type
 
 
 @dataclass
@@ -332,7 +445,7 @@ def critical_lr(
     """
     _check_inputs(problem, model, 1.0, batch_size, steps, "pde")
     rel_tol = check_float("rel_tol", rel_tol, minimum=0.0, strict=True)
-    if _at_global_minimum(coordinate_types(problem.to(dtype=torch.float64), model), problem.noise_std):
+    if _at_global_minimum(coordinate_columns(problem.to(dtype=torch.float64), model), problem.noise_std):
         raise ValueError("the model starts at a global minimizer (R(0) = 0, noise_std = 0): SGD never moves, so every "
                          "lr is stable and there is no critical lr")
     # Only boundedness is asked of each solve: skip the a posteriori grid refinement unless told otherwise.

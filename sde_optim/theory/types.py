@@ -1,13 +1,9 @@
 """Coordinate types of the mean-field limit (THEORY §4).
 
 The PDE (E6) is one 1-d equation per coordinate *type* ``tau = (lambda, beta*, q0, phi0)``
-with weight ``pi(tau)``: the empirical distribution of the ``d`` coordinates, or a
-quadrature of it.  :func:`coordinate_types` groups coordinates **exactly** when the
-per-coordinate fields ``(lambda, beta*, u0, v0)`` take at most ``max_types`` distinct rows;
-otherwise it bins the fields with many distinct values (log-spaced bins for positive fields
-spanning more than a decade, such as power-law spectra; equal-count quantile bins
-otherwise; representative = bin mean, which keeps ``mean(lambda)`` and the weights exact)
-and reports an error estimate (:attr:`CoordinateTypes.binning_error`).
+with weight ``pi(tau)``: the empirical distribution of the ``d`` coordinates
+(:func:`exact_types`, when the rows ``(lambda, beta*, u0, v0)`` take few distinct values), or a
+quadrature of it (:mod:`.quadrature`).
 
 Each type is one of three *kinds*:
 
@@ -22,17 +18,16 @@ The learning rate is mapped to the ``(u, v)`` step ``gamma = lr * model.lr_scale
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .._validation import check_float, check_int
-from ..observables import OBSERVABLES, CoordinateState, coordinate_state
+from .._validation import check_float
+from ..observables import OBSERVABLES, CoordinateState
 from .coords import state_rho
 
-__all__ = ["CoordinateTypes", "coordinate_types", "effective_step", "KIND_PHI", "KIND_PSI", "KIND_FROZEN"]
+__all__ = ["CoordinateTypes", "exact_types", "binning_error", "effective_step", "KIND_PHI", "KIND_PSI", "KIND_FROZEN"]
 
 KIND_PHI, KIND_PSI, KIND_FROZEN = 0, 1, 2
 
@@ -106,96 +101,24 @@ class CoordinateTypes:
                                self.exact, self.dim, self.binning_error)
 
 
-def _bin_codes(x: Tensor, bins: int) -> Tensor:
-    """Bin index for each entry of ``x`` (shape ``(d,)``), at most about ``bins`` bins; ties share a bin.
+def exact_types(columns: Tensor, *, max_types: int) -> CoordinateTypes | None:
+    """The exact types of ``columns`` (``(d, 4)`` rows ``(lambda, beta*, u0, v0)``), or None if there are
+    more than ``max_types`` distinct rows.  Weights are the rows' frequencies."""
+    d = columns.shape[0]
+    rows, counts = torch.unique(columns, dim=0, return_counts=True)
+    if rows.shape[0] > max_types:
+        return None
+    return CoordinateTypes(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], counts.to(torch.float64) / d, True, d)
 
-    * Positive fields spanning more than a decade (spectra) get equal-width bins in
-      ``log x``: time scales are ``1/(gamma lambda)``, so this resolves them uniformly in
-      relative terms (equal-count bins would lump a heavy tail, e.g. the top of a power law).
-    * Otherwise: values carrying at least ``1/bins`` of the coordinates (atoms, e.g.
-      ``beta* = 0`` of a sparse teacher) get their own bin; the rest are split by sign (a bin
-      must not mix signs: its mean would cancel) and binned by equal counts, the bins shared
-      between the signs in proportion to their counts.
+
+def binning_error(columns: Tensor, types: CoordinateTypes, noise_std: float) -> float:
+    """A priori check of a quadrature: largest relative error of the initial risk, curvature and E8 term ``S1``
+    between the coordinates ``columns`` (``(d, 4)``) and the ``types``, and of the E9 linear-model
+    relaxation ``mean lam (w0 - beta*)^2 exp(-2 lam) / 2`` (its noiseless gradient-flow part at
+    ``t = 1/gamma``), which probes the spectrum's dynamics.  Only the initial state and a linear model:
+    :func:`sde_optim.predict` checks its types a posteriori on the predicted curves instead.
     """
-    uniq, inv, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    if uniq.numel() <= bins:
-        return inv
-    if bool((x > 0).all()) and float(x.max()) > 10.0 * float(x.min()):
-        lx = torch.log(x)
-        lo, hi = float(lx.min()), float(lx.max())
-        return ((lx - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).to(torch.int64)
-    n = x.numel()
-    is_atom = counts * bins >= n
-    atom_id = torch.cumsum(is_atom.to(torch.int64), 0) - 1
-    codes = torch.where(is_atom[inv], atom_id[inv], torch.full_like(inv, -1))
-    n_atoms = int(is_atom.sum())
-    rest = ~is_atom[inv]
-    groups = [rest & (x < 0), rest & (x >= 0)]
-    sizes = [int(g.sum()) for g in groups]
-    free = max(bins - n_atoms, sum(1 for z in sizes if z))
-    offset = n_atoms
-    for g, size in zip(groups, sizes):
-        if size == 0:
-            continue
-        k = max(1, round(free * size / max(1, sum(sizes))))
-        vals = x[g]
-        order = torch.argsort(vals, stable=True)
-        ranks = torch.empty_like(order)
-        ranks[order] = torch.arange(size, device=x.device)
-        c = (ranks * k) // size
-        # equal values share the bin of their first occurrence
-        u, iv = torch.unique(vals, return_inverse=True)
-        first = torch.full((u.numel(),), size, dtype=c.dtype, device=x.device).scatter_reduce(0, iv, c, "amin")
-        codes[g] = first[iv] + offset
-        offset += k
-    return codes
-
-
-def coordinate_types(problem, model, *, max_types: int = 64) -> CoordinateTypes:
-    """Group the coordinates of ``(problem, model)`` into at most ``max_types`` types (THEORY §4).
-
-    Exact grouping when the rows ``(lambda_i, beta*_i, u0_i, v0_i)`` take at most ``max_types``
-    distinct values; otherwise the fields with the most distinct values are binned by
-    quantiles (numbers of bins chosen greedily so that their product is ``<= max_types``).
-    Computed in float64 on the problem's device.
-    """
-    max_types = check_int("max_types", max_types, minimum=1)
-    c = coordinate_state(problem, model)
-    u, v = model.uv_state()
-    dev = c.lam.device
-    cols = torch.stack([c.lam, c.beta_star, u.to(dev), v.to(dev)], dim=1).to(torch.float64)
-    d = cols.shape[0]
-    rows, inv, counts = torch.unique(cols, dim=0, return_inverse=True, return_counts=True)
-    if rows.shape[0] <= max_types:
-        return CoordinateTypes(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], counts.to(torch.float64) / d, True, d)
-
-    # Binning: each field gets ``bins[f]`` bins (its number of distinct values if that is
-    # small); the field with the most bins is cut down until the product fits.
-    distinct = [int(torch.unique(cols[:, f]).numel()) for f in range(4)]
-    bins = list(distinct)
-    while math.prod(bins) > max_types:
-        f = max(range(4), key=lambda j: bins[j])
-        others = math.prod(bins) // bins[f]
-        bins[f] = max(1, min(bins[f] - 1, max_types // others))
-    codes = torch.stack([_bin_codes(cols[:, f], bins[f]) for f in range(4)], dim=1)
-    _, inv, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
-    sums = torch.zeros(counts.numel(), 4, dtype=torch.float64, device=dev).index_add_(0, inv, cols)
-    rep = sums / counts[:, None].to(torch.float64)
-    types = CoordinateTypes(rep[:, 0], rep[:, 1], rep[:, 2], rep[:, 3], counts.to(torch.float64) / d, False, d)
-    types.binning_error = _binning_error(cols, types, inv, problem.noise_std)
-    return types
-
-
-def _binning_error(cols: Tensor, types: CoordinateTypes, inv: Tensor, noise_std: float) -> float:
-    """Largest relative error of the binning on initial-time statistics and on E9 at ``t = 1/gamma``.
-
-    Initial risk, curvature and the E8 descent term ``S1 = mean lam^2 r^2 rho`` are compared
-    between the coordinates and the types; for the dynamics, the E9 linear-model risk
-    ``R(t) = sigma^2/2 + mean lam (w0 - beta*)^2 exp(-2 lam t) / 2`` (its noiseless
-    gradient-flow part, time in units of ``1/gamma``) at ``t = 1`` probes how well the binned
-    spectrum reproduces the relaxation.
-    """
-    lam, bstar, u, v = cols.unbind(1)
+    lam, bstar, u, v = columns.unbind(1)
     full = CoordinateState(lam, bstar, u * v, u * u + v * v, u * u - v * v)
     typed = types.initial_state()
     w = types.weight
