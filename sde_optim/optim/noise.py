@@ -159,7 +159,6 @@ class StructuredNoise(GradientNoise):
         twice = torch.dot(scratch, scratch)
         return twice.add_(self.problem.noise_std ** 2) if self.problem.noise_std else twice
 
-    @torch.no_grad()
     def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm]:
         """The noise of :meth:`sample` as chain-rule products with one shared beta-noise buffer.
 
@@ -168,6 +167,9 @@ class StructuredNoise(GradientNoise):
         Passes over ``d`` entries: 3 for the risk, 1 draw, 2 to scale ``t``; no temporaries for
         ``"uv"`` and depth-2 ``"pm"``.
         """
+        if torch.is_grad_enabled():  # the optimizer calls it under no_grad already
+            with torch.no_grad():
+                return self._terms(batch_size, generator, loss, self._scratch())
         return self._terms(batch_size, generator, loss, self._scratch())
 
     @torch.no_grad()
