@@ -134,31 +134,28 @@ class _SGDFamily(Optimizer):
         self._steps += 1
         if not batches:
             return
-        foreach = [resolve_foreach(b.params, b.group["foreach"]) for b in batches]
-        single = [p for b, f in zip(batches, foreach) if not f for p in b.params]
-        views, spans = self._workspace.views(single)
-        out_of = dict(zip(map(id, single), views))
+        layout = self._workspace.layout(batches)
         plans = []
-        for b, f in zip(batches, foreach):
-            out = None if f else [out_of[id(p)] for p in b.params]
-            dirs = directions(b.params, b.grads, [noise_of.get(id(p)) for p in b.params],
-                              weight_decay=b.group["weight_decay"], maximize=b.group["maximize"],
-                              noise_scale=b.group.get("noise_scale", 0.0), out=out, foreach=f)
-            plans.append((b, dirs, out, f))
-        in_workspace = all(out is not None and all(d is o for d, o in zip(dirs, out)) for _, dirs, out, _ in plans)
-        ok = all_finite(spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs])
+        for bt, f, out in zip(batches, layout.foreach, layout.outs):
+            g = bt.group
+            dirs = directions(bt.params, bt.grads, [noise_of.get(id(p)) for p in bt.params],
+                              weight_decay=g["weight_decay"], maximize=g["maximize"],
+                              noise_scale=g.get("noise_scale", 0.0), out=out, foreach=f)
+            plans.append((bt, dirs, out, f))
+        in_workspace = all(out is not None and dirs[0] is out[0] for _, dirs, out, _ in plans)
+        ok = all_finite(layout.spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs])
         gate = self._policy(ok, rng)
         if gate is not None:
             if in_workspace:
-                sanitize(spans, spans)
+                sanitize(layout.spans, layout.spans)
             else:
-                plans = [(b, sanitize(dirs, out or [None] * len(dirs)), out, f) for b, dirs, out, f in plans]
+                plans = [(bt, sanitize(dirs, out or [None] * len(dirs)), out, f) for bt, dirs, out, f in plans]
             if self._creates_buffers(batches) and not bool(ok):
                 return  # one-time sync: a skipped first momentum step must not create buffers
-        for b, dirs, out, f in plans:
-            updates = self._momentum(b, dirs, gate, out, f)
-            lr = b.group["lr"] if lr_factor == 1.0 else b.group["lr"] * lr_factor
-            apply_(b.params, updates, lr=lr, gate=gate, foreach=f)
+        for bt, dirs, out, f in plans:
+            updates = self._momentum(bt, dirs, gate, out, f)
+            lr = bt.group["lr"] if lr_factor == 1.0 else bt.group["lr"] * lr_factor
+            apply_(bt.params, updates, lr=lr, gate=gate, foreach=f)
 
     def _policy(self, ok: Tensor, rng: tuple[torch.Generator, Tensor] | None) -> Gate | None:
         """``"raise"``: sync, and on failure restore and raise (returns None when fine);
@@ -181,8 +178,8 @@ class _SGDFamily(Optimizer):
         return Gate(ok, self._gate_constants)
 
     def _creates_buffers(self, batches: list[_Batch]) -> bool:
-        return any(b.group["momentum"] != 0 and "momentum_buffer" not in self.state.get(p, ())
-                   for b in batches for p in b.params)
+        return any(b.group["momentum"] != 0 and any("momentum_buffer" not in self.state.get(p, ()) for p in b.params)
+                   for b in batches)
 
     def _momentum(self, b: _Batch, dirs: list[Tensor], gate: Gate | None, out: list[Tensor] | None,
                   foreach: bool) -> list[Tensor]:
@@ -269,25 +266,47 @@ class _SGDFamily(Optimizer):
         self._gate_constants: dict[tuple, Tensor] = {}
 
 
+class _Layout(NamedTuple):
+    """How one step's parameters map onto the workspace: per batch, the multi-tensor flag and the
+    scratch views (``None`` on the foreach path, which allocates like torch); the flat spans."""
+
+    foreach: list[bool]
+    outs: list[list[Tensor] | None]
+    spans: list[Tensor]
+
+
 class _Workspace:
     """Scratch tensors for the update directions, one per parameter (same shape, dtype and device):
     views of one flat buffer per (device, dtype), reused every step, never saved or pickled.
 
     Reusing them matters at large ``d``: a fresh 40-MB temporary per step costs page faults
-    that can double the step time (issue 15).
+    that can double the step time (issue 15). The layout of a step is cached (keyed by the
+    parameters that have a gradient), so a step pays no Python for it either.
     """
 
     def __init__(self) -> None:
         self._flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._layouts: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = {}
+        self._layouts: dict[tuple, tuple[list[Tensor], _Layout]] = {}
 
-    def views(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """``(views, spans)``: a scratch view per parameter, and per (device, dtype) the flat span they tile."""
-        key = tuple(map(id, params))
+    def layout(self, batches: list[_Batch]) -> _Layout:
+        """The step's layout; cached while the parameters with a gradient (and their shapes) stay the same."""
+        params = [p for b in batches for p in b.params]
+        key = tuple(map(id, params)) + tuple(b.group["foreach"] for b in batches)
         hit = self._layouts.get(key)
-        if hit is not None and all(v.shape == p.shape and v.dtype == p.dtype and v.device == p.device
-                                   for v, p in zip(hit[0], params)):
-            return hit
+        if hit is not None and all(p is q and p.shape == shape for p, (q, shape) in zip(params, hit[0])):
+            return hit[1]
+        foreach = [resolve_foreach(b.params, b.group["foreach"]) for b in batches]
+        views, spans = self._carve([p for b, f in zip(batches, foreach) if not f for p in b.params])
+        it = iter(views)
+        result = _Layout(foreach, [None if f else [next(it) for _ in b.params] for b, f in zip(batches, foreach)],
+                         spans)
+        if len(self._layouts) >= 8:
+            self._layouts.clear()
+        self._layouts[key] = ([(p, p.shape) for p in params], result)
+        return result
+
+    def _carve(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Views shaped like ``params`` tiling one flat buffer per (device, dtype), and those spans."""
         need: dict[tuple[torch.device, torch.dtype], int] = {}
         for p in params:
             need[(p.device, p.dtype)] = need.get((p.device, p.dtype), 0) + p.numel()
@@ -301,11 +320,7 @@ class _Workspace:
             k = (p.device, p.dtype)
             views.append(self._flat[k][offset[k]:offset[k] + p.numel()].view(p.shape))
             offset[k] += p.numel()
-        spans = [self._flat[k][:n] for k, n in need.items()]
-        if len(self._layouts) >= 8:
-            self._layouts.clear()
-        self._layouts[key] = (views, spans)
-        return views, spans
+        return views, [self._flat[k][:n] for k, n in need.items()]
 
 
 def _check_lr(lr: Any) -> None:

@@ -83,14 +83,18 @@ class Gate:
         key = (t.dtype, t.device, if_open, if_closed)
         f = self._factors.get(key)
         if f is None:
-            ck = (t.dtype, t.device, if_open)
-            c = self._constants.get(ck)
-            if c is None:
-                if len(self._constants) > 64:  # a scheduler changes lr every step: keep it bounded
-                    self._constants.clear()
-                c = self._constants[ck] = torch.full((), if_open, dtype=t.dtype, device=t.device)
-            f = self._factors[key] = torch.where(self.ok.to(t.device), c, if_closed)
+            f = self._factors[key] = torch.where(self.ok.to(t.device), self._constant(t, if_open),
+                                                 self._constant(t, if_closed))
         return f
+
+    def _constant(self, t: Tensor, value: float) -> Tensor:
+        key = (t.dtype, t.device, value)
+        c = self._constants.get(key)
+        if c is None:
+            if len(self._constants) > 64:  # a scheduler changes lr every step: keep it bounded
+                self._constants.clear()
+            c = self._constants[key] = torch.full((), value, dtype=t.dtype, device=t.device)
+        return c
 
 
 def resolve_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
@@ -214,7 +218,7 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     for vals in extremes.values():
         lo, hi = vals if len(vals) == 2 else torch.aminmax(torch.stack(vals))
         s = torch.addcmul(lo, hi, _zero(hi))
-        flag = torch.eq(torch.sub(s, s), 0)
+        flag = torch.eq(torch.sub(s, s), _zero(s))
         ok = flag if ok is None else torch.logical_and(ok, flag.to(ok.device))
     if ok is None:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)

@@ -130,12 +130,18 @@ class StructuredNoise(GradientNoise):
         self._consts = None
         self._buffer = None
 
-    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """``(-beta_star, sqrt(h))`` on ``like``'s device and dtype (computed once, not per step)."""
+    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor | float]:
+        """``(-beta_star, sqrt(h))`` on ``like``'s device and dtype, computed once (not per step).
+
+        For an isotropic spectrum ``sqrt(h)`` is one number (a Python float): then it scales the
+        risk and the noise as a scalar and saves two passes over ``d`` entries per step.
+        """
         c = self._consts
         if c is None or c[0].device != like.device or c[0].dtype != like.dtype:
             p = self.problem.to(like.device, like.dtype)
-            self._consts = c = (-p.beta_star, p.feature_variance.sqrt())
+            fv = self.problem.feature_variance
+            sqrt_h = math.sqrt(float(fv[0])) if bool((fv == fv[0]).all()) else p.feature_variance.sqrt()
+            self._consts = c = (-p.beta_star, sqrt_h)
         return c
 
     def _twice_risk(self, loss: Tensor | None, scratch: Tensor) -> Tensor:
@@ -155,8 +161,10 @@ class StructuredNoise(GradientNoise):
             torch.addcmul(neg_beta_star, a, a, out=scratch).addcmul_(b, b, value=-1.0)
         else:
             torch.sub(a.pow(self.model.depth), b.pow(self.model.depth), out=scratch).add_(neg_beta_star)
-        scratch.mul_(sqrt_h)
-        twice = torch.dot(scratch, scratch)
+        if isinstance(sqrt_h, Tensor):
+            twice = torch.dot(scratch.mul_(sqrt_h), scratch)
+        else:
+            twice = torch.dot(scratch, scratch).mul_(sqrt_h * sqrt_h)
         return twice.add_(self.problem.noise_std ** 2) if self.problem.noise_std else twice
 
     def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm]:
@@ -164,8 +172,8 @@ class StructuredNoise(GradientNoise):
 
         ``t = sqrt(2 R) sqrt(h) z`` (shape ``(d,)``, reused across steps) and, with ``c^2`` the missing
         variance, u-noise ``= c v t``, v-noise ``= c u t`` (``"uv"``); ``+-c k w+-^(k-1) t`` (``"pm"``).
-        Passes over ``d`` entries: 3 for the risk, 1 draw, 2 to scale ``t``; no temporaries for
-        ``"uv"`` and depth-2 ``"pm"``.
+        Passes over ``d`` entries: 3 for the risk, 1 draw, 2 to scale ``t`` (isotropic spectrum: 2,
+        1, 1); no temporaries for ``"uv"`` and depth-2 ``"pm"``.
         """
         if torch.is_grad_enabled():  # the optimizer calls it under no_grad already
             with torch.no_grad():
@@ -188,7 +196,12 @@ class StructuredNoise(GradientNoise):
         a, b = self.params
         scale = self._twice_risk(loss, t).sqrt_()
         t.normal_(generator=generator)
-        t.mul_(self._constants(a)[1]).mul_(scale)
+        sqrt_h = self._constants(a)[1]
+        if isinstance(sqrt_h, Tensor):
+            t.mul_(sqrt_h)
+        else:
+            c *= sqrt_h  # a scalar: into the coefficient, no pass
+        t.mul_(scale)
         if self.model.parametrization == "uv":
             return [NoiseTerm(b, t, c), NoiseTerm(a, t, c)]
         k = self.model.depth
