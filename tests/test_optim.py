@@ -166,13 +166,18 @@ def test_noise_scale_zero_is_exactly_gradient_descent(foreach, weight_decay):
                           noise_scale=0.0, weight_decay=weight_decay, foreach=foreach)
     opt2 = torch.optim.SGD(m2.parameters(), lr=0.3, weight_decay=weight_decay, foreach=foreach)
     state = opt1.generator.get_state()
-    for _ in range(20):
-        for m, opt in ((m1, opt1), (m2, opt2)):
-            opt.zero_grad()
-            p.population_risk(m.beta).backward()
-            opt.step()
+    _step_side_by_side(p, [(m1, opt1), (m2, opt2)], 20)
     assert torch.equal(m1.u, m2.u) and torch.equal(m1.v, m2.v)
     assert torch.equal(opt1.generator.get_state(), state)  # no random numbers drawn
+
+
+def _step_side_by_side(problem, pairs, steps):
+    """``steps`` optimizer steps of each (model, optimizer) pair on the exact population drift."""
+    for _ in range(steps):
+        for m, opt in pairs:
+            opt.zero_grad()
+            problem.population_risk(m.beta).backward()
+            opt.step()
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -637,11 +642,7 @@ def test_momentum_is_bitwise_torch_sgd_without_noise(variant, foreach, dtype, ki
     else:
         opt1 = SVAG(m1.parameters(), lr=0.1, l=1, foreach=foreach, **variant)
     opt2 = torch.optim.SGD(m2.parameters(), lr=0.1, foreach=foreach, **variant)
-    for _ in range(12):
-        for m, opt in ((m1, opt1), (m2, opt2)):
-            opt.zero_grad()
-            p.population_risk(m.beta).backward()
-            opt.step()
+    _step_side_by_side(p, [(m1, opt1), (m2, opt2)], 12)
     assert torch.equal(m1.u, m2.u) and torch.equal(m1.v, m2.v)
     if variant.get("momentum", 0):
         for a, b in zip(m1.parameters(), m2.parameters()):

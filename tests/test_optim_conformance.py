@@ -276,6 +276,40 @@ def _schedulers_or_none(with_lrsched):
     return SCHEDULER_INPUTS if with_lrsched else [None]
 
 
+def _descend(optimizer, problem, schedulers, through_step):
+    """20 steps on ``(weight.mv(input) + bias).pow(2).sum()`` with schedulers (the loop of the
+    goes-right-direction tests; the closure goes to step() or runs before it). Returns the loss
+    before and after."""
+    closure = functools.partial(fwd_bwd, optimizer, *problem)
+    initial_value = closure().item()
+    for _ in range(20):
+        if through_step:
+            loss = optimizer.step(closure)
+        else:
+            loss = closure()
+            optimizer.step()
+        _step_schedulers(schedulers, loss)
+    return initial_value, closure().item()
+
+
+def _group_loop(optimizer, problem, before_step=lambda: None):
+    """The param-group tests' loop: 20 steps; the first loss, and the last step's loss (taken before it)."""
+    weight, bias, inpt = problem
+    initial_value = (weight.mv(inpt) + bias).pow(2).sum().item()
+    for _ in range(20):
+        loss = fwd_bwd(optimizer, *problem)
+        before_step()
+        optimizer.step()
+    return initial_value, loss.item()
+
+
+def _assert_direction(kwargs, initial_value, final_value):
+    if kwargs.get("maximize", False):
+        assert final_value > initial_value
+    else:
+        assert final_value < initial_value
+
+
 def _step_schedulers(schedulers, loss):
     for scheduler in schedulers:
         if isinstance(scheduler, ReduceLROnPlateau):
@@ -290,8 +324,8 @@ def _step_schedulers(schedulers, loss):
 def test_forloop_goes_right_direction(case, contiguous, with_lrsched):
     """test_forloop_goes_right_direction. With noise (empirical, noise_scale 1) the probe's noise
     per coordinate is ~5e-2 against a drift of ~10, so 20 steps still go the drift's way.
-    Non-contiguous parameters under schedulers run few_inputs()."""
-    inputs = sgd_inputs if contiguous or not with_lrsched else lambda: [k for k in few_inputs() if not k["foreach"]]
+    Under schedulers (7 lists): few_inputs()."""
+    inputs = sgd_inputs if not with_lrsched else lambda: [k for k in few_inputs() if not k["foreach"]]
     for schedulers_constructor in _schedulers_or_none(with_lrsched):
         for kwargs in inputs():
             kwargs["foreach"] = False  # force forloop
@@ -299,22 +333,7 @@ def test_forloop_goes_right_direction(case, contiguous, with_lrsched):
             inpt = torch.randn(5)
             optimizer = case.build([weight, bias], **kwargs)
             schedulers = [s(optimizer) for s in (schedulers_constructor or [])]
-
-            def closure():
-                optimizer.zero_grad()
-                loss = (weight.mv(inpt) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-
-            initial_value = closure().item()
-            for _ in range(20):
-                loss = closure()
-                optimizer.step()
-                _step_schedulers(schedulers, loss)
-            if kwargs.get("maximize", False):
-                assert closure().item() > initial_value
-            else:
-                assert closure().item() < initial_value
+            _assert_direction(kwargs, *_descend(optimizer, (weight, bias, inpt), schedulers, through_step=False))
 
 
 @cases()
@@ -326,18 +345,8 @@ def test_param_group_with_lrscheduler_goes_right_direction(case):
         inpt = torch.randn(5)
         optimizer = case.build([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
         schedulers = [scheduler_c(optimizer) for scheduler_c in schedulers_c]
-
-        def closure():
-            optimizer.zero_grad()
-            loss = (weight.mv(inpt) + bias).pow(2).sum()
-            loss.backward()
-            return loss
-
-        initial_value = closure().item()
-        for _ in range(20):
-            loss = optimizer.step(closure)
-            _step_schedulers(schedulers, loss)
-        assert closure().item() < initial_value
+        initial_value, final_value = _descend(optimizer, (weight, bias, inpt), schedulers, through_step=True)
+        assert final_value < initial_value
 
 
 @cases()
@@ -460,17 +469,7 @@ def test_param_groups_weight_decay(case):
         weight, bias = _weight_bias()
         inpt = torch.randn(5)
         optimizer = case.build([dict(params=[weight], **weight_kwargs), dict(params=[bias], **bias_kwargs)])
-        loss = (weight.mv(inpt) + bias).pow(2).sum()
-        initial_value = loss.item()
-        for _ in range(20):
-            optimizer.zero_grad()
-            loss = (weight.mv(inpt) + bias).pow(2).sum()
-            loss.backward()
-            optimizer.step()
-        if kwargs.get("maximize", False):
-            assert loss.item() > initial_value
-        else:
-            assert loss.item() < initial_value
+        _assert_direction(kwargs, *_group_loop(optimizer, (weight, bias, inpt)))
 
 
 @cases()
@@ -485,18 +484,8 @@ def test_param_groups_lr(case):
         irrelevant_clone = irrelevant.clone()
         inpt = torch.randn(5)
         optimizer = case.build([dict(params=[weight, bias], **kwargs), dict(params=[irrelevant])], **outer_kwargs)
-        loss = (weight.mv(inpt) + bias).pow(2).sum()
-        initial_value = loss.item()
-        for _ in range(20):
-            optimizer.zero_grad()
-            loss = (weight.mv(inpt) + bias).pow(2).sum()
-            loss.backward()
-            irrelevant.grad = torch.rand_like(irrelevant)
-            optimizer.step()
-        if kwargs.get("maximize", False):
-            assert loss.item() > initial_value
-        else:
-            assert loss.item() < initial_value
+        _assert_direction(kwargs, *_group_loop(optimizer, (weight, bias, inpt),
+                                               lambda: setattr(irrelevant, "grad", torch.rand_like(irrelevant))))
         assert torch.equal(irrelevant, irrelevant_clone)
 
 
@@ -550,6 +539,19 @@ def test_optimizer_can_be_printed(case):
         optimizer.__repr__()
 
 
+def _small_linear():
+    """The weight (2, 3), bias (2) and input (3) of TestOptimRenewed's state_dict tests."""
+    return (Parameter(torch.randn(2, 3, requires_grad=True)), Parameter(torch.randn(2, requires_grad=True)),
+            torch.randn(3, requires_grad=True))
+
+
+def fwd_bwd(optim, w, b, i):
+    optim.zero_grad()
+    loss = (w.mv(i) + b).pow(2).sum()
+    loss.backward()
+    return loss
+
+
 def _named(params, is_named):
     return [(f"name{i}", p) for i, p in enumerate(params)] if is_named else params
 
@@ -565,18 +567,10 @@ def _without_param_names(state_dict):
 @pytest.mark.parametrize("is_named_optim0", [True, False])
 @pytest.mark.parametrize("is_named_optim1", [True, False])
 def test_state_dict_deterministic(case, is_named_optim0, is_named_optim1):
-    """test_state_dict_deterministic (named parameters: few_inputs())"""
-    weight = Parameter(torch.randn(2, 3, requires_grad=True))
-    bias = Parameter(torch.randn(2, requires_grad=True))
-    inpt = torch.randn(3, requires_grad=True)
+    """test_state_dict_deterministic (named parameters: few_inputs()[::2], one foreach value each)"""
+    weight, bias, inpt = _small_linear()
 
-    def fwd_bwd(optim, w, b, i):
-        optim.zero_grad()
-        loss = (w.mv(i) + b).pow(2).sum()
-        loss.backward()
-        return loss
-
-    for kwargs in all_inputs() if not (is_named_optim0 or is_named_optim1) else few_inputs():
+    for kwargs in all_inputs() if not (is_named_optim0 or is_named_optim1) else few_inputs()[::2]:
         optimizer = case.build(_named([weight, bias], is_named_optim0), **kwargs)
         closure = functools.partial(fwd_bwd, optimizer, weight, bias, inpt)
         for _ in range(10):
@@ -655,15 +649,7 @@ def test_can_load_from_to_named_state_dict(case, is_named_optim0, is_named_optim
 @pytest.mark.parametrize("is_named_optim", [True, False])
 def test_save_load_equality_with_weights_only(case, is_named_optim):
     """test_save_load_equality_with_weights_only"""
-    weight = Parameter(torch.randn(2, 3, requires_grad=True))
-    bias = Parameter(torch.randn(2, requires_grad=True))
-    inpt = torch.randn(3, requires_grad=True)
-
-    def fwd_bwd(optim, w, b, i):
-        optim.zero_grad()
-        loss = (w.mv(i) + b).pow(2).sum()
-        loss.backward()
-        return loss
+    weight, bias, inpt = _small_linear()
 
     for kwargs in all_inputs():
         optimizer = case.build(_named([weight, bias], is_named_optim), **kwargs)
@@ -950,21 +936,21 @@ def test_scheduler_warnings(case):
             opt.step()
 
 
-@cases()
-def test_no_cyclic_references(case):
-    """test_no_cyclic_references: the optimizer (and its scheduler) are freed by reference counting
-    alone. Garbage of earlier tests is collected first and the survivors frozen, so that the final
-    collect sees only what this test made (and is fast)."""
+def test_no_cyclic_references():
+    """test_no_cyclic_references, for every case: the optimizer (and its scheduler) are freed by
+    reference counting alone. Garbage of earlier tests is collected once and the survivors frozen,
+    so that each final collect sees only what this test made (and is fast)."""
     gc.collect()
     gc.freeze()
     try:
-        param = Parameter(torch.empty(10))
-        optim = case.build([param], lr=0.5)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0)
-        del scheduler
-        assert len(gc.get_referrers(optim)) == 0, "Optimizer should contain no cyclic references"
-        del optim
-        assert gc.collect() == 0, "Optimizer should be garbage-collected on __del__"
+        for case in CASES:
+            param = Parameter(torch.empty(10))
+            optim = case.build([param], lr=0.5)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0)
+            del scheduler
+            assert len(gc.get_referrers(optim)) == 0, f"{case.name}: optimizer should contain no cyclic references"
+            del optim
+            assert gc.collect() == 0, f"{case.name}: optimizer should be garbage-collected on __del__"
     finally:
         gc.unfreeze()
 
