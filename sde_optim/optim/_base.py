@@ -69,16 +69,18 @@ class _SGDFamily(Optimizer):
     """
 
     _extra_key = "sde_optim"
-    _pickled: tuple[str, ...] = ("nonfinite", "_steps", "_skipped", "_finite", "_skip_calls")  # beyond torch's 3
+    _pickled: tuple[str, ...] = ("nonfinite", "_steps", "_skipped_before", "_finite", "_skip_calls")  # beyond torch's 3
     _group_keys: tuple[str, ...] = ("lr", "weight_decay")  # a state_dict without them is not ours
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str) -> None:
         _check_hyperparameters(defaults)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self._steps = 0
-        self._skipped: Tensor | None = None
-        self._finite: Tensor | None = None  # finite steps under "skip" since _skipped was last settled
-        self._skip_calls = 0  # steps under "skip" since then
+        # skipped steps = _skipped_before + _skip_calls - _finite: one kernel per step (counting the
+        # finite ones on the device) instead of two
+        self._skipped_before: Tensor | None = None  # as loaded from a state_dict
+        self._finite: Tensor | None = None  # finite steps under "skip" since then (device)
+        self._skip_calls = 0  # steps under "skip" since then (host)
         self._workspace = _Workspace()
         self._gate_constants: dict[tuple, Tensor] = {}  # 0-d constants of the skip gate, never saved
         super().__init__(params, defaults)
@@ -92,13 +94,11 @@ class _SGDFamily(Optimizer):
     @property
     def skipped_steps(self) -> Tensor:
         """Number of steps skipped for non-finite updates (0-d int64 tensor; no sync to read lazily)."""
-        if self._finite is not None:  # settle the count kept as "finite steps" (one op per step instead of two)
-            base = self._skipped.to(self._finite.device) if self._skipped is not None else 0
-            self._skipped = base + (self._skip_calls - self._finite)
-            self._finite, self._skip_calls = None, 0
-        if self._skipped is None:
-            return torch.zeros((), dtype=torch.int64)
-        return self._skipped
+        before = self._skipped_before
+        if self._finite is None:
+            return torch.zeros((), dtype=torch.int64) if before is None else before
+        since = self._skip_calls - self._finite
+        return since if before is None else since + before.to(since.device)
 
     @staticmethod
     def _evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
@@ -170,10 +170,11 @@ class _SGDFamily(Optimizer):
                     "(1-based); parameters and optimizer state are unchanged"
                 )
             return None
-        if self._finite is None or self._finite.device != ok.device:
-            self.skipped_steps  # noqa: B018 - settles the count before a new device
-            self._finite = torch.zeros((), dtype=torch.int64, device=ok.device)
-        self._finite.add_(ok)  # counts finite steps: one kernel
+        if self._finite is None or self._finite.device != ok.device:  # first step, or parameters moved
+            self._skipped_before = None if self._finite is None and self._skipped_before is None else \
+                self.skipped_steps.to(ok.device)
+            self._finite, self._skip_calls = torch.zeros((), dtype=torch.int64, device=ok.device), 0
+        self._finite.add_(ok)
         self._skip_calls += 1
         return Gate(ok, self._gate_constants)
 
@@ -202,14 +203,14 @@ class _SGDFamily(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
-        skipped = self.skipped_steps if self._skipped is not None or self._finite is not None else None
+        counted = self._finite is not None or self._skipped_before is not None
         return {"optimizer": type(self).__name__, "steps": self._steps,
-                "skipped_steps": None if skipped is None else skipped.cpu()}
+                "skipped_steps": self.skipped_steps.cpu() if counted else None}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._steps = int(extra["steps"])
         skipped = extra.get("skipped_steps")
-        self._skipped = None if skipped is None else skipped.clone()
+        self._skipped_before = None if skipped is None else skipped.clone()
         self._finite, self._skip_calls = None, 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,7 +260,7 @@ class _SGDFamily(Optimizer):
                 group.setdefault(key, value)
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("_steps", 0)
-        self.__dict__.setdefault("_skipped", None)
+        self.__dict__.setdefault("_skipped_before", self.__dict__.pop("_skipped", None))
         self.__dict__.setdefault("_finite", None)
         self.__dict__.setdefault("_skip_calls", 0)
         self._workspace = _Workspace()
