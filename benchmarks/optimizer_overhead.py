@@ -27,10 +27,14 @@ import argparse
 import statistics
 import time
 
-import torch
-from torch import nn
+from _threads import pin_threads
 
-from sde_optim import SVAG, DiagonalLinearNetwork, EmpiricalNoise, HomogenizedSGD, StructuredNoise, TeacherProblem
+pin_threads()
+
+import torch  # noqa: E402 - after the thread environment
+from torch import nn  # noqa: E402
+
+from sde_optim import SVAG, DiagonalLinearNetwork, EmpiricalNoise, HomogenizedSGD, StructuredNoise, TeacherProblem  # noqa: E402
 
 
 def _sync(device):

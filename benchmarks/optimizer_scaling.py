@@ -17,9 +17,13 @@ import argparse
 import statistics
 import time
 
-import torch
+from _threads import pin_threads
 
-from sde_optim import DiagonalLinearNetwork, HomogenizedSGD, StructuredNoise, TeacherProblem
+pin_threads("1")
+
+import torch  # noqa: E402 - after the thread environment
+
+from sde_optim import DiagonalLinearNetwork, HomogenizedSGD, StructuredNoise, TeacherProblem  # noqa: E402
 
 
 def _allocated_in_step(opt) -> int:

@@ -8,11 +8,13 @@ can be checked for non-finite values *before* any parameter or momentum buffer c
 1. :func:`directions`: ``d = g + weight_decay * p + noise_scale * xi`` per parameter (``g``
    the gradient, negated with ``maximize``; ``xi`` the noise, THEORY §2/E3);
 2. :func:`all_finite`: one device-side flag for all ``d`` (no host synchronization);
-3. :func:`momentum_`: ``torch.optim.SGD``'s momentum buffer on ``d`` (THEORY §7, E11);
+3. :func:`momentum_` (and :func:`nesterov`): ``torch.optim.SGD``'s momentum buffer on ``d``
+   (THEORY §7, E11);
 4. :func:`apply_`: ``p <- p - lr * u``.
 
 Under ``nonfinite="skip"`` the flag gates phases 3 and 4 through 0-d tensors (a :class:`Gate`),
-so a skipped step changes nothing and costs no synchronization. With ``noise_scale = 0`` or
+after :func:`sanitize` made ``d`` finite (so that a factor 0 really zeroes it): a skipped step
+changes nothing and costs no synchronization. With ``noise_scale = 0`` or
 no noise and an open gate the arithmetic is that of ``torch.optim.SGD``, operation for
 operation, so results are bitwise equal.
 """
@@ -142,36 +144,28 @@ def directions(
         return list(grads)
     if foreach:
         return _foreach_directions(params, grads, noises, weight_decay, maximize, noise_scale if add_noise else 0.0)
-    dirs = []
-    for i, (p, g, n) in enumerate(zip(params, grads, noises)):
-        d = _single_direction(p, g, n if add_noise else None, weight_decay, maximize, noise_scale,
-                              None if out is None else out[i])
-        dirs.append(d)
-    return dirs
+    return [_single_direction(p, g, n if add_noise else None, weight_decay, maximize, noise_scale, o)
+            for p, g, n, o in zip(params, grads, noises, out or [None] * len(params))]
 
 
 def _single_direction(p: Tensor, g: Tensor, n: NoiseTerm | None, wd: float, maximize: bool, s: float,
                       out: Tensor | None) -> Tensor:
-    """One parameter of :func:`directions`, in as few passes as torch.optim.SGD's arithmetic allows."""
+    """One parameter of :func:`directions`: torch.optim.SGD's ops for ``+-g + wd p`` (bitwise the
+    same), then the noise, in one pass with the drift when there is nothing else to add."""
     if maximize:
-        d = torch.neg(g, out=out) if out is not None else torch.neg(g)
+        d = torch.neg(g, out=out)
         if wd != 0:
             d.add_(p, alpha=wd)
     elif wd != 0:
-        d = torch.add(g, p, alpha=wd, out=out) if out is not None else torch.add(g, p, alpha=wd)
+        d = torch.add(g, p, alpha=wd, out=out)
     else:
         d = g
     if n is None:
         return d
-    if n.shared is not None:
-        if d is g:  # drift and noise in one pass
-            return torch.addcmul(g, n.factor, n.shared, value=s * n.coeff, out=out) if out is not None else \
-                torch.addcmul(g, n.factor, n.shared, value=s * n.coeff)
-        return d.addcmul_(n.factor, n.shared, value=s * n.coeff)
-    if d is g:
-        return torch.add(g, n.factor, alpha=s * n.coeff, out=out) if out is not None else \
-            torch.add(g, n.factor, alpha=s * n.coeff)
-    return d.add_(n.factor, alpha=s * n.coeff)
+    if n.shared is not None:  # StructuredNoise's chain rule: + s c factor * shared
+        return torch.addcmul(g, n.factor, n.shared, value=s * n.coeff, out=out) if d is g else \
+            d.addcmul_(n.factor, n.shared, value=s * n.coeff)
+    return torch.add(g, n.factor, alpha=s * n.coeff, out=out) if d is g else d.add_(n.factor, alpha=s * n.coeff)
 
 
 def _foreach_directions(params: list[Tensor], grads: list[Tensor], noises: list[NoiseTerm | None], wd: float,
@@ -240,8 +234,7 @@ def _zero(like: Tensor) -> Tensor:
 def sanitize(dirs: list[Tensor], out: Sequence[Tensor | None]) -> list[Tensor]:
     """``nan_to_num(d)`` into ``out`` (in place where ``out[i] is dirs[i]``, new where ``None``): finite,
     so that a closed :class:`Gate` (a factor 0) really zeroes a skipped step. Finite entries are kept bitwise."""
-    return [torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0) if o is None else
-            torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=o) for d, o in zip(dirs, out)]
+    return [torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=o) for d, o in zip(dirs, out)]
 
 
 def momentum_(
@@ -275,9 +268,7 @@ def nesterov(dirs: list[Tensor], bufs: list[Tensor], *, momentum: float, out: li
     """torch's Nesterov update ``d + mu * buf`` (E11), into ``out`` when given (``d`` itself is never written)."""
     if foreach:
         return list(torch._foreach_add(dirs, bufs, alpha=momentum))
-    if out is None:
-        return [torch.add(d, b, alpha=momentum) for d, b in zip(dirs, bufs)]
-    return [torch.add(d, b, alpha=momentum, out=o) for d, b, o in zip(dirs, bufs, out)]
+    return [torch.add(d, b, alpha=momentum, out=o) for d, b, o in zip(dirs, bufs, out or [None] * len(dirs))]
 
 
 def apply_(
