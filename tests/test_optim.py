@@ -822,3 +822,30 @@ def test_structured_step_allocates_no_d_sized_temporaries():
         allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
         limit = 0.01 * d * 4 + (20_000 if nonfinite == "raise" else 0)  # + the generator state saved for "raise"
         assert allocated < limit, (nonfinite, allocated)
+
+
+@pytest.mark.parametrize("parametrization, depth", [("uv", 2), ("pm", 2), ("pm", 3)])
+@pytest.mark.parametrize("spectrum", ["isotropic", "power-law"])
+@pytest.mark.parametrize("drift_batch", [None, 8])
+def test_structured_noise_equals_its_formula(parametrization, depth, spectrum, drift_batch):
+    """The fused draw (risk in one pass, isotropic sqrt(h) as a scalar, beta* - beta squared) gives
+    exactly E3's noise: d beta/d theta * sqrt(c^2 2 R h) z with R = problem.population_risk(beta)
+    and z the generator's next normals (float64; 1e-12 relative)."""
+    d, B = 32, 2
+    p = TeacherProblem.sparse(d, 0.25, spectrum=spectrum, noise_std=0.3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    m = DiagonalLinearNetwork(d, parametrization=parametrization, depth=depth,
+                              init=(torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g)), dtype=torch.float64)
+    noise = StructuredNoise(p, m, drift_batch_size=drift_batch)
+    gen, twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(2):  # the second draw reuses the buffers
+        drawn = noise.sample(B, gen, None)
+        c2 = 1 / B - (0 if drift_batch is None else 1 / drift_batch)
+        s = torch.sqrt(c2 * 2 * p.population_risk(m.beta.detach()) * p.feature_variance)
+        beta_noise = s * torch.randn(d, generator=twin, dtype=torch.float64)
+        a, b = (t.detach() for t in m._pair())
+        expected = [b * beta_noise, a * beta_noise] if parametrization == "uv" else \
+            [depth * a ** (depth - 1) * beta_noise, -depth * b ** (depth - 1) * beta_noise]
+        for got, want in zip(drawn, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        assert torch.equal(gen.get_state(), twin.get_state())

@@ -118,7 +118,7 @@ class StructuredNoise(GradientNoise):
         self.drift_batch_size = None if drift_batch_size is None else check_int("drift_batch_size", drift_batch_size, minimum=1)
         self.risk = check_choice("risk", risk, ("exact", "loss"))
         self.params = list(model._pair())
-        self._consts: tuple[Tensor, Tensor] | None = None  # (-beta_star, sqrt(h)) on the parameters' device/dtype
+        self._consts: tuple[Tensor, Tensor | float] | None = None  # (beta_star, sqrt(h)) on the params' device/dtype
         self._buffer: Tensor | None = None  # the beta-noise, reused every step; never saved
 
     def __getstate__(self) -> dict:
@@ -131,7 +131,8 @@ class StructuredNoise(GradientNoise):
         self._buffer = None
 
     def _constants(self, like: Tensor) -> tuple[Tensor, Tensor | float]:
-        """``(-beta_star, sqrt(h))`` on ``like``'s device and dtype, computed once (not per step).
+        """``(beta_star, sqrt(h))`` on ``like``'s device and dtype, computed once (not per step; the
+        problem's own tensors when they are already there, so the step shares them with the drift).
 
         For an isotropic spectrum ``sqrt(h)`` is one number (a Python float): then it scales the
         risk and the noise as a scalar and saves two passes over ``d`` entries per step.
@@ -141,7 +142,7 @@ class StructuredNoise(GradientNoise):
             p = self.problem.to(like.device, like.dtype)
             fv = self.problem.feature_variance
             sqrt_h = math.sqrt(float(fv[0])) if bool((fv == fv[0]).all()) else p.feature_variance.sqrt()
-            self._consts = c = (-p.beta_star, sqrt_h)
+            self._consts = c = (p.beta_star, sqrt_h)
         return c
 
     def _twice_risk(self, loss: Tensor | None, scratch: Tensor) -> Tensor:
@@ -154,13 +155,13 @@ class StructuredNoise(GradientNoise):
             all_reduce_mean_([risk])
             return risk.mul_(2.0)
         a, b = self.params
-        neg_beta_star, sqrt_h = self._constants(a)
-        if self.model.parametrization == "uv":
-            torch.addcmul(neg_beta_star, a, b, out=scratch)
+        beta_star, sqrt_h = self._constants(a)
+        if self.model.parametrization == "uv":  # scratch = -r = beta* - beta (the sign squares away)
+            torch.addcmul(beta_star, a, b, value=-1.0, out=scratch)
         elif self.model.depth == 2:
-            torch.addcmul(neg_beta_star, a, a, out=scratch).addcmul_(b, b, value=-1.0)
+            torch.addcmul(beta_star, a, a, value=-1.0, out=scratch).addcmul_(b, b)
         else:
-            torch.sub(a.pow(self.model.depth), b.pow(self.model.depth), out=scratch).add_(neg_beta_star)
+            torch.sub(b.pow(self.model.depth), a.pow(self.model.depth), out=scratch).add_(beta_star)
         if isinstance(sqrt_h, Tensor):
             twice = torch.dot(scratch.mul_(sqrt_h), scratch)
         else:
