@@ -31,7 +31,7 @@ class HomogenizedSGD(_SGDFamily):
 
     Args:
         params: iterable of parameters or param-group dicts (as ``torch.optim.SGD``).
-        lr: step size (>= 0); per group.
+        lr: step size (>= 0; a float or a 1-element tensor, as torch.optim.SGD); per group.
         batch_size: the SGD batch size ``B`` whose noise is reproduced (>= 1).
         noise: a :class:`~sde_optim.optim.noise.GradientNoise` (``StructuredNoise`` or
             ``EmpiricalNoise``) covering some or all of the parameters; parameters it does not
@@ -50,7 +50,8 @@ class HomogenizedSGD(_SGDFamily):
             ``seed_everything`` right before building the optimizer makes runs reproducible; an
             explicit seed makes the noise stream independent of whatever else used the global
             generator before (two fits in one process, a different number of data loaders, ...).
-        foreach: use the multi-tensor path (default: when all tensors share device and dtype).
+        foreach: use the multi-tensor path; default (None) as torch.optim.SGD: on devices with
+            foreach kernels (CUDA), not on CPU.
         nonfinite: ``"skip"`` or ``"raise"`` (see :class:`_SGDFamily`).
 
     Distributed data parallel (DDP). Replicas stay identical because every rank draws the
@@ -82,7 +83,7 @@ class HomogenizedSGD(_SGDFamily):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float,
+        lr: float | Tensor,
         *,
         batch_size: int,
         noise: GradientNoise,

@@ -61,7 +61,7 @@ class SVAG(_SGDFamily):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float,
+        lr: float | Tensor,
         *,
         l: float = 1,
         momentum: float = 0.0,
