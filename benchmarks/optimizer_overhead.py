@@ -3,16 +3,22 @@
 Same model, same batch, measured side by side in one run (interleaved repetitions, median
 of per-repetition times), so the ratios are robust to a shared, noisy machine:
 
-* DLN, d = 10^5, structured noise (E3), exact drift;
+* DLN, d = 10^5, structured noise (E3), exact drift; with and without momentum 0.9 (E11);
 * MLP of ~1M parameters, empirical noise with M = B (no noise needed: c^2 = 0) and M = 4B
   (one extra reweighted backward over the M samples, THEORY §2).
+
+Two floor rows bound what any Gaussian-noise optimizer can reach: ``randn(d)`` alone, and
+SGD's own update plus ``randn(d)`` (the draw it cannot avoid, and the update it must do).
+``--compile-prototype`` adds a row where everything after the draw (risk, noise scaling,
+chain rule, non-finite check and gate, update) is one ``torch.compile``d function: the
+measurement behind not using torch.compile in the optimizer (see docs/benchmarks.md).
 
 "step" is ``optimizer.step()`` alone (for EmpiricalNoise it includes the noise backward);
 "train step" adds forward, backward and zero_grad. Memory: bytes allocated during one
 ``step()`` (torch profiler on CPU: the sum of all allocations, an upper bound on the step's
 peak extra memory; on CUDA the peak allocated above the baseline).
 
-    python benchmarks/optimizer_overhead.py [--device cuda] [--reps 30]
+    python benchmarks/optimizer_overhead.py [--device cuda] [--reps 30] [--threads 1] [--compile-prototype]
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ import argparse
 import statistics
 import time
 
-import torch
-from torch import nn
+from _threads import pin_threads
 
-from sde_optim import SVAG, DiagonalLinearNetwork, EmpiricalNoise, HomogenizedSGD, StructuredNoise, TeacherProblem
+pin_threads()
+
+import torch  # noqa: E402 - after the thread environment
+from torch import nn  # noqa: E402
+
+from sde_optim import SVAG, DiagonalLinearNetwork, EmpiricalNoise, HomogenizedSGD, StructuredNoise, TeacherProblem  # noqa: E402
 
 
 def _sync(device):
@@ -98,23 +108,57 @@ def _case(name, make, device, reps, inner):
 
 
 class _RandnFloor:
-    """Not an optimizer: one ``torch.randn`` of the parameters' size per step, the least any
-    Gaussian-noise optimizer must do (a lower bound on HomogenizedSGD's step)."""
+    """Not an optimizer: one Gaussian draw of the parameters' size per step (``with_update``:
+    plus SGD's update), the least any Gaussian-noise optimizer must do (a lower bound on
+    HomogenizedSGD's step)."""
 
-    def __init__(self, params):
+    def __init__(self, params, with_update=False):
         self.params = list(params)
         self.gen = torch.Generator(device=self.params[0].device).manual_seed(0)
+        self.z = torch.empty_like(self.params[0])
+        self.sgd = torch.optim.SGD(self.params, lr=0.5) if with_update else None
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
-            p.grad = None
+            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
 
     def step(self):
-        p = self.params[0]
-        torch.randn(p.shape, generator=self.gen, dtype=p.dtype, device=p.device)
+        self.z.normal_(generator=self.gen)
+        if self.sgd is not None:
+            self.sgd.step()
 
 
-def dln_case(device, dtype, reps, inner):
+class _CompiledPrototype(_RandnFloor):
+    """Not an optimizer: the structured step (uv, isotropic, skip policy) with everything after
+    the draw fused by ``torch.compile`` into one function: risk, noise, chain rule, finite check,
+    gate and update. Measures what compilation would buy on this machine."""
+
+    def __init__(self, model, problem, lr):
+        super().__init__(model.parameters())
+        self.u, self.v = model.u, model.v
+        self.neg_bs, self.h = -problem.beta_star, float(problem.feature_variance[0])
+        self.neg_lr = torch.tensor(-lr, dtype=self.u.dtype, device=self.u.device)
+        self.finite = torch.zeros((), dtype=torch.int64, device=self.u.device)
+        self.fused = torch.compile(_fused_structured_step, dynamic=False, fullgraph=True)
+
+    @torch.no_grad()
+    def step(self):
+        self.z.normal_(generator=self.gen)
+        self.fused(self.u, self.v, self.u.grad, self.v.grad, self.z, self.neg_bs, self.neg_lr, self.finite, self.h)
+
+
+def _fused_structured_step(u, v, gu, gv, z, neg_bs, neg_lr, finite, h: float):
+    r = torch.addcmul(neg_bs, u, v)
+    t = z * torch.sqrt(h * torch.dot(r, r)) * h ** 0.5
+    du, dv = torch.addcmul(gu, v, t), torch.addcmul(gv, u, t)
+    ok = torch.isfinite(du).all() & torch.isfinite(dv).all()
+    scale = torch.where(ok, neg_lr, torch.zeros_like(neg_lr))
+    u.addcmul_(torch.nan_to_num(du, 0.0, 0.0, 0.0), scale)
+    v.addcmul_(torch.nan_to_num(dv, 0.0, 0.0, 0.0), scale)
+    finite.add_(ok)
+
+
+def dln_case(device, dtype, reps, inner, compile_prototype=False):
     d = 100_000
     problem = TeacherProblem.sparse(d, 0.1, seed=0, dtype=dtype, device=device)
 
@@ -122,19 +166,25 @@ def dln_case(device, dtype, reps, inner):
         def f():
             torch.manual_seed(0)
             m = DiagonalLinearNetwork(d, dtype=dtype, device=device)
-            if kind == "SGD":
-                opt = torch.optim.SGD(m.parameters(), lr=0.5)
+            momentum = 0.9 if "mom" in kind else 0.0
+            if kind.startswith("SGD"):
+                opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=momentum)
             elif kind == "SVAG l=4":
                 opt = SVAG(m.parameters(), lr=0.5, l=4)
             elif kind.startswith("floor"):
-                opt = _RandnFloor(m.parameters())
+                opt = _RandnFloor(m.parameters(), with_update="SGD" in kind)
+            elif kind.startswith("compiled"):
+                opt = _CompiledPrototype(m, problem, lr=0.5)
             else:
                 opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=StructuredNoise(problem, m),
-                                     nonfinite="skip" if kind.endswith("skip)") else "raise")
+                                     momentum=momentum, nonfinite="raise" if "raise" in kind else "skip")
             return m, opt, lambda: problem.population_risk(m.beta).backward(), lambda: None
         return f
 
-    kinds = ["SGD", "HomogenizedSGD (skip)", "HomogenizedSGD (raise)", "SVAG l=4", "floor: randn(d) only"]
+    kinds = ["SGD", "HomogenizedSGD (skip)", "HomogenizedSGD (raise)", "SGD mom 0.9", "Homogenized mom 0.9",
+             "SVAG l=4", "floor: randn(d) only", "floor: SGD + randn(d)"]
+    if compile_prototype:
+        kinds.append("compiled post-draw proto")
     _case("DLN d=1e5 structured", {k: build(k) for k in kinds}, device, reps, inner)
 
 
@@ -171,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--compile-prototype", action="store_true",
+                    help="add the torch.compile prototype row (compiles for tens of seconds first)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,7 +230,7 @@ def main(argv=None):
     print(f"# device={device}, dtype={args.dtype}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"median of {args.reps} interleaved repetitions x {args.inner} steps")
     print(f"{'case':<22} {'optimizer':<24} {'step us':>10} {'ratio':>9} {'train us':>12} {'ratio':>9} {'alloc MiB':>10}")
-    dln_case(device, dtype, args.reps, args.inner)
+    dln_case(device, dtype, args.reps, args.inner, args.compile_prototype)
     mlp_case(device, dtype, args.reps, args.inner)
 
 

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from .._validation import check_float, check_int
-from ._base import _SGDFamily
+from ._base import _Batch, _SGDFamily
 from ._dist import broadcast_generator
-from .functional import directions
+from .functional import NoiseTerm
 from .noise import GradientNoise
 
 __all__ = ["HomogenizedSGD"]
@@ -24,18 +24,25 @@ class HomogenizedSGD(_SGDFamily):
     batch size ``batch_size`` has (minus what the drift already carries, THEORY §2). With the
     exact population gradient as drift and :class:`~sde_optim.StructuredNoise` it is one
     Euler-Maruyama step of THEORY E3 with ``dt = 1/d`` — one SGD step, so step counts compare
-    one to one with ``torch.optim.SGD``.
+    one to one with ``torch.optim.SGD``. With ``momentum`` the direction ``grad + weight_decay * p
+    + noise_scale * xi`` feeds torch.optim.SGD's momentum buffer exactly as the minibatch gradient
+    does in SGD, so it simulates SGD with momentum (THEORY §7, E11); with ``noise_scale=0`` it is
+    ``torch.optim.SGD`` bitwise, for every momentum, dampening, nesterov, weight_decay and maximize.
 
     Args:
         params: iterable of parameters or param-group dicts (as ``torch.optim.SGD``).
-        lr: step size (>= 0); per group.
+        lr: step size (>= 0; a float or a 1-element tensor, as torch.optim.SGD); per group.
         batch_size: the SGD batch size ``B`` whose noise is reproduced (>= 1).
         noise: a :class:`~sde_optim.optim.noise.GradientNoise` (``StructuredNoise`` or
             ``EmpiricalNoise``) covering some or all of the parameters; parameters it does not
             cover get no noise.
         noise_scale: multiplies the noise (>= 0): 0 is gradient descent on the drift (no
             random numbers are drawn), 1 is SGD-equivalent, > 1 amplified; per group.
+        momentum, dampening, nesterov: as ``torch.optim.SGD`` (momentum >= 0; nesterov needs
+            momentum > 0 and dampening 0); the buffers are ``state[p]["momentum_buffer"]``; per group.
         weight_decay: L2 penalty (>= 0) added to the drift, as in ``torch.optim.SGD``; per group.
+        maximize: ascend the drift (its gradient is negated before weight decay and noise), as
+            ``torch.optim.SGD``; per group.
         generator: a ``torch.Generator`` on the parameters' device. Default: a new one seeded
             with ``seed``. Its state is saved in :meth:`state_dict`.
         seed: seed of the default generator (an integer >= 0; not with ``generator``). Default:
@@ -43,7 +50,8 @@ class HomogenizedSGD(_SGDFamily):
             ``seed_everything`` right before building the optimizer makes runs reproducible; an
             explicit seed makes the noise stream independent of whatever else used the global
             generator before (two fits in one process, a different number of data loaders, ...).
-        foreach: use the multi-tensor path (default: when all tensors share device and dtype).
+        foreach: use the multi-tensor path; default (None) as torch.optim.SGD: on devices with
+            foreach kernels (CUDA), not on CPU.
         nonfinite: ``"skip"`` or ``"raise"`` (see :class:`_SGDFamily`).
 
     Distributed data parallel (DDP). Replicas stay identical because every rank draws the
@@ -75,12 +83,16 @@ class HomogenizedSGD(_SGDFamily):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float,
+        lr: float | Tensor,
         *,
         batch_size: int,
         noise: GradientNoise,
         noise_scale: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
         weight_decay: float = 0.0,
+        maximize: bool = False,
         generator: torch.Generator | None = None,
         seed: int | None = None,
         foreach: bool | None = None,
@@ -99,7 +111,8 @@ class HomogenizedSGD(_SGDFamily):
             seed = check_int("seed", seed, minimum=0)
             if generator is not None:
                 raise ValueError("pass either generator or seed, not both (seed seeds the default generator)")
-        defaults = dict(lr=lr, noise_scale=noise_scale, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, noise_scale=noise_scale, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults, nonfinite=nonfinite)
         self.noise = noise
         noise.check_params([p for g in self.param_groups for p in g["params"]])
@@ -111,6 +124,13 @@ class HomogenizedSGD(_SGDFamily):
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._seed = seed
         self._synced = False  # generator state not yet made identical across DDP ranks
+
+    _pickled = _SGDFamily._pickled + ("batch_size", "noise", "_generator", "_seed")
+    _group_keys = _SGDFamily._group_keys + ("noise_scale",)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._synced = False  # a copy in another process broadcasts rank zero's stream again
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "noise_scale" in param_group:
@@ -136,29 +156,26 @@ class HomogenizedSGD(_SGDFamily):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One homogenized SGD step; ``closure`` (optional) re-evaluates the loss and its gradient."""
         loss = self._evaluate(closure)
-        noisy = any(g["noise_scale"] != 0 for g in self.param_groups)
-        rng = None
-        noise_of: dict[int, Tensor] = {}
-        if noisy:
-            gen = self.generator
-            if not self._synced:
-                broadcast_generator(gen)  # once: identical noise on every DDP rank
-                self._synced = True
-            rng = (gen, gen.get_state()) if self.nonfinite == "raise" else None
-            drawn = self.noise.sample(self.batch_size, gen, loss)
-            noise_of = {id(p): n for p, n in zip(self.noise.params, drawn)}
-        updates = []
-        for group in self.param_groups:
-            params, grads = self._params_with_grad(group)
-            if not params:
-                continue
-            dirs = directions(
-                params, grads, [noise_of.get(id(p)) for p in params],
-                weight_decay=group["weight_decay"], noise_scale=group["noise_scale"], foreach=group["foreach"],
-            )
-            updates.append((group, params, dirs))
-        self._apply(updates, rng=rng)
+        batches = self._batches()
+        noise_of, rng = self._draw(batches, loss)
+        self._update(batches, noise_of, rng=rng)
         return loss
+
+    def _draw(self, batches: list[_Batch], loss: Tensor | None
+              ) -> tuple[dict[int, NoiseTerm], tuple[torch.Generator, Tensor] | None]:
+        """The step's noise by ``id(param)``, drawn only when a covered parameter is updated with a
+        nonzero noise_scale; and the generator's prior state when ``"raise"`` may need it back."""
+        noisy = {id(p) for b in batches if b.group["noise_scale"] != 0 for p in b.params}
+        covered = list(self.noise.params)
+        if not any(id(p) in noisy for p in covered):
+            return {}, None
+        gen = self.generator
+        if not self._synced:
+            broadcast_generator(gen)  # once: identical noise on every DDP rank
+            self._synced = True
+        rng = (gen, gen.get_state()) if self.nonfinite == "raise" else None
+        terms = self.noise.draw(self.batch_size, gen, loss)
+        return {id(p): t for p, t in zip(covered, terms) if t is not None}, rng
 
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()

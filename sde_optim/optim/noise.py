@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_int
 from ._dist import all_reduce_mean_, world_size
+from .functional import NoiseTerm
 from ..models import DiagonalLinearNetwork
 from ..teacher import TeacherProblem
 
@@ -42,17 +43,25 @@ def missing_variance(batch_size: int, drift_batch_size: int | None) -> float:
 
 
 class GradientNoise:
-    """Base class: ``sample`` returns one noise tensor (or ``None``: no noise) per parameter it covers.
+    """Base class: noise for the parameters listed in ``params``.
 
-    Subclasses implement :meth:`sample` and list the parameters they cover in ``params``.
+    Subclasses implement :meth:`sample` (one noise tensor, or ``None`` for no noise, per entry of
+    ``params``). The optimizer calls :meth:`draw`, which by default wraps :meth:`sample`; the
+    built-in models override it to return the noise unevaluated (:class:`NoiseTerm`) in
+    reused buffers, so that the optimizer forms drift plus noise in one pass.
     """
 
     params: Sequence[Tensor]
 
     def sample(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[Tensor | None]:
         """Noise for each of ``self.params`` with covariance ``c^2 Sigma`` (``c^2`` as above);
-        ``None`` where it is exactly zero (nothing to add, nothing allocated)."""
+        ``None`` where it is exactly zero (nothing to add, nothing allocated). New tensors."""
         raise NotImplementedError
+
+    def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm | None]:
+        """What :meth:`sample` draws (the same random numbers), for the optimizer: the terms may
+        live in buffers that the next draw overwrites."""
+        return [None if n is None else NoiseTerm(n) for n in self.sample(batch_size, generator, loss)]
 
     def check_params(self, optimizer_params: Sequence[Tensor]) -> None:
         """Every covered parameter must be optimized (or the noise would go nowhere)."""
@@ -109,33 +118,96 @@ class StructuredNoise(GradientNoise):
         self.drift_batch_size = None if drift_batch_size is None else check_int("drift_batch_size", drift_batch_size, minimum=1)
         self.risk = check_choice("risk", risk, ("exact", "loss"))
         self.params = list(model._pair())
-        self._local: TeacherProblem | None = None
+        self._consts: tuple[Tensor, Tensor | float] | None = None  # (beta_star, sqrt(h)) on the params' device/dtype
+        self._buffer: Tensor | None = None  # the beta-noise, reused every step; never saved
 
-    def _problem_like(self, like: Tensor) -> TeacherProblem:
-        """The problem on the parameters' device and dtype (cached; moved once, not per step)."""
-        p = self._local
-        if p is None or p.device != like.device or p.dtype != like.dtype:
-            self._local = p = self.problem.to(like.device, like.dtype)
-        return p
+    def __getstate__(self) -> dict:
+        """Pickles (and deep copies) leave out the cached constants and the buffer; they are rebuilt."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_consts", "_buffer")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._consts = None
+        self._buffer = None
+
+    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor | float]:
+        """``(beta_star, sqrt(h))`` on ``like``'s device and dtype, computed once (not per step; the
+        problem's own tensors when they are already there, so the step shares them with the drift).
+
+        For an isotropic spectrum ``sqrt(h)`` is one number (a Python float): then it scales the
+        risk and the noise as a scalar and saves two passes over ``d`` entries per step.
+        """
+        c = self._consts
+        if c is None or c[0].device != like.device or c[0].dtype != like.dtype:
+            p = self.problem.to(like.device, like.dtype)
+            fv = self.problem.feature_variance
+            sqrt_h = math.sqrt(float(fv[0])) if bool((fv == fv[0]).all()) else p.feature_variance.sqrt()
+            self._consts = c = (p.beta_star, sqrt_h)
+        return c
+
+    def _twice_risk(self, loss: Tensor | None, scratch: Tensor) -> Tensor:
+        """``2 R`` as a 0-d tensor (E1: ``sum_i h_i r_i^2 + sigma^2``, or twice the closure's loss);
+        ``scratch`` (shape ``(d,)``) is overwritten."""
+        if self.risk == "loss":
+            if loss is None:
+                raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
+            risk = loss.detach().to(scratch.dtype).clone()
+            all_reduce_mean_([risk])
+            return risk.mul_(2.0)
+        a, b = self.params
+        beta_star, sqrt_h = self._constants(a)
+        if self.model.parametrization == "uv":  # scratch = -r = beta* - beta (the sign squares away)
+            torch.addcmul(beta_star, a, b, value=-1.0, out=scratch)
+        elif self.model.depth == 2:
+            torch.addcmul(beta_star, a, a, value=-1.0, out=scratch).addcmul_(b, b)
+        else:
+            torch.sub(b.pow(self.model.depth), a.pow(self.model.depth), out=scratch).add_(beta_star)
+        if isinstance(sqrt_h, Tensor):
+            twice = torch.dot(scratch.mul_(sqrt_h), scratch)
+        else:
+            twice = torch.dot(scratch, scratch).mul_(sqrt_h * sqrt_h)
+        return twice.add_(self.problem.noise_std ** 2) if self.problem.noise_std else twice
+
+    def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm]:
+        """The noise of :meth:`sample` as chain-rule products with one shared beta-noise buffer.
+
+        ``t = sqrt(2 R) sqrt(h) z`` (shape ``(d,)``, reused across steps) and, with ``c^2`` the missing
+        variance, u-noise ``= c v t``, v-noise ``= c u t`` (``"uv"``); ``+-c k w+-^(k-1) t`` (``"pm"``).
+        Passes over ``d`` entries: 3 for the risk, 1 draw, 2 to scale ``t`` (isotropic spectrum: 2,
+        1, 1); no temporaries for ``"uv"`` and depth-2 ``"pm"``.
+        """
+        if torch.is_grad_enabled():  # the optimizer calls it under no_grad already
+            with torch.no_grad():
+                return self._terms(batch_size, generator, loss, self._scratch())
+        return self._terms(batch_size, generator, loss, self._scratch())
 
     @torch.no_grad()
     def sample(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[Tensor]:
-        c2 = missing_variance(batch_size, self.drift_batch_size)
+        return [t.materialize() for t in self._terms(batch_size, generator, loss, torch.empty_like(self.params[0]))]
+
+    def _scratch(self) -> Tensor:
+        a = self.params[0]
+        buf = self._buffer
+        if buf is None or buf.shape != a.shape or buf.dtype != a.dtype or buf.device != a.device:
+            self._buffer = buf = torch.empty_like(a, memory_format=torch.contiguous_format)
+        return buf
+
+    def _terms(self, batch_size: int, generator: torch.Generator, loss: Tensor | None, t: Tensor) -> list[NoiseTerm]:
+        c = math.sqrt(missing_variance(batch_size, self.drift_batch_size))
         a, b = self.params
-        problem = self._problem_like(a)
-        if self.risk == "exact":
-            risk = problem.population_risk(self.model.beta.detach())
-        elif loss is None:
-            raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
+        scale = self._twice_risk(loss, t).sqrt_()
+        t.normal_(generator=generator)
+        sqrt_h = self._constants(a)[1]
+        if isinstance(sqrt_h, Tensor):
+            t.mul_(sqrt_h)
         else:
-            risk = loss.detach().clone()
-            all_reduce_mean_([risk])
-        z = torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device)
-        beta_noise = (2.0 * c2 * risk.to(a.dtype)).sqrt() * problem.feature_variance.sqrt() * z
+            c *= sqrt_h  # a scalar: into the coefficient, no pass
+        t.mul_(scale)
         if self.model.parametrization == "uv":
-            return [b * beta_noise, a * beta_noise]
+            return [NoiseTerm(b, t, c), NoiseTerm(a, t, c)]
         k = self.model.depth
-        return [k * a.pow(k - 1) * beta_noise, -k * b.pow(k - 1) * beta_noise]
+        fa, fb = (a, b) if k == 2 else (a.pow(k - 1), b.pow(k - 1))
+        return [NoiseTerm(fa, t, k * c), NoiseTerm(fb, t, -k * c)]
 
 
 def _half_squared_error(output: Tensor, target: Tensor) -> Tensor:
@@ -176,8 +248,13 @@ class EmpiricalNoise(GradientNoise):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.per_sample_loss = per_sample_loss or _half_squared_error
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self._batch: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def params(self) -> list[Tensor]:  # type: ignore[override]
+        """The model's parameters that require grad *now*: a layer frozen after the optimizer was
+        built gets no noise (and is not differentiated), as it gets no gradient."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def set_batch(self, inputs: Tensor, targets: Tensor) -> None:
         """The ``M`` samples behind the next step's drift (leading dimension ``M >= 2``)."""
@@ -201,19 +278,20 @@ class EmpiricalNoise(GradientNoise):
         self._check_model()
         inputs, targets = self._batch
         self._batch = None
+        params = self.params
         m = inputs.shape[0]
         ranks = world_size()
         c2 = ranks * missing_variance(batch_size, ranks * m)
-        if c2 == 0.0:  # M = B: the drift already has SGD's noise
-            return [None] * len(self.params)
-        ref = self.params[0]
+        if c2 == 0.0 or not params:  # M = B: the drift already has SGD's noise; or nothing is trained
+            return [None] * len(params)
+        ref = params[0]
         z = torch.randn(m, generator=generator, dtype=ref.dtype, device=ref.device)
         weights = (z - z.mean()) * math.sqrt(c2 / (m - 1))
         with torch.enable_grad():
             losses = self.per_sample_loss(self.model(inputs), targets)
             if losses.shape != (m,):
                 raise ValueError(f"per_sample_loss must return shape ({m},), got {tuple(losses.shape)}")
-            grads = torch.autograd.grad((weights.to(losses.dtype) * losses).sum(), self.params, allow_unused=True)
-        noise = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+            grads = torch.autograd.grad((weights.to(losses.dtype) * losses).sum(), params, allow_unused=True)
+        noise = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         all_reduce_mean_(noise)
         return noise

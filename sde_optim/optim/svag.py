@@ -10,7 +10,6 @@ from torch import Tensor
 
 from .._validation import check_float
 from ._base import _SGDFamily
-from .functional import directions
 
 __all__ = ["SVAG", "svag_weights"]
 
@@ -55,22 +54,31 @@ class SVAG(_SGDFamily):
         params: parameters or param-group dicts.
         lr: the SGD step size (>= 0) being approximated; the actual step is ``lr / l``.
         l: amplification (>= 1).
-        weight_decay, foreach, nonfinite: as :class:`~sde_optim.HomogenizedSGD`.
+        momentum, dampening, nesterov, weight_decay, maximize, foreach, nonfinite: as
+            :class:`~sde_optim.HomogenizedSGD` (``torch.optim.SGD``'s, on the combined gradient).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float,
+        lr: float | Tensor,
         *,
         l: float = 1,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
         weight_decay: float = 0.0,
+        maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
         self.weights = svag_weights(l)
         self.l = float(l)
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, foreach=foreach), nonfinite=nonfinite)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                        maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    _pickled = _SGDFamily._pickled + ("weights", "l")
 
     def combine_losses(self, loss1: Tensor, loss2: Tensor) -> Tensor:
         """``w1 * loss1 + w2 * loss2`` for losses of two independent minibatches.
@@ -84,14 +92,7 @@ class SVAG(_SGDFamily):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """``p <- p - (lr / l) (grad + weight_decay p)``, with ``grad`` the combined gradient."""
+        """``p <- p - (lr / l) u``, ``u`` torch.optim.SGD's update from the combined gradient."""
         loss = self._evaluate(closure)
-        updates = []
-        for group in self.param_groups:
-            params, grads = self._params_with_grad(group)
-            if params:
-                dirs = directions(params, grads, [None] * len(params), weight_decay=group["weight_decay"],
-                                  noise_scale=0.0, foreach=group["foreach"])
-                updates.append((group, params, dirs))
-        self._apply(updates, lr_factor=1.0 / self.l)
+        self._update(self._batches(), {}, lr_factor=1.0 / self.l)
         return loss
