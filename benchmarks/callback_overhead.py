@@ -21,9 +21,9 @@ import torch
 from pytorch_lightning.profilers import SimpleProfiler
 
 from sde_optim import TeacherProblem
-from sde_optim.callbacks import CurvatureMonitor, TheoryMonitor
-from sde_optim.data import TeacherDataModule
-from sde_optim.regression import TeacherRegression
+from sde_optim.lightning import CurvatureMonitor, TheoryMonitor
+from sde_optim.lightning import TeacherDataModule
+from sde_optim.lightning import TeacherRegression
 
 
 def main(argv=None):

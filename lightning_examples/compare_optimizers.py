@@ -19,10 +19,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from sde_optim import TeacherProblem
-from sde_optim.callbacks import TheoryMonitor
-from sde_optim.data import TeacherDataModule
+from sde_optim.lightning import TheoryMonitor
+from sde_optim.lightning import TeacherDataModule
 from sde_optim.plotting import comparison_figure
-from sde_optim.regression import TeacherRegression
+from sde_optim.lightning import TeacherRegression
 
 OBSERVABLES = ("risk", "curvature", "l1", "imbalance")
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from sde_optim import EmpiricalNoise, HomogenizedSGD
-from sde_optim.callbacks import CurvatureMonitor
+from sde_optim.lightning import CurvatureMonitor
 
 
 class TeacherMLPStream(IterableDataset):

@@ -24,9 +24,9 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from sde_optim import TeacherProblem
-from sde_optim.callbacks import CurvatureMonitor, TheoryMonitor
-from sde_optim.data import TeacherDataModule
-from sde_optim.regression import OPTIMIZERS, TeacherRegression
+from sde_optim.lightning import CurvatureMonitor, TheoryMonitor
+from sde_optim.lightning import TeacherDataModule
+from sde_optim.lightning import OPTIMIZERS, TeacherRegression
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem, measure
-from sde_optim.callbacks import CurvatureMonitor
+from sde_optim.lightning import CurvatureMonitor
 from sde_optim.curvature import functional_loss, half_mse, hessian_trace, hvp, top_eigenvalue, trainable_parameters
 
 F64 = torch.float64

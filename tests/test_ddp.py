@@ -48,9 +48,9 @@ def _fit(out: Path, optimizer: str) -> dict:
     from pytorch_lightning.strategies import DDPStrategy
 
     from sde_optim import TeacherProblem
-    from sde_optim.callbacks import CurvatureMonitor, TheoryMonitor
-    from sde_optim.data import TeacherDataModule
-    from sde_optim.regression import TeacherRegression
+    from sde_optim.lightning import CurvatureMonitor, TheoryMonitor
+    from sde_optim.lightning import TeacherDataModule
+    from sde_optim.lightning import TeacherRegression
 
     problem = TeacherProblem.sparse(32, 0.25, seed=0)
     module = TeacherRegression(problem, lr=0.5, sgd_batch_size=PER_RANK_BATCH, optimizer=optimizer)
@@ -158,8 +158,8 @@ def _sharding_strategies():
 def test_sharding_strategies_are_refused(strategy):
     """Lightning refuses FSDP on CPU itself, so the setup hooks get a stand-in trainer."""
     from sde_optim import TeacherProblem
-    from sde_optim.callbacks import CurvatureMonitor, TheoryMonitor
-    from sde_optim.regression import TeacherRegression
+    from sde_optim.lightning import CurvatureMonitor, TheoryMonitor
+    from sde_optim.lightning import TeacherRegression
 
     problem = TeacherProblem.sparse(8, 0.25)
     trainer = SimpleNamespace(strategy=strategy)

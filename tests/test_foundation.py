@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem, measure
-from sde_optim.data import TeacherDataModule, stream_seed
+from sde_optim.lightning import TeacherDataModule, stream_seed
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -364,3 +364,18 @@ def test_data_module_validation_set_is_fixed():
 def test_data_module_rejects_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         TeacherDataModule(TeacherProblem.sparse(4, 0.5), **kwargs)
+
+
+def test_old_lightning_import_paths_still_work_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import sde_optim.lightning as new
+
+    for old, names in (("sde_optim.callbacks", ("TheoryMonitor", "CurvatureMonitor")),
+                       ("sde_optim.regression", ("TeacherRegression",)), ("sde_optim.data", ("TeacherDataModule",))):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match="sde_optim.lightning"):
+            module = importlib.import_module(old)
+        for name in names:
+            assert getattr(module, name) is getattr(new, name)

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 import sde_optim
 from sde_optim import EmpiricalNoise, HomogenizedSGD, SVAG, DiagonalLinearNetwork, StructuredNoise, TeacherProblem
-from sde_optim.callbacks import CurvatureMonitor, TheoryMonitor
+from sde_optim.lightning import CurvatureMonitor, TheoryMonitor
 from sde_optim.cli import main as cli_main
-from sde_optim.data import TeacherDataModule
-from sde_optim.regression import TeacherRegression
+from sde_optim.lightning import TeacherDataModule
+from sde_optim.lightning import TeacherRegression
 from sde_optim.theory import critical_lr, predict
 
 # derandomize: CI must be reproducible, so the examples are a fixed pseudo-random draw.  Explore by removing it

@@ -18,10 +18,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sde_optim import TeacherProblem
-from sde_optim.callbacks import TheoryMonitor
+from sde_optim.lightning import TheoryMonitor
 from sde_optim.cli import main as cli_main
-from sde_optim.data import TeacherDataModule
-from sde_optim.regression import TeacherRegression
+from sde_optim.lightning import TeacherDataModule
+from sde_optim.lightning import TeacherRegression
 
 ROOT = Path(__file__).resolve().parents[1]
 

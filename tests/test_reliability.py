@@ -15,10 +15,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from sde_optim import NonFiniteUpdateError, TeacherProblem, measure
-from sde_optim.callbacks import TheoryMonitor
-from sde_optim.callbacks.theory_monitor import DEPARTURES
-from sde_optim.data import TeacherDataModule
-from sde_optim.regression import TeacherRegression
+from sde_optim.lightning import TheoryMonitor
+from sde_optim.lightning.theory_monitor import DEPARTURES
+from sde_optim.lightning import TeacherDataModule
+from sde_optim.lightning import TeacherRegression
 from sde_optim.theory import Prediction
 
 OPTIMIZERS = ("sgd", "homogenized", "svag")

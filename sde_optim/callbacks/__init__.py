@@ -1,6 +1,10 @@
-"""Lightning callbacks: measured observables against the prediction, and Hessian curvature."""
+"""Deprecated location of the Lightning callbacks: use :mod:`sde_optim.lightning` (kept for one release)."""
 
-from .curvature_monitor import CurvatureMonitor
-from .theory_monitor import TheoryMonitor
+import warnings
+
+from ..lightning import CurvatureMonitor, TheoryMonitor
+
+warnings.warn("sde_optim.callbacks is deprecated; import CurvatureMonitor and TheoryMonitor from sde_optim.lightning",
+              DeprecationWarning, stacklevel=2)
 
 __all__ = ["CurvatureMonitor", "TheoryMonitor"]

@@ -1,0 +1,192 @@
+"""A LightningModule that trains a DiagonalLinearNetwork on a streaming teacher.
+
+The optimizer is chosen by name, so the same module runs plain SGD (the thing the theory
+predicts), HomogenizedSGD (its SDE, THEORY E3) and SVAG (Li-Malladi-Arora):
+
+* ``"sgd"``: ``torch.optim.SGD`` on the minibatch loss ``mean (f(x) - y)^2 / 2``;
+* ``"homogenized"``: :class:`~sde_optim.HomogenizedSGD` with the exact population gradient
+  as drift and :class:`~sde_optim.StructuredNoise` of SGD with batch ``sgd_batch_size``;
+  the batch is only used for the logged minibatch loss;
+* ``"svag"``: :class:`~sde_optim.SVAG`; each step needs two independent minibatches, so the
+  data module must deliver ``2 * sgd_batch_size`` samples per step (``loader_batch_size``
+  says how many), split in halves here. ``svag_l`` optimizer steps make one SGD step of
+  time: ``sgd_steps_per_step = 1 / svag_l``.
+
+``sgd_batch_size`` and ``sgd_steps_per_step`` are what :class:`~sde_optim.lightning.TheoryMonitor`
+reads to line the prediction up with training.
+
+Distributed: under DDP with ``W`` processes ``sgd_batch_size`` is per process, so the SGD
+being run (or emulated) has the global batch ``W * sgd_batch_size`` (:attr:`global_batch_size`):
+DDP averages the ``"sgd"``/``"svag"`` gradients over ranks, and ``"homogenized"`` draws the
+noise of that global batch (its drift, the population gradient, is the same on every rank).
+Strategies that shard parameters or optimizer state (FSDP, DeepSpeed, ModelParallel) are
+refused with a ``ValueError`` at setup.
+
+Precision: parameters in ``dtype`` (float32 default; float64, bfloat16 and float16 work too),
+the teacher is moved to that dtype once; ``Trainer(precision="bf16-mixed")`` (autocast) and
+``"bf16-true"`` work on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from .._validation import check_choice, check_float, check_int, check_strategy
+from ..models import DiagonalLinearNetwork
+from ..optim import SVAG, HomogenizedSGD, StructuredNoise
+from ..teacher import TeacherProblem
+
+__all__ = ["TeacherRegression", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "homogenized", "svag")
+
+
+class TeacherRegression(pl.LightningModule):
+    """Train ``DiagonalLinearNetwork(problem.dim, **network)`` on ``problem`` with a named optimizer.
+
+    Args:
+        problem: the teacher (also the source of the exact drift for ``"homogenized"``).
+        lr: step size (> 0) of the SGD being run or approximated.
+        sgd_batch_size: the SGD batch size ``B`` (>= 1).
+        optimizer: ``"sgd"``, ``"homogenized"`` or ``"svag"``.
+        svag_l: SVAG amplification (>= 1).
+        noise_scale: HomogenizedSGD noise multiplier (>= 0).
+        alpha, init, parametrization: passed to :class:`~sde_optim.DiagonalLinearNetwork`.
+        dtype: parameter dtype (default float32).
+        noise_seed: seed of HomogenizedSGD's noise stream (integer >= 0). ``None`` (default):
+            drawn from torch's global generator when the optimizer is created, so it depends on
+            what used that generator before (seed it, e.g. ``seed_everything``, right before each
+            fit to compare runs). A resumed fit restores the stream from the checkpoint either way.
+        nonfinite: ``"skip"`` or ``"raise"``, the non-finite policy of HomogenizedSGD and SVAG
+            (see :class:`~sde_optim.optim._base._SGDFamily`); ``"sgd"`` is plain
+            ``torch.optim.SGD`` and accepts only the default.
+    """
+
+    def __init__(
+        self,
+        problem: TeacherProblem,
+        *,
+        lr: float,
+        sgd_batch_size: int = 1,
+        optimizer: str = "sgd",
+        svag_l: float = 4,
+        noise_scale: float = 1.0,
+        alpha: float = 0.1,
+        init: str = "unbalanced",
+        parametrization: str = "uv",
+        dtype: torch.dtype = torch.float32,
+        noise_seed: int | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        super().__init__()
+        if not isinstance(problem, TeacherProblem):
+            raise TypeError(f"problem must be a TeacherProblem, got {type(problem).__name__}")
+        self.problem = problem
+        self.lr = check_float("lr", lr, minimum=0.0, strict=True)
+        self.sgd_batch_size = check_int("sgd_batch_size", sgd_batch_size, minimum=1)
+        self.optimizer_name = check_choice("optimizer", optimizer, OPTIMIZERS)
+        self.svag_l = check_float("svag_l", svag_l, minimum=1.0)
+        self.noise_scale = check_float("noise_scale", noise_scale, minimum=0.0)
+        self.noise_seed = None if noise_seed is None else check_int("noise_seed", noise_seed, minimum=0)
+        self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        if self.optimizer_name == "sgd" and self.nonfinite != "skip":
+            raise ValueError("nonfinite applies to optimizer 'homogenized' or 'svag'; 'sgd' is plain torch.optim.SGD")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.model = DiagonalLinearNetwork(problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
+        self._device_problem: TeacherProblem | None = None
+        self.save_hyperparameters(ignore=["problem", "dtype"])
+
+    # ------------------------------------------------------------------ bookkeeping for TheoryMonitor
+    @property
+    def loader_batch_size(self) -> int:
+        """Samples the data module must deliver per optimizer step."""
+        return 2 * self.sgd_batch_size if self.optimizer_name == "svag" else self.sgd_batch_size
+
+    @property
+    def global_batch_size(self) -> int:
+        """The SGD batch over all processes: ``sgd_batch_size`` times the trainer's world size."""
+        trainer = self._trainer
+        return self.sgd_batch_size * (trainer.world_size if trainer is not None else 1)
+
+    @property
+    def sgd_steps_per_step(self) -> float:
+        """SGD steps of time covered by one optimizer step (``1 / l`` for SVAG, else 1)."""
+        return 1.0 / self.svag_l if self.optimizer_name == "svag" else 1.0
+
+    def teacher(self) -> TeacherProblem:
+        """The problem on this module's device and dtype (cached)."""
+        p = self._device_problem
+        if p is None or p.device != self.device or p.dtype != self.model.beta.dtype:
+            self._device_problem = p = self.problem.to(self.device, self.model.beta.dtype)
+        return p
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, "TeacherRegression")
+
+    def on_fit_start(self) -> None:
+        self.teacher()  # move the problem once, outside any torch.func transform that may call teacher()
+
+    def on_train_start(self) -> None:
+        self._logger_step_checked = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning 2.6's epoch loop, when restarting, adds 1 to `_batches_that_stepped` (the
+        # logger step of `self.log`) on the assumption that the checkpoint was written in
+        # on_train_batch_end, before its own increment. A checkpoint from `trainer.save_checkpoint`
+        # after a fit (or at an epoch end) already holds the incremented value, so the resumed
+        # curves were shifted one step against an uninterrupted run. With this module's single
+        # optimizer every batch that stepped is one optimizer step: the counter must equal
+        # `global_step`. Set it once per fit, after the loop's reset (a no-op when it is right).
+        if not getattr(self, "_logger_step_checked", True):
+            self._logger_step_checked = True
+            loop = self.trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_batches_that_stepped"):
+                loop._batches_that_stepped = self.trainer.global_step
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    @staticmethod
+    def loss_fn(prediction: Tensor, target: Tensor) -> Tensor:
+        """``mean (f(x) - y)^2 / 2``, the per-sample loss of THEORY §1 averaged over the batch."""
+        return 0.5 * (prediction - target).pow(2).mean()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if x.shape[0] != self.loader_batch_size:
+            raise ValueError(
+                f"optimizer {self.optimizer_name!r} with sgd_batch_size={self.sgd_batch_size} needs "
+                f"{self.loader_batch_size} samples per step; the batch has {x.shape[0]}"
+            )
+        if self.optimizer_name == "svag":
+            b = self.sgd_batch_size
+            opt = self.optimizers().optimizer  # type: ignore[union-attr]
+            loss = opt.combine_losses(self.loss_fn(self(x[:b]), y[:b]), self.loss_fn(self(x[b:]), y[b:]))
+        else:
+            loss = self.loss_fn(self(x), y)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        if self.optimizer_name == "homogenized":
+            return self.teacher().population_risk(self.model.beta)  # exact drift (E3)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.loss_fn(self(x.to(self.model.beta.dtype)), y.to(self.model.beta.dtype))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = self.model.parameters()
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        if self.optimizer_name == "svag":
+            return SVAG(params, lr=self.lr, l=self.svag_l, nonfinite=self.nonfinite)
+        noise = StructuredNoise(self.problem, self.model)
+        return HomogenizedSGD(params, lr=self.lr, batch_size=self.global_batch_size, noise=noise,
+                              noise_scale=self.noise_scale, seed=self.noise_seed, nonfinite=self.nonfinite)
