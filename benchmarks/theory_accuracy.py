@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem  # noqa: E402
-from sde_optim.theory import critical_lr, isotropic_linear_risk, predict, simulate_sgd  # noqa: E402
+from sde_optim.simulation import SGDRun, simulate_sgd  # noqa: E402
+from sde_optim.theory import critical_lr, isotropic_linear_risk, predict  # noqa: E402
 from sde_optim.theory.predict import _output_steps as output_steps  # noqa: E402
 
 F64 = torch.float64
@@ -103,8 +104,6 @@ NEAR_CRITICAL_LR = 8.0
 
 def cached_sgd(args, key: str, **kwargs):
     """simulate_sgd(**kwargs), memoized in the file --sgd-cache (SGD is the slow part; the key holds every input)."""
-    from sde_optim.theory.sgd_reference import SGDRun
-
     path = Path(args.sgd_cache) if args.sgd_cache else None
     store = torch.load(path, weights_only=False) if path is not None and path.exists() else {}
     if key in store:
@@ -146,8 +145,8 @@ def section_particles(args, out):
         per_rep = args.particles // args.replicas
         t0 = time.perf_counter()
         par = predict(p, m, lr=gamma, batch_size=B, steps=steps, num_points=33, method="particles",
-                      num_particles=per_rep * 3, num_replicas=args.replicas, dt=args.dt,  # 3 exact types here
-                      extrapolate=not args.no_extrapolate, generator=torch.Generator().manual_seed(11))
+                      options=dict(num_particles=per_rep * 3, num_replicas=args.replicas, dt=args.dt,  # 3 exact types
+                                   extrapolate=not args.no_extrapolate, generator=torch.Generator().manual_seed(11)))
         t_par = time.perf_counter() - t0
         a, b, se = pde.curves["risk"][1:], par.curves["risk"][1:], par.stderr["risk"][1:]
         rel = float(((a - b).abs() / a).max())

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 
 __all__ = [
+    "check_generator",
     "check_choice",
     "check_finite_tensor",
     "check_float",
@@ -55,6 +56,19 @@ def check_float(
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be {accepted}, got {value}")
     return value
+
+
+def check_generator(generator: Any, device: torch.device | str, owner: str) -> torch.Generator | None:
+    """``generator`` must be None or a ``torch.Generator`` on the device type of ``device`` (``owner`` names what
+    it draws for, e.g. "the model's", in the message)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = torch.device(device)
+    if generator.device.type != device.type:
+        raise ValueError(f"generator must be on {owner} device ({device}), got one on {generator.device}")
+    return generator
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:

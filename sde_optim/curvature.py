@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_choice, check_int
+from ._validation import check_choice, check_generator, check_int
 
 __all__ = [
     "LossFn",
@@ -347,11 +347,7 @@ def _detached(params: _Vector) -> _Vector:
 def _generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     if generator is None:
         return torch.Generator(device=device).manual_seed(0)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
-        raise ValueError(f"generator must be on the model's device ({device}), got one on {generator.device}")
-    return generator
+    return check_generator(generator, device, "the model's")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -48,6 +48,13 @@ class CoordinateState:
         """``r = beta - beta*``."""
         return self.beta - self.beta_star
 
+    @classmethod
+    def from_uv(cls, lam: Tensor, beta_star: Tensor, u: Tensor, v: Tensor, param_scale: float = 1.0) -> "CoordinateState":
+        """The state of coordinates ``(u, v)`` (any broadcastable shapes): ``beta = u v``, ``rho = u^2 + v^2``,
+        ``q = u^2 - v^2`` (THEORY §3)."""
+        uu, vv = u * u, v * v
+        return cls(lam, beta_star, u * v, uu + vv, uu - vv, param_scale)
+
 
 @dataclass(frozen=True)
 class Observable:
@@ -133,14 +140,7 @@ def coordinate_state(problem, model) -> CoordinateState:
     u, v = model.uv_state()
     dtype = problem.dtype
     u, v = u.to(dtype), v.to(dtype)
-    return CoordinateState(
-        lam=problem.spectrum.to(u.device),
-        beta_star=problem.beta_star.to(u.device),
-        beta=u * v,
-        rho=u * u + v * v,
-        q=u * u - v * v,
-        param_scale=model.lr_scale,
-    )
+    return CoordinateState.from_uv(problem.spectrum.to(u.device), problem.beta_star.to(u.device), u, v, model.lr_scale)
 
 
 @torch.no_grad()

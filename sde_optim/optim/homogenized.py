@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .._validation import check_float, check_int
+from .._validation import check_float, check_generator, check_int
 from ._base import _Batch, _SGDFamily
 from ._dist import broadcast_generator
 from .functional import NoiseTerm
@@ -105,8 +105,6 @@ class HomogenizedSGD(_SGDFamily):
             )
         check_float("noise_scale", noise_scale, minimum=0.0)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if seed is not None:
             seed = check_int("seed", seed, minimum=0)
             if generator is not None:
@@ -117,9 +115,7 @@ class HomogenizedSGD(_SGDFamily):
         self.noise = noise
         noise.check_params([p for g in self.param_groups for p in g["params"]])
         device = self.param_groups[0]["params"][0].device
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(f"generator must be on the parameters' device ({device}), got one on {generator.device}")
-        self._generator = generator
+        self._generator = check_generator(generator, device, "the parameters'")
         if generator is None and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._seed = seed
