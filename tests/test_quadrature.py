@@ -135,8 +135,8 @@ def test_pde_agrees_with_exact_coordinate_particles_on_a_continuous_setting():
     problem = TeacherProblem(problem.feature_variance, problem.beta_star, 0.2)
     kw = dict(lr=0.5, batch_size=2, steps=2 * d, num_points=7)
     pde = predict(problem, model, **kw, tol=3e-3)
-    par = predict(problem, model, **kw, method="particles", num_particles=4 * d, num_replicas=16, dt=4e-3,
-                  generator=torch.Generator().manual_seed(0))
+    par = predict(problem, model, **kw, method="particles",
+                  options=dict(num_particles=4 * d, num_replicas=16, dt=4e-3, generator=torch.Generator().manual_seed(0)))
     assert not pde.info["types_exact"] and par.info["num_types"] == d
     for name in ("risk", "curvature"):
         a, b, se = pde.curves[name][1:], par.curves[name][1:], par.stderr[name][1:]

@@ -23,12 +23,11 @@ from sde_optim.theory import (
     isotropic_linear_risk,
     phi_to_uv,
     predict,
-    sgd_step,
-    simulate_sgd,
     solve_fokker_planck,
     uv_to_phi,
 )
 from sde_optim.theory.fokker_planck import MeanFieldDynamics
+from sde_optim.simulation import sgd_step, simulate_sgd
 from sde_optim.theory.odes import escape_time
 
 F64 = torch.float64
@@ -98,7 +97,7 @@ def test_pde_matches_particles():
     steps = 4 * problem.dim
     pde = predict(problem, model, lr=0.5, batch_size=1, steps=steps, num_points=5, tol=1e-3)
     parts = predict(problem, model, lr=0.5, batch_size=1, steps=steps, num_points=5, method="particles",
-                    num_particles=1500, num_replicas=8, dt=2e-3, generator=torch.Generator().manual_seed(0))
+                    options=dict(num_particles=1500, num_replicas=8, dt=2e-3, generator=torch.Generator().manual_seed(0)))
     # Tolerance: the particle curve is the mean of K = 8 independent McKean-Vlasov replicas, and
     # its standard error is std_K / sqrt(K) (this includes the feedback of each replica's R on
     # its particles, which the i.i.d. formula misses).  A two-sided 99.9 % bound for a mean with
@@ -125,8 +124,8 @@ def test_particle_extrapolation_removes_euler_bias():
     bias = {}
     for extrapolate in (False, True):
         parts = predict(problem, model, lr=2.0, batch_size=4, steps=steps, num_points=9, method="particles",
-                        num_particles=12000, num_replicas=4, dt=1.6e-2, extrapolate=extrapolate,
-                        generator=torch.Generator().manual_seed(3))
+                        options=dict(num_particles=12000, num_replicas=4, dt=1.6e-2, extrapolate=extrapolate,
+                                     generator=torch.Generator().manual_seed(3)))
         rel = (parts.curves["risk"] - pde.curves["risk"]) / pde.curves["risk"]
         bias[extrapolate] = float(rel[4:].mean())
     assert bias[False] > 1e-3, bias

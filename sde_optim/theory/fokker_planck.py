@@ -65,13 +65,13 @@ from torch import Tensor
 
 from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
-from .coords import phi_to_state, psi_to_state
+from .dynamics import MeanFieldDynamics
 from .statistics import risk_of
-from .types import KIND_FROZEN, KIND_PHI, KIND_PSI, CoordinateTypes
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
-__all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "cells_for_tolerance", "MeanFieldDynamics"]
+__all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "solve_on_grid", "refine_grid", "refine_grid_on_subset",
+           "grid_level", "cells_for_tolerance", "MeanFieldDynamics", "Budget", "WorkLimitError"]
 
 
 def cells_for_tolerance(tol: float, half_width: float) -> int:
@@ -87,72 +87,30 @@ def cells_for_tolerance(tol: float, half_width: float) -> int:
     return int(min(1024, max(32, math.ceil(2 * half_width / h))))
 
 
-class MeanFieldDynamics:
-    """Shared coefficients of E4-E6 for a set of types (used by the PDE and the particles).
+class WorkLimitError(RuntimeError):
+    """A prediction needed more work than its budget allows (the message names the knob to turn)."""
 
-    Args:
-        types: the coordinate types; gamma: ``(u, v)`` step; batch_size: ``B``;
-        noise_std: label noise ``sigma``; noise_scale: factor on the gradient noise
-        (1 = SGD, 0 = gradient flow).
-    """
 
-    def __init__(self, types: CoordinateTypes, gamma: float, batch_size: int, noise_std: float,
-                 noise_scale: float = 1.0, param_scale: float = 1.0) -> None:
-        self.types = types
-        self.gamma = gamma
-        self.batch_size = batch_size
-        self.noise_std = noise_std
-        self.noise_scale = noise_scale
-        self.param_scale = param_scale
-        col = lambda t: t[:, None]  # noqa: E731  (T,) -> (T, 1)
-        self.lam = col(types.lam)
-        self.bstar = col(types.beta_star)
-        self.q0 = col(types.q0)
-        self.sign = col(types.sign)
-        self.is_phi = col(types.kind == KIND_PHI)
-        self.is_psi = col(types.kind == KIND_PSI)
-        self.active = col((types.kind != KIND_FROZEN).to(types.lam.dtype))
-        self.weight = col(types.weight)
-        self.noise_var = noise_scale**2 * gamma**2 / batch_size  # gamma^2/B (times noise scale^2)
-        kinds = set(types.kind.tolist())
-        self.only = kinds.pop() if len(kinds) == 1 else None  # the single kind of all types, if so (fast paths)
+class Budget:
+    """A cap on operator evaluations (and, optionally, seconds) shared by every solve of one prediction."""
 
-    def q(self, integral_r: Tensor) -> Tensor:
-        """``q_tau(t) = q0 exp(-2 gamma^2 lam I / B)`` (E4), shape ``(T, 1)``."""
-        return self.q0 * torch.exp(-2.0 * self.noise_var * self.lam * integral_r)
+    def __init__(self, max_evaluations: int | None = None, max_seconds: float | None = None) -> None:
+        import time
 
-    def state(self, x: Tensor, q: Tensor) -> CoordinateState:
-        """CoordinateState at coordinates ``x`` (shape ``(T, K)``) given ``q`` (``(T, 1)``)."""
-        if self.only == KIND_PHI:
-            beta, rho = phi_to_state(q, x)
-            return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
-        if self.only == KIND_PSI:
-            beta, rho = psi_to_state(self.sign, x)
-            return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
-        beta_phi, rho_phi = phi_to_state(q, torch.where(self.is_phi, x, torch.zeros_like(x)))
-        beta_psi, rho_psi = psi_to_state(self.sign, torch.where(self.is_psi, x, torch.zeros_like(x)))
-        zero = torch.zeros_like(x)
-        beta = torch.where(self.is_phi, beta_phi, torch.where(self.is_psi, beta_psi, zero))
-        rho = torch.where(self.is_phi, rho_phi, torch.where(self.is_psi, rho_psi, zero))
-        return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
+        self.max_evaluations = max_evaluations
+        self.max_seconds = max_seconds
+        self.used = 0
+        self._clock = time.perf_counter
+        self._start = self._clock()
 
-    def drift(self, beta: Tensor, risk: Tensor) -> Tensor:
-        """Drift ``a_tau`` of E5 (phi) or of the psi equation (THEORY §3 end), shape of ``beta``."""
-        g = self.gamma
-        base = -2.0 * g * self.lam * (beta - self.bstar)
-        if self.only == KIND_PHI:
-            return base
-        psi_extra = base * self.sign - 2.0 * self.noise_var * self.lam * risk
-        if self.only == KIND_PSI:
-            return psi_extra
-        return torch.where(self.is_phi, base, torch.where(self.is_psi, psi_extra, torch.zeros_like(base)))
-
-    def diffusion(self, risk: Tensor) -> Tensor:
-        """``D_tau = 4 gamma^2 lam R / B`` (E6), shape ``(T, 1)``; zero for frozen types."""
-        return 4.0 * self.noise_var * self.lam * risk * self.active
-
-    def risk(self, c: CoordinateState, weight: Tensor) -> Tensor:
-        return risk_of(c, weight, self.noise_std)
+    def spend(self, n: int = 1) -> None:
+        self.used += n
+        if self.max_evaluations is not None and self.used > self.max_evaluations:
+            raise WorkLimitError(f"the prediction needed more than max_evaluations={self.max_evaluations} operator "
+                                 "evaluations; raise max_evaluations, relax tol, or shorten the horizon (steps)")
+        if self.max_seconds is not None and self._clock() - self._start > self.max_seconds:
+            raise WorkLimitError(f"the prediction ran longer than max_seconds={self.max_seconds:g} s; raise "
+                                 "max_seconds, relax tol, or shorten the horizon (steps)")
 
 
 def _bernoulli_abs(z: Tensor) -> Tensor:
@@ -171,7 +129,7 @@ class FokkerPlanckSolution:
         xi: cell centres of the reference grid, shape ``(N,)``; ``h`` its spacing.
         mass: cell masses ``p dx`` per type, shape ``(n, T, N)`` (each type sums to 1).
         center, scale: ``m_tau(t)``, ``s_tau(t)``, shape ``(n, T)``.
-        integral_r: ``int_0^t R``, shape ``(n,)``.
+        integral_r: the noise integral ``I(t) = int_0^t nu R`` of E4 (:class:`MeanFieldDynamics`), shape ``(n,)``.
         risk: ``R(t)``, shape ``(n,)``.
         diverged_at: first output time with ``R > blowup_factor R(0)`` (or non-finite), else None.
         nfe: right-hand-side evaluations; tail_mass: largest mass in an end cell over the run.
@@ -203,7 +161,7 @@ class FokkerPlanckSolution:
         """
         dyn = self.dynamics
         x = self.center[..., None] + self.scale[..., None] * self.xi
-        q = torch.stack([dyn.q(i) for i in self.integral_r])  # (n, T, 1)
+        q = torch.stack([dyn.q(i, float(t)) for i, t in zip(self.integral_r, self.t)])  # (n, T, 1)
         states = [dyn.state(x[k], q[k]) for k in range(x.shape[0])]
         stack = lambda name: torch.stack([getattr(s, name).expand_as(x[0]) for s in states])  # noqa: E731
         c = CoordinateState(dyn.lam, dyn.bstar, stack("beta"), stack("rho"), stack("q"), dyn.param_scale)
@@ -331,10 +289,11 @@ class _Grid:
         self.points = torch.cat([self.xi, self.inner])
         self.step_limit = step_limit
 
-    def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor) -> _Statistics:
-        """Risk, drift, diffusion, moments and observed densities of a state (see :class:`_Statistics`)."""
+    def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int = 1) -> _Statistics:
+        """Risk, drift, diffusion, moments and observed densities of a state at time ``t`` (see :class:`_Statistics`);
+        ``side``: which side of a schedule's jump at ``t`` (+1 after, -1 before)."""
         dyn, xi, n = self.dyn, self.xi, self.xi.numel()
-        q = dyn.q(integral)
+        q = dyn.q(integral, t)
         both = dyn.state(m[:, None] + s[:, None] * self.points, q)  # cell centres, then interior faces
         c = CoordinateState(dyn.lam, dyn.bstar, both.beta[:, :n], both.rho[:, :n], both.q[:, :n], dyn.param_scale)
         qw = quadrature_weights(mass)
@@ -345,16 +304,17 @@ class _Grid:
         dens = observed[0] * mass
         tail_share = (dens[:, :2].sum() + dens[:, -2:].sum()) / dens.sum().clamp_min(1e-300)
         if self.step_limit is not None:
-            limit, dim = self.step_limit
+            factor, dim = self.step_limit  # past gamma lam rho / d > factor one discrete step is unstable
+            limit = factor * dim / dyn.coef.gamma(t, side)
             unstable = dim * ((c.lam * c.rho > limit).to(mass.dtype) * mass * dyn.weight).sum()
         else:
             unstable = torch.zeros((), dtype=mass.dtype, device=mass.device)
-        a = dyn.drift(both.beta, risk)
+        a = dyn.drift(both.beta, risk, t, side)
         a_c = a[:, :n]
         wa = qw * a_c
         e_xi, e_xi2, e_a, e_xia = qw @ xi, qw @ (xi * xi), wa.sum(-1), wa @ xi
         var_xi = (e_xi2 - e_xi**2).clamp_min(self.h * self.h / 12.0)  # at least a uniform cell's variance
-        return _Statistics(risk, a, dyn.diffusion(risk)[:, 0], e_xi, var_xi, e_a, e_xia - e_xi * e_a, observed,
+        return _Statistics(risk, a, dyn.diffusion(risk, t, side)[:, 0], e_xi, var_xi, e_a, e_xia - e_xi * e_a, observed,
                            torch.stack([risk, totals[1]]), tail_share, unstable)
 
     def plan(self, st: _Statistics, m: Tensor, s: Tensor, h: float) -> tuple[Tensor, Tensor]:
@@ -520,7 +480,7 @@ def refine_grid(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: FokkerPlanck
     """
     half_width = opts["half_width"]
     n_prior = min(cells_for_tolerance(tol, half_width), max_cells)
-    budget = tol - tol_used
+    allowed = tol - tol_used
     level, spent = 1, coarse.nfe
     fine = solve_on_grid(dynamics, t_out, *grid_level(tol, half_width, step_tol, level, max_cells), **opts)
     spent += fine.nfe
@@ -530,14 +490,14 @@ def refine_grid(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: FokkerPlanck
         # can blow up spuriously, and two such grids may agree).
         n_cells = fine.xi.numel()
         unconfirmed = fine.diverged_at is not None and n_cells < n_prior
-        if (estimate <= budget and not unconfirmed) or 2 * n_cells > max_cells or spent + 2 * fine.nfe > max_evaluations:
+        if (estimate <= allowed and not unconfirmed) or 2 * n_cells > max_cells or spent + 2 * fine.nfe > max_evaluations:
             break
         level += 1
         coarse, fine = fine, solve_on_grid(dynamics, t_out, *grid_level(tol, half_width, step_tol, level, max_cells), **opts)
         spent += fine.nfe
-    if estimate > budget:
+    if estimate > allowed:
         warnings.warn(f"Fokker-Planck solve: estimated relative error {estimate:.2g} of the grid exceeds "
-                      f"{budget:.2g} (tol={tol:g}) with {n_cells} cells and {spent} operator evaluations "
+                      f"{allowed:.2g} (tol={tol:g}) with {n_cells} cells and {spent} operator evaluations "
                       f"(max_cells={max_cells}, max_evaluations={max_evaluations}); raise them or relax tol",
                       RuntimeWarning, stacklevel=3)
     fine.error_estimate = estimate
@@ -561,7 +521,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     (a divergence is decided on the many types: the caller refines them instead).
     """
     half_width = opts["half_width"]
-    budget = tol - tol_used
+    allowed = tol - tol_used
     level, spent = 0, base_s.nfe + base_c.nfe
     coarse = base_s
     ref_s, ref_c = _observed_curves(base_s), _observed_curves(base_c)
@@ -578,12 +538,12 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         cross_abs = ((a - ref_s) - (_observed_curves(other) - ref_c)).abs()
         ok = torch.isfinite(a).all(0) & (fine.risk >= estimate_floor * fine.risk[0])
         cross = float((cross_abs / a.abs().clamp_min(1e-300))[:, ok].max()) if bool(ok.any()) else 0.0
-        if estimate + cross <= budget or 2 * n_cells > max_cells or spent + 4 * fine.nfe > max_evaluations:
+        if estimate + cross <= allowed or 2 * n_cells > max_cells or spent + 4 * fine.nfe > max_evaluations:
             break
         coarse = fine
-    if estimate + cross > budget:
+    if estimate + cross > allowed:
         warnings.warn(f"Fokker-Planck solve: estimated relative error {estimate + cross:.2g} of the grid "
-                      f"({estimate:.2g} on the subset, {cross:.2g} from its types) exceeds {budget:.2g} (tol={tol:g}) "
+                      f"({estimate:.2g} on the subset, {cross:.2g} from its types) exceeds {allowed:.2g} (tol={tol:g}) "
                       f"with {n_cells} cells and {spent} operator evaluations (max_cells={max_cells}, "
                       f"max_evaluations={max_evaluations}); raise them or relax tol", RuntimeWarning, stacklevel=3)
     fine.error_estimate = estimate + cross
@@ -618,18 +578,20 @@ def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolu
 
 def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *, half_width: float = 12.0,
                   t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05, dim: int | None = None,
-                  max_steps: int = 200_000, schedule: list[float] | None = None) -> FokkerPlanckSolution:
+                  max_steps: int = 200_000, schedule: list[float] | None = None,
+                  budget: Budget | None = None, on_step=None) -> FokkerPlanckSolution:
     """One solve of E6 on a fixed number of cells (see :func:`solve_fokker_planck`).
 
     ``schedule``: the time steps of an earlier solve (its :attr:`FokkerPlanckSolution.schedule`) to replay
-    without error control (see :func:`_integrate_mprk22`).
+    without error control (see :func:`_integrate_mprk22`).  ``budget``: charged one unit per operator
+    evaluation (:class:`Budget`).  ``on_step(t)``: called after every accepted step (progress).
     """
     types = dynamics.types
     dtype, dev = types.lam.dtype, types.lam.device
     t_end = float(t_out[-1])
     if t_end > 0:
         t0 = min(t0, 0.5 * t_end)
-    step_limit = (2.0 * dim / dynamics.gamma, dim) if dim is not None else None
+    step_limit = (dynamics.coef.stability_factor(), dim) if dim is not None else None
     grid = _Grid(dynamics, n_cells, half_width, step_limit)
     n_types = types.num_types
 
@@ -637,18 +599,18 @@ def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step
     x0 = types.x0[:, None]
     c0 = dynamics.state(x0, dynamics.q0)
     r0 = dynamics.risk(c0, dynamics.weight)
-    a0 = dynamics.drift(c0.beta, r0)
-    d0 = dynamics.diffusion(r0)
+    a0 = dynamics.drift(c0.beta, r0, 0.0)
+    d0 = dynamics.diffusion(r0, 0.0)
     m0 = (x0 + a0 * t0)[:, 0]
     s0 = torch.sqrt(2.0 * d0 * t0)[:, 0]
     s0 = torch.where(s0 > 0, s0, torch.full_like(s0, 1e-8))
     g0 = _gaussian_cells(grid.faces).expand(n_types, n_cells).clone()
     threshold = blowup_factor * max(float(r0), 1e-300)
-    state0 = (g0, m0, s0, (r0 * t0).reshape(()))
+    state0 = (g0, m0, s0, (dynamics.coef.noise(0.0) * r0 * t0).reshape(()))
     later = t_out[t_out > t0]
     if later.numel():
         traj, nfe, tail_div, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps, tail_limit,
-                                                       schedule)
+                                                       schedule, budget or Budget(), on_step)
     else:
         traj, nfe, tail_div = tuple(z[:0] for z in (g0[None], m0[None], s0[None], r0.reshape(1))), 0, None
         taken = []
@@ -674,7 +636,7 @@ def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step
 
 
 def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: float, threshold: float, max_steps: int,
-                      tail_limit: float, schedule: list[float] | None = None):
+                      tail_limit: float, schedule: list[float] | None = None, budget: Budget | None = None, on_step=None):
     """Adaptive MPRK22 (modified Patankar-Runge-Kutta, Kopecz & Meister 2018, alpha = 1).
 
     For the linear conservative system ``y' = A(t) y`` (``A`` Metzler with zero column sums)
@@ -696,6 +658,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     mass, m, s, integral = state0
     taken: list[float] = []
     replay = iter(schedule) if schedule is not None else None
+    coef = grid.dyn.coef
     weight = grid.dyn.weight[:, 0]
     t = t0
     dt = t0
@@ -704,9 +667,12 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     steps = 0
     diverged = False
     tail_div = None
-    st0 = grid.statistics(mass, m, s, integral)
+    budget = budget or Budget()
+    st0 = grid.statistics(mass, m, s, integral, t)
     nfe += 1
-    for t_target in times.tolist():
+    wanted = times.tolist()
+    stops = sorted(set(wanted) | {b for b in coef.breakpoints if t0 < b < wanted[-1]})  # schedule jumps too
+    for t_target in stops:
         while t < t_target * (1 - 1e-13) and not diverged:
             steps += 1
             if steps > max_steps:
@@ -716,13 +682,15 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
             m1, s1 = m + h * vm, s + h * vs
             op0 = grid.assemble(st0, s, vm, vs)
             y1 = op0.implicit_solve(h, mass).clamp_min(0.0)
-            i1 = integral + h * st0.risk
-            st1 = grid.statistics(y1, m1, s1, i1)
+            rate0 = coef.noise(t, 1) * st0.risk  # integrand of I = int nu R (E4)
+            i1 = integral + h * rate0
+            st1 = grid.statistics(y1, m1, s1, i1, t + h, -1)
             nfe += 1
+            budget.spend(2)
             op1 = grid.assemble(st1, s1, vm, vs)
             ratio = torch.where(y1 > 0, mass / torch.where(y1 > 0, y1, torch.ones_like(y1)), torch.ones_like(y1))
             y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min(0.0)
-            i2 = integral + 0.5 * h * (st0.risk + st1.risk)
+            i2 = integral + 0.5 * h * (rate0 + coef.noise(t + h, -1) * st1.risk)
             tv = (y2 - y1).abs().sum(-1)
             errs = (
                 float((weight * tv).sum()),
@@ -743,18 +711,26 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 continue
             t += h
             taken.append(h)
+            if on_step is not None:
+                on_step(t)
             mass, m, s, integral = y2, m1, s1, i2
-            st0 = grid.statistics(mass, m, s, integral)
+            st0 = grid.statistics(mass, m, s, integral, t, 1)
             nfe += 1
             if not bool(torch.isfinite(st0.risk)) or float(st0.risk) > threshold:
                 diverged = True
             elif float(st0.tail_share) > tail_limit or float(st0.unstable) >= 1.0:
                 diverged = True
-                tail_div = t_target  # first output time at or after the tail / step limit took over
+                tail_div = t_target  # first stop at or after the tail / step limit took over
             grow = min(2.0, max(0.2, 0.9 * math.sqrt(step_tol / err))) if err > 0 else 2.0
             if h == dt or grow < 1:
                 dt = h * grow
-        outs.append((mass, m, s, integral))  # after a divergence: the frozen state (R > threshold)
+        if t_target in wanted or diverged:
+            if diverged and tail_div is not None and t_target not in wanted:
+                tail_div = min((x for x in wanted if x >= t_target), default=wanted[-1])
+            while len(outs) < len(wanted) and (wanted[len(outs)] <= t_target * (1 + 1e-13) or diverged):
+                outs.append((mass, m, s, integral))  # after a divergence: the frozen state (R > threshold)
+        if len(outs) == len(wanted):
+            break
     return tuple(torch.stack(z) for z in zip(*outs)), nfe, tail_div, taken
 
 

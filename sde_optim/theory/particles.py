@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._validation import check_float, check_int
 from ..observables import Observable
-from .fokker_planck import MeanFieldDynamics
+from .dynamics import MeanFieldDynamics
 from .statistics import e8_local_rate, observable_values
 
 __all__ = ["ParticleSolution", "simulate_particles"]
@@ -93,6 +93,7 @@ def simulate_particles(
     systems = [_System(dynamics, types.x0[None, :, None].expand(K, n_types, P).clone(), weight)]
     if extrapolate:
         systems.append(_System(dynamics, systems[0].x.clone(), weight))
+    coef = dynamics.coef
     t = 0.0
     per_rep: dict[str, list[Tensor]] = {o.name: [] for o in observables}
     iid_se: dict[str, list[Tensor]] = {o.name: [] for o in observables}
@@ -103,32 +104,35 @@ def simulate_particles(
     def is_bad(risk: Tensor) -> bool:
         return (not bool(torch.isfinite(risk).all())) or float(risk.max()) > blowup_factor * max(r_ref, 1e-300)
 
-    for t_target in t_out.tolist():
-        n_steps = max(0, math.ceil((t_target - t) / dt - 1e-9))
+    wanted = t_out.tolist()
+    stops = sorted(set(wanted) | {b for b in coef.breakpoints if 0 < b < wanted[-1]})  # schedule jumps (E10)
+    for t_stop in stops:
+        n_steps = max(0, math.ceil((t_stop - t) / dt - 1e-9))
         if extrapolate and n_steps % 2:
             n_steps += 1
-        h = (t_target - t) / n_steps if n_steps else 0.0
+        h = (t_stop - t) / n_steps if n_steps else 0.0
         for j in range(n_steps):
             if diverged_at is not None:
                 break
             z = torch.randn(systems[0].x.shape, generator=generator, dtype=dtype, device=dev)
-            if any(is_bad(sys_.step(h, z)) for sys_ in systems[:1]):
-                diverged_at = t_target
+            if is_bad(systems[0].step(h, z, t + j * h)):
+                diverged_at = t_stop
                 break
             if extrapolate:  # the 2h system steps every other time with the summed increments
                 if j % 2 == 0:
                     z_prev = z
-                elif is_bad(systems[1].step(2.0 * h, (z_prev + z) / math.sqrt(2.0))):
-                    diverged_at = t_target
+                elif is_bad(systems[1].step(2.0 * h, (z_prev + z) / math.sqrt(2.0), t + (j - 1) * h)):
+                    diverged_at = t_stop
                     break
-        t = t_target
-        states = [sys_.state() for sys_ in systems]
-        risks = [sys_.risk(c) for sys_, c in zip(systems, states)]
+        t = t_stop
+        if t_stop not in wanted:
+            continue
+        states = [sys_.state(t) for sys_ in systems]
+        risks = [sys_.risk(t, c) for sys_, c in zip(systems, states)]
         if diverged_at is None and any(is_bad(r) for r in risks):
-            diverged_at = t_target
+            diverged_at = t_stop
         vals = [observable_values(c, weight, observables, dynamics.noise_std) for c in states]  # each (K,)
-        rate = [e8_local_rate(c, weight, dynamics.gamma, dynamics.batch_size, r[:, 0, 0], dynamics.noise_scale)
-                for c, r in zip(states, risks)]
+        rate = [e8_local_rate(c, weight, r[:, 0, 0], coef.gamma(t, -1), coef.noise(t, -1)) for c, r in zip(states, risks)]
         for o in observables:
             per_rep[o.name].append(_combine([v[o.name] for v in vals]))
             g = o.density(states[0]).expand_as(systems[0].x)  # (K, T, P)
@@ -154,7 +158,8 @@ def _combine(values: list[Tensor]) -> Tensor:
 
 
 class _System:
-    """One particle system of E4-E5: coordinates ``x`` ``(K, T, P)`` and ``int_0^t R`` per replica ``(K, 1, 1)``."""
+    """One particle system of E4-E5: coordinates ``x`` ``(K, T, P)`` and the noise integral ``I = int nu R`` (E4)
+    per replica ``(K, 1, 1)``."""
 
     def __init__(self, dynamics: MeanFieldDynamics, x: Tensor, weight: Tensor) -> None:
         self.dyn = dynamics
@@ -162,18 +167,18 @@ class _System:
         self.weight = weight
         self.integral = torch.zeros(x.shape[0], 1, 1, dtype=x.dtype, device=x.device)
 
-    def state(self):
-        return self.dyn.state(self.x, self.dyn.q(self.integral))
+    def state(self, t: float = 0.0):
+        return self.dyn.state(self.x, self.dyn.q(self.integral, t))
 
-    def risk(self, c=None) -> Tensor:
-        c = self.state() if c is None else c
+    def risk(self, t: float = 0.0, c=None) -> Tensor:
+        c = self.state(t) if c is None else c
         return self.dyn.risk(c, self.weight).reshape(-1, 1, 1)
 
-    def step(self, h: float, z: Tensor) -> Tensor:
-        """One Euler-Maruyama step of size ``h`` with standard normal ``z``; returns ``R`` before the step."""
-        c = self.state()
-        risk = self.risk(c)
-        a = self.dyn.drift(c.beta, risk)
-        self.x = self.x + a * h + torch.sqrt(2.0 * self.dyn.diffusion(risk) * h) * z
-        self.integral = self.integral + risk * h
+    def step(self, h: float, z: Tensor, t: float) -> Tensor:
+        """One Euler-Maruyama step from time ``t`` of size ``h`` with standard normal ``z``; returns ``R`` before it."""
+        c = self.state(t)
+        risk = self.risk(t, c)
+        a = self.dyn.drift(c.beta, risk, t)
+        self.x = self.x + a * h + torch.sqrt(2.0 * self.dyn.diffusion(risk, t) * h) * z
+        self.integral = self.integral + self.dyn.coef.noise(t) * risk * h
         return risk

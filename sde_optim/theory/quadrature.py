@@ -436,8 +436,8 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
         rel = per_node.abs() / total.abs().clamp_min(1e-300)[..., None]
         rel = torch.where(valid[None, :, None], rel, torch.zeros_like(rel))
         estimate = float(rel.sum(-1).amax()) if bool(valid.any()) else 0.0
-        if coarse.diverged_at != fine.diverged_at:
-            estimate = math.inf  # the types decide whether (or when) it diverges: unresolved
+        if (coarse.diverged_at is None) != (fine.diverged_at is None):
+            estimate = math.inf  # the types decide whether it diverges: unresolved
         if estimate <= tol or solves + 1 >= max_solves:
             break
         indicator = rel.amax(dim=(0, 1)) if bool(valid.any()) else torch.ones(quad.size, dtype=rel.dtype)

@@ -46,13 +46,12 @@ def e8_terms(c: CoordinateState, weight: Tensor) -> tuple[Tensor, Tensor, Tensor
     return s1, s2, s3
 
 
-def e8_local_rate(c: CoordinateState, weight: Tensor, gamma: float, batch_size: int, risk: Tensor,
-                  noise_scale: float = 1.0) -> Tensor:
-    """Local exponential rate ``-d log R / dt`` from E8.
+def e8_local_rate(c: CoordinateState, weight: Tensor, risk: Tensor, gamma, noise) -> Tensor:
+    """Local exponential rate ``-d log R / dt`` from E8 (with E10-E11: ``gamma`` the effective step at each time).
 
-    ``dR/dt = -gamma S1 + gamma^2 (R/B) (S2 + 2 S3)``, the noise part multiplied by
-    ``noise_scale**2`` (0 for gradient flow).
+    ``dR/dt = -gamma S1 + nu R (S2 + 2 S3)`` with ``nu = noise_scale^2 gamma^2 / B`` (``noise``; 0 for gradient
+    flow).  ``gamma``, ``noise``: numbers or tensors broadcastable to ``risk``'s shape ``(...)``.
     """
     s1, s2, s3 = e8_terms(c, weight)
-    drdt = -gamma * s1 + noise_scale**2 * gamma**2 * (risk / batch_size) * (s2 + 2.0 * s3)
+    drdt = -gamma * s1 + noise * risk * (s2 + 2.0 * s3)
     return -drdt / risk

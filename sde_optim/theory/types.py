@@ -25,7 +25,6 @@ from torch import Tensor
 
 from .._validation import check_float
 from ..observables import OBSERVABLES, CoordinateState
-from .coords import state_rho
 
 __all__ = ["CoordinateTypes", "exact_types", "binning_error", "effective_step", "KIND_PHI", "KIND_PSI", "KIND_FROZEN"]
 
@@ -93,7 +92,7 @@ class CoordinateTypes:
 
     def initial_state(self, param_scale: float = 1.0) -> CoordinateState:
         """The :class:`CoordinateState` of the types at ``t = 0``, shapes ``(T,)``."""
-        return CoordinateState(self.lam, self.beta_star, self.beta0, state_rho(self.q0, self.beta0), self.q0, param_scale)
+        return CoordinateState.from_uv(self.lam, self.beta_star, self.u0, self.v0, param_scale)
 
     def to(self, device=None, dtype=None) -> "CoordinateTypes":
         conv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
@@ -119,7 +118,7 @@ def binning_error(columns: Tensor, types: CoordinateTypes, noise_std: float) -> 
     :func:`sde_optim.predict` checks its types a posteriori on the predicted curves instead.
     """
     lam, bstar, u, v = columns.unbind(1)
-    full = CoordinateState(lam, bstar, u * v, u * u + v * v, u * u - v * v)
+    full = CoordinateState.from_uv(lam, bstar, u, v)
     typed = types.initial_state()
     w = types.weight
     errs = []

@@ -1,0 +1,120 @@
+"""Read the SGD to predict off a live optimizer and its learning-rate schedulers (THEORY §7, E10).
+
+:func:`describe_sgd` turns a ``torch.optim.SGD`` (or :class:`~sde_optim.HomogenizedSGD`, which
+simulates the same SDE) and its schedulers into an :class:`~sde_optim.theory.dynamics.SGDConfig`
+without disturbing them: a deep copy of the optimizer and schedulers together is stepped through
+the horizon and its learning rates are recorded.  A scheduler whose future depends on metrics
+(``ReduceLROnPlateau``) cannot be replayed: the description keeps the current learning rate from
+then on and says so in its notes (and a warning).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from .._validation import check_int
+from .dynamics import ScheduleLike, SGDConfig
+
+__all__ = ["describe_sgd", "SUPPORTED_OPTIMIZERS"]
+
+SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "sde_optim.HomogenizedSGD", "sde_optim.SVAG")
+_HYPER = ("momentum", "dampening", "nesterov", "weight_decay")
+
+
+def describe_sgd(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = (), *, steps: int,
+                 batch_size: ScheduleLike = 1) -> tuple[SGDConfig, list[str]]:
+    """The :class:`SGDConfig` of ``optimizer`` over its next ``steps`` SGD steps, and notes on what was assumed.
+
+    Args:
+        optimizer: ``torch.optim.SGD``, :class:`~sde_optim.HomogenizedSGD` or :class:`~sde_optim.SVAG` (one
+            SGD step of time is ``l`` SVAG steps); every param group must share the learning rate and
+            the SGD hyper-parameters (one ``lr`` for every coordinate is what the theory models), and
+            ``maximize`` must be off.  Anything else is a ``TypeError`` / ``ValueError`` naming what is
+            supported.
+        schedulers: learning-rate schedulers of ``optimizer``, each as the scheduler itself (stepped after
+            every optimizer step) or ``(scheduler, every_n_steps)`` (stepped after every ``n``-th, e.g. once
+            per epoch).  They are replayed on a deep copy: the originals are not touched.
+        steps: horizon in SGD steps (>= 1).  batch_size: the SGD batch ``B`` (a number or a schedule).
+
+    A scheduler whose ``step`` needs a metric (``ReduceLROnPlateau``) has no knowable future: the learning
+    rate is held at its current value and a note (and ``RuntimeWarning``) says so.
+    """
+    steps = check_int("steps", steps, minimum=1)
+    per_sgd_step = _time_factor(optimizer)
+    group = _common_group(optimizer)
+    pairs = [_as_pair(s) for s in schedulers]
+    notes: list[str] = []
+    replayable, frozen = [], []
+    for sched, every in pairs:
+        if getattr(sched, "optimizer", optimizer) is not optimizer:
+            raise ValueError(f"scheduler {type(sched).__name__} belongs to another optimizer")
+        (frozen if _needs_metrics(sched) else replayable).append((sched, every))
+    for sched, _ in frozen:
+        notes.append(f"{type(sched).__name__} reacts to metrics: its future cannot be known, the prediction assumes "
+                     f"the current learning rate {group['lr']:g} from now on")
+        warnings.warn(f"describe_sgd: {notes[-1]}", RuntimeWarning, stacklevel=2)
+    lr: ScheduleLike = float(group["lr"])
+    if replayable:
+        lr = torch.tensor(_replay(optimizer, replayable, steps * per_sgd_step)[::per_sgd_step], dtype=torch.float64)
+    return SGDConfig(lr=lr, batch_size=batch_size, **{k: group[k] for k in _HYPER}), notes
+
+
+def _time_factor(optimizer) -> int:
+    """Optimizer steps per SGD step of time: ``l`` for SVAG, 1 for SGD-like optimizers; others are refused."""
+    from ..optim import SVAG, HomogenizedSGD
+
+    if isinstance(optimizer, SVAG):
+        if float(optimizer.l) != int(optimizer.l):
+            raise ValueError(f"SVAG with a non-integer l = {optimizer.l} has no whole number of steps per SGD step")
+        return int(optimizer.l)
+    if type(optimizer) is torch.optim.SGD or isinstance(optimizer, HomogenizedSGD):
+        return 1
+    raise TypeError(f"the prediction models {', '.join(SUPPORTED_OPTIMIZERS)}; got {type(optimizer).__name__} "
+                    "(its dynamics are not the SGD of THEORY §7)")
+
+
+def _common_group(optimizer) -> dict[str, Any]:
+    """The hyper-parameters shared by every param group (``ValueError`` if they differ or ``maximize`` is on)."""
+    groups = optimizer.param_groups
+    first = groups[0]
+    for key in ("lr", *_HYPER, "maximize"):
+        values = {repr(g.get(key)) for g in groups}
+        if len(values) > 1:
+            raise ValueError(f"param groups with different {key} ({sorted(values)}) are not modeled: the theory has one "
+                             "SGD for every coordinate")
+    if first.get("maximize", False):
+        raise ValueError("maximize=True (gradient ascent) is not modeled by the prediction")
+    out = {"lr": float(first["lr"]) if not isinstance(first["lr"], torch.Tensor) else float(first["lr"].item())}
+    out.update({k: first.get(k, False if k == "nesterov" else 0.0) for k in _HYPER})
+    return out
+
+
+def _as_pair(item) -> tuple[Any, int]:
+    if isinstance(item, tuple):
+        sched, every = item
+        return sched, check_int("every_n_steps", every, minimum=1)
+    return item, 1
+
+
+def _needs_metrics(sched) -> bool:
+    return isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _replay(optimizer, schedulers: list[tuple[Any, int]], steps: int) -> list[float]:
+    """Learning rates of optimizer steps ``0 .. steps - 1`` under ``schedulers``, stepped on a deep copy."""
+    copies = copy.deepcopy((optimizer, [s for s, _ in schedulers]))  # one memo: the copies share the copied optimizer
+    opt, scheds = copies
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": nothing is optimized here
+        for k in range(steps):
+            lr = opt.param_groups[0]["lr"]
+            lrs.append(float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr))
+            for sched, (_, every) in zip(scheds, schedulers):
+                if (k + 1) % every == 0:
+                    sched.step()
+    return lrs

@@ -1,0 +1,292 @@
+"""The methods behind :func:`~sde_optim.theory.predict`, one class each over one interface.
+
+In the spirit of torchdiffeq's ``SOLVERS``: :data:`SOLVERS` maps a method name to a :class:`Solver`
+subclass; each takes its own options (unknown ones are a ``TypeError`` naming the accepted ones),
+solves a :class:`Problem` (the coordinates, the mean-field coefficients, the output times) and
+returns a :class:`Solution` (curves, E8 local rate, divergence time, standard errors, diagnostics).
+
+* ``"pde"`` -- the Fokker-Planck system E6 (:mod:`.fokker_planck`) with both error sources
+  controlled: the type quadrature (:mod:`.quadrature`) at grid level 0, then the grid;
+* ``"particles"`` -- Euler-Maruyama of E4-E5 (:mod:`.particles`) on the exact coordinates;
+* ``"gradient_flow"`` -- noise 0 (:func:`.odes.gradient_flow`);
+* ``"ode"`` -- E9 for the *linear* model ``f(x) = <x, w>`` from ``w0 = beta(theta0)`` (THEORY §5).
+
+A new method is a subclass with ``name``, ``defaults`` and :meth:`Solver.solve`, added to :data:`SOLVERS`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._validation import check_int
+from ..divergence import first_divergence
+from ..observables import OBSERVABLES, Observable
+from .dynamics import Coefficients, MeanFieldDynamics
+from .fokker_planck import (
+    Budget,
+    FokkerPlanckSolution,
+    grid_level,
+    refine_grid,
+    refine_grid_on_subset,
+    solve_on_grid,
+)
+from .odes import gradient_flow, linear_least_squares
+from .particles import simulate_particles
+from .quadrature import TypeCheck, TypeSolve, solve_with_type_control
+from .statistics import e8_local_rate, observable_values
+from .types import CoordinateTypes, exact_types
+
+__all__ = ["Problem", "Solution", "Solver", "SOLVERS", "LINEAR_OBSERVABLES"]
+
+LINEAR_OBSERVABLES = ("risk", "excess_risk", "distance")
+
+
+@dataclass
+class Problem:
+    """What every solver needs (built once by :func:`~sde_optim.theory.predict`).
+
+    Attributes:
+        columns: ``(d, 4)`` float64 rows ``(lambda_i, beta*_i, u0_i, v0_i)``.
+        coef: the mean-field coefficients (:class:`~sde_optim.theory.dynamics.Coefficients`).
+        noise_std: label noise; param_scale: ``J^T J`` of the parametrization; dim: ``d``.
+        t: output times ``(n,)`` in ``dtype``; observables: what to return.
+        tol: accuracy target of ``R`` and ``C``; max_types: cap on quadrature types.
+        blowup_factor: divergence threshold on ``R / R(0)``; dtype: computation dtype.
+        budget: the prediction's work bound (:class:`~sde_optim.theory.fokker_planck.Budget`).
+        on_step: progress callback ``t -> None`` (or None).
+    """
+
+    columns: Tensor
+    coef: Coefficients
+    noise_std: float
+    param_scale: float
+    dim: int
+    t: Tensor
+    observables: tuple[Observable, ...]
+    tol: float
+    max_types: int
+    blowup_factor: float
+    dtype: torch.dtype
+    budget: Budget = field(default_factory=Budget)
+    on_step: Any = None
+
+    def dynamics(self, types: CoordinateTypes) -> MeanFieldDynamics:
+        """The mean-field dynamics of ``types`` (in ``dtype``) under these coefficients."""
+        return MeanFieldDynamics(types.to(dtype=self.dtype), self.coef, noise_std=self.noise_std,
+                                 param_scale=self.param_scale)
+
+    def controlled(self, solve) -> TypeCheck:
+        """:func:`solve_with_type_control` at ``tol / 2`` (the other half is the solver's own), warning with the
+        estimate when a cap stops the type refinement above it."""
+        check = solve_with_type_control(self.columns, solve, self.t, tol=0.5 * self.tol, max_types=self.max_types,
+                                        noise_std=self.noise_std)
+        if check.estimate > 0.5 * self.tol:
+            warnings.warn(f"predict: estimated relative error {check.estimate:.2g} of the type quadrature exceeds "
+                          f"tol/2 = {0.5 * self.tol:g} with {check.types.num_types} types ({check.solves} solves, "
+                          f"max_types={self.max_types}); raise max_types or relax tol", RuntimeWarning, stacklevel=4)
+        return check
+
+    def rates(self) -> tuple[Tensor, Tensor]:
+        """``gamma(t)`` and ``nu(t)`` at the output times (for the E8 rate; the value before a jump)."""
+        ts = self.t.tolist()
+        gamma = torch.tensor([self.coef.gamma(x, -1) for x in ts], dtype=self.dtype)
+        noise = torch.tensor([self.coef.noise(x, -1) for x in ts], dtype=self.dtype)
+        return gamma, noise
+
+
+@dataclass
+class Solution:
+    """One solver's answer: ``curves`` (observable -> ``(n,)``), ``local_rate`` ``(n,)`` (E8), ``diverged_at``
+    (time or None), ``stderr`` (Monte Carlo methods), ``info`` (diagnostics, error estimates, types)."""
+
+    curves: dict[str, Tensor]
+    local_rate: Tensor
+    diverged_at: float | None
+    stderr: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    types: CoordinateTypes | None = None  # the (final) types solved with, for a caller that reuses them
+
+
+class Solver:
+    """Base class: ``defaults`` are the accepted options and their default values."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"method {self.name!r} does not take the option(s) {unknown}; "
+                            f"its options are {sorted(self.defaults)}")
+        self.options = {**self.defaults, **options}
+
+    def solve(self, problem: Problem) -> Solution:
+        raise NotImplementedError
+
+
+def _outputs(c, w, problem: Problem, risk: Tensor, noise: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+    """The requested E7 curves and the E8 local rate of a set of weighted points."""
+    gamma, nu = problem.rates()
+    curves = observable_values(c, w, problem.observables, problem.noise_std)
+    return curves, e8_local_rate(c, w, risk, gamma, nu if noise else torch.zeros_like(nu))
+
+
+class PDESolver(Solver):
+    """E6 on quadrature types (:mod:`.quadrature`) and an error-checked grid (:func:`refine_grid`).
+
+    Options: ``step_stability`` (also diverge at the discrete-step limit of a single coordinate, see
+    :func:`~sde_optim.theory.predict`), ``num_cells`` (one fixed grid, no check), ``refine`` (False: the a
+    priori grid, no check), ``max_cells``, ``max_evaluations`` (the grid refinement's soft cap: it stops,
+    with a warning), ``estimate_floor``, ``half_width``, ``t0``, ``step_tol``, ``tail_limit``, ``max_steps``
+    (see :func:`~sde_optim.theory.fokker_planck.solve_fokker_planck`); ``types``: solve on these types as
+    they are (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves).
+    """
+
+    name = "pde"
+    defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
+                    estimate_floor=1e-3, half_width=12.0, t0=1e-4, step_tol=None, tail_limit=0.05, max_steps=200_000,
+                    types=None)
+
+    def solve(self, problem: Problem) -> Solution:
+        o = self.options
+        tol = problem.tol
+        grid_opts = dict(half_width=o["half_width"], t0=o["t0"], blowup_factor=problem.blowup_factor,
+                         tail_limit=o["tail_limit"], dim=problem.dim if o["step_stability"] else None,
+                         max_steps=o["max_steps"], budget=problem.budget, on_step=problem.on_step)
+        if o["num_cells"] is not None:
+            n, st = check_int("num_cells", o["num_cells"], minimum=8), (o["step_tol"] if o["step_tol"] is not None else tol)
+        else:
+            n, st = grid_level(tol, o["half_width"], o["step_tol"], 0 if o["refine"] else 2, o["max_cells"])
+        schedule: list[float] | None = None
+
+        def solve(types: CoordinateTypes) -> TypeSolve:
+            # every type solve replays the first one's time steps: their differences are then the types' alone
+            nonlocal schedule
+            sol = solve_on_grid(problem.dynamics(types), problem.t, n, st, schedule=schedule, **grid_opts)
+            schedule = sol.schedule if schedule is None else schedule
+            return TypeSolve(sol, sol.type_curves(), sol.diverged_at)
+
+        check = problem.controlled(solve) if o["types"] is None else TypeCheck(solve(o["types"]), o["types"], 0.0, 1, 0)
+        terms = [(1.0, check.solve.result)]
+        if o["num_cells"] is None and o["refine"]:
+            terms = self._refine(problem, check, grid_opts, st)
+        outs = [(a, _outputs(*sol.points(), problem, sol.risk)) for a, sol in terms]
+        curves = {k: sum(a * out[0][k] for a, out in outs) for k in outs[0][1][0]}
+        rate = sum(a * out[1] for a, out in outs)
+        head: FokkerPlanckSolution = terms[0][1]
+        grid = head.error_estimate
+        info = dict(num_cells=int(head.xi.numel()), operator_evaluations=problem.budget.used,
+                    tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
+                    error_estimates={"grid": grid, "types": check.estimate},
+                    error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
+        if o["types"] is not None:
+            info["types_fixed"] = True
+        return Solution(curves, rate, head.diverged_at, {}, info, check.types)
+
+    def _refine(self, problem: Problem, check: TypeCheck, grid_opts: dict, st: float):
+        """The grid check on the final types, or on a subset combined with them (:func:`refine_grid_on_subset`)."""
+        o = self.options
+        grid = dict(tol=problem.tol, step_tol=o["step_tol"], tol_used=min(check.estimate, 0.5 * problem.tol),
+                    max_cells=o["max_cells"], max_evaluations=o["max_evaluations"], estimate_floor=o["estimate_floor"],
+                    **grid_opts)
+        level0 = check.solve.result
+        if check.first is not None and check.first[1].num_types < check.types.num_types:
+            (first, types_s), (coarsest, types_c) = check.first, check.coarsest
+            found = refine_grid_on_subset(problem.dynamics(types_s), problem.dynamics(types_c), problem.t, first.result,
+                                          coarsest.result, **grid)
+            if found is not None:
+                return [(1.0, found[0]), (1.0, level0), (-1.0, first.result)]
+        return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
+
+
+def _type_info(check: TypeCheck) -> dict[str, Any]:
+    return dict(num_types=check.types.num_types, types_exact=check.types.exact, type_solves=check.solves)
+
+
+class ParticleSolver(Solver):
+    """Euler-Maruyama of E4-E5 on the exact coordinates (no quadrature: only Monte Carlo error).
+
+    Options: ``num_particles`` (per replica in total, the same number for every distinct coordinate row,
+    weighted by its frequency: at least the number of distinct rows), ``num_replicas`` (independent
+    systems; their spread is the standard error), ``dt``, ``extrapolate`` (Richardson in ``dt``),
+    ``generator`` (on the problem's device).
+    """
+
+    name = "particles"
+    defaults = dict(num_particles=32_768, num_replicas=1, dt=2e-3, extrapolate=True, generator=None)
+
+    def solve(self, problem: Problem) -> Solution:
+        o = self.options
+        types = exact_types(problem.columns, max_types=problem.columns.shape[0])
+        total = check_int("num_particles", o["num_particles"], minimum=types.num_types)  # one per distinct row at least
+        ps = simulate_particles(problem.dynamics(types), problem.t, problem.observables,
+                                num_particles=total // types.num_types, num_replicas=o["num_replicas"], dt=o["dt"],
+                                extrapolate=o["extrapolate"], generator=o["generator"],
+                                blowup_factor=problem.blowup_factor)
+        info = dict(num_particles=total, num_replicas=o["num_replicas"], dt=o["dt"], extrapolate=o["extrapolate"],
+                    num_types=types.num_types, types_exact=True, type_solves=1, error_estimates={"types": 0.0})
+        return Solution(ps.values, ps.local_rate, ps.diverged_at, ps.stderr, info)
+
+
+class GradientFlowSolver(Solver):
+    """The noiseless limit (noise scale 0): one ODE per type (:func:`~sde_optim.theory.odes.gradient_flow`),
+    types from the controlled quadrature.  Options: ``rtol``, ``atol`` of the ODE solver."""
+
+    name = "gradient_flow"
+    defaults = dict(rtol=1e-10, atol=1e-12)
+
+    def solve(self, problem: Problem) -> Solution:
+        o = self.options
+
+        def solve(types: CoordinateTypes) -> TypeSolve:
+            c, w = gradient_flow(problem.dynamics(types), problem.t, rtol=o["rtol"], atol=o["atol"])
+            per_type = torch.stack([(OBSERVABLES[n].density(c) * w).sum(-1) for n in ("risk", "curvature")])
+            return TypeSolve((c, w), per_type, None)
+
+        check = problem.controlled(solve)
+        c, w = check.solve.result
+        risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
+        curves, rate = _outputs(c, w, problem, risk, noise=False)
+        info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, **_type_info(check))
+        return Solution(curves, rate, None, {}, info)
+
+
+class LinearSolver(Solver):
+    """E9 for the linear model ``f(x) = <x, w>`` started at ``w0 = beta0`` on the same data (THEORY §5 sanity
+    case); only ``risk``, ``excess_risk`` and ``distance`` exist.  No options."""
+
+    name = "ode"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def solve(self, problem: Problem) -> Solution:
+        bad = [o.name for o in problem.observables if o.name not in LINEAR_OBSERVABLES]
+        if bad:
+            raise ValueError(f"observables for method 'ode' (linear model, E9) must be among {LINEAR_OBSERVABLES}; got {bad}")
+        if problem.coef.decays:
+            raise ValueError("method 'ode' (the linear model of E9) does not model weight decay; use method 'pde'")
+        coef = problem.coef
+
+        def solve(types: CoordinateTypes) -> TypeSolve:
+            types = types.to(dtype=problem.dtype)
+            risk, m = linear_least_squares(types.lam, types.beta_star, types.beta0, types.weight, gamma=coef,
+                                           noise_std=problem.noise_std, t_out=problem.t)
+            per_type = torch.stack([0.5 * types.weight * types.lam * m, types.weight * m])
+            return TypeSolve((types, risk, m), per_type, first_divergence(risk, problem.t, problem.blowup_factor))
+
+        check = problem.controlled(solve)
+        types, risk, m = check.solve.result
+        gamma, nu = problem.rates()
+        dmdt = -2.0 * gamma[:, None] * types.lam * m + 2.0 * nu[:, None] * types.lam * risk[:, None]
+        rate = -(0.5 * (types.weight * types.lam * dmdt).sum(-1)) / risk
+        values = {"risk": risk, "excess_risk": risk - 0.5 * problem.noise_std**2, "distance": (types.weight * m).sum(-1)}
+        info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, **_type_info(check))
+        return Solution({o.name: values[o.name] for o in problem.observables}, rate, check.solve.diverged_at, {}, info)
+
+
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (PDESolver, ParticleSolver, GradientFlowSolver, LinearSolver)}
+
