@@ -8,7 +8,8 @@ so that ``E||x||^2 = mean(lambda)``; any other scale is the same problem with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -247,9 +248,15 @@ class TeacherSpec:
 
 
 def as_teacher_problem(problem: Any, name: str = "problem") -> TeacherProblem:
-    """``problem`` itself if it is a :class:`TeacherProblem`, ``problem.build()`` if a :class:`TeacherSpec`."""
+    """``problem`` itself if it is a :class:`TeacherProblem`, ``problem.build()`` if a :class:`TeacherSpec`;
+    a mapping of :class:`TeacherSpec` fields (how checkpoints store a spec: plain data) is a spec."""
     if isinstance(problem, TeacherProblem):
         return problem
+    if isinstance(problem, Mapping):
+        unknown = set(problem) - {f.name for f in fields(TeacherSpec)}
+        if unknown:
+            raise TypeError(f"{name} as a mapping takes the fields of TeacherSpec; unknown: {sorted(unknown)}")
+        problem = TeacherSpec(**problem)
     if isinstance(problem, TeacherSpec):
         return problem.build()
     raise TypeError(f"{name} must be a TeacherProblem or a TeacherSpec, got {type(problem).__name__}")

@@ -30,7 +30,9 @@ the teacher is moved to that dtype once; ``Trainer(precision="bf16-mixed")`` (au
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
@@ -54,7 +56,8 @@ class TeacherRegression(pl.LightningModule):
     Args:
         problem: the teacher (also the source of the exact drift for ``"homogenized"``): a
             :class:`~sde_optim.TeacherProblem` or a :class:`~sde_optim.TeacherSpec` (built once
-            here, and saved with the hyperparameters, so ``load_from_checkpoint`` needs no problem).
+            here, and saved with the hyperparameters as a dict of its fields, which is also
+            accepted, so ``load_from_checkpoint`` needs no problem).
         lr: step size (> 0) of the SGD being run or approximated.
         sgd_batch_size: the SGD batch size ``B`` per process (>= 1).
         optimizer: ``"sgd"``, ``"homogenized"`` or ``"svag"``.
@@ -100,15 +103,23 @@ class TeacherRegression(pl.LightningModule):
             raise ValueError("nonfinite applies to optimizer 'homogenized' or 'svag'; 'sgd' is plain torch.optim.SGD")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.model = DiagonalLinearNetwork(problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
+        self.model = DiagonalLinearNetwork(self.problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
         self._device_problem: TeacherProblem | None = None
-        self.save_hyperparameters(ignore=["dtype"] if isinstance(problem, TeacherSpec) else ["problem", "dtype"])
+        described = isinstance(problem, (TeacherSpec, Mapping))
+        self.save_hyperparameters(ignore=["dtype"] if described else ["problem", "dtype"])
+        if isinstance(problem, TeacherSpec):  # plain data: checkpoints load with torch.load(weights_only=True)
+            self.hparams["problem"] = dataclasses.asdict(problem)
 
     # ------------------------------------------------------------------ bookkeeping for TheoryMonitor
     @property
     def loader_batch_size(self) -> int:
-        """Samples the data module must deliver per optimizer step."""
-        return 2 * self.sgd_batch_size if self.optimizer_name == "svag" else self.sgd_batch_size
+        """Samples the data module must deliver per optimizer step (:meth:`samples_per_step`)."""
+        return self.samples_per_step(self.sgd_batch_size, self.optimizer_name)
+
+    @staticmethod
+    def samples_per_step(sgd_batch_size: int, optimizer: OptimizerName) -> int:
+        """Samples per optimizer step (per process): ``2 B`` for SVAG's two minibatches, else ``B``."""
+        return 2 * sgd_batch_size if optimizer == "svag" else sgd_batch_size
 
     @property
     def sgd_global_batch_size(self) -> int:
