@@ -24,12 +24,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    ap.add_argument("--dim", type=int, default=1024, help="input dimension d")
-    ap.add_argument("--density", type=float, default=0.1,
-                    help="fraction of nonzero teacher entries (density * dim must round to >= 1, or density 0)")
+    TeacherSpec.add_arguments(ap, dim=1024)  # --dim --density --spectrum --values --noise-std --exponent --ratio
     ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
     ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B")
-    ap.add_argument("--noise-std", type=float, default=0.0, help="label noise sigma")
     ap.add_argument("--horizon", type=float, default=6.0, help="SGD time t = steps / dim")
     ap.add_argument("--svag-l", type=int, default=4, help="SVAG amplification l")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher and of every run")
@@ -41,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
     try:
-        problem = TeacherSpec(args.dim, args.density, noise_std=args.noise_std, seed=args.seed).build()
+        problem = TeacherSpec.from_arguments(args, seed=args.seed).build()
     except (ValueError, TypeError) as exc:
         ap.error(str(exc))
     steps = int(args.horizon * args.dim)

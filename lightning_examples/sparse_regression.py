@@ -35,11 +35,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    ap.add_argument("--dim", type=int, default=1024, help="input dimension d")
-    ap.add_argument("--density", type=float, default=0.1,
-                    help="fraction of nonzero teacher entries (density * dim must round to >= 1, or density 0)")
-    ap.add_argument("--spectrum", default="isotropic", choices=["isotropic", "two-level", "power-law"],
-                    help="feature spectrum lambda (THEORY §1)")
+    TeacherSpec.add_arguments(ap, dim=1024)  # --dim --density --spectrum --values --noise-std --exponent --ratio
     ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
     ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B per process")
     ap.add_argument("--max-steps", type=int, default=None,
@@ -47,7 +43,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                     help="torch.optim.SGD, HomogenizedSGD (its SDE) or SVAG")
     ap.add_argument("--svag-l", type=float, default=4.0, help="SVAG amplification l (optimizer svag)")
-    ap.add_argument("--noise-std", type=float, default=0.0, help="label noise sigma")
     ap.add_argument("--alpha", type=float, default=0.1, help="initialization scale")
     ap.add_argument("--init", default="unbalanced", choices=["unbalanced", "balanced"], help="initialization")
     ap.add_argument("--every-n-steps", type=int, default=None,
@@ -74,7 +69,7 @@ def build(args: argparse.Namespace) -> tuple[TeacherRegression, TeacherDataModul
     Raises ValueError/TypeError naming the bad argument.
     """
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    teacher = TeacherSpec(args.dim, args.density, spectrum=args.spectrum, noise_std=args.noise_std, seed=args.seed)
+    teacher = TeacherSpec.from_arguments(args, seed=args.seed)
     module = TeacherRegression(teacher, lr=args.lr, sgd_batch_size=args.batch_size, optimizer=args.optimizer,
                                svag_l=args.svag_l, alpha=args.alpha, init=args.init)
     max_steps = args.max_steps if args.max_steps is not None else math.ceil(6 * args.dim / module.sgd_steps_per_step)

@@ -8,6 +8,7 @@ so that ``E||x||^2 = mean(lambda)``; any other scale is the same problem with
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -239,6 +240,24 @@ class TeacherSpec:
                 f"use density > 0.5 / dim = {0.5 / dim:.4g} (at least one nonzero coordinate), "
                 "or density=0 for the zero teacher"
             )
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, *, dim: int = 1024) -> None:
+        """Add ``--dim --density --spectrum --values --noise-std --exponent --ratio`` (every field but
+        ``seed``, with help texts and these defaults) to an ``argparse`` parser."""
+        parser.add_argument("--dim", type=int, default=dim, help="input dimension d")
+        parser.add_argument("--density", type=float, default=cls.density,
+                            help="fraction of nonzero teacher entries (density * dim must round to >= 1, or density 0)")
+        parser.add_argument("--spectrum", default=cls.spectrum, choices=_SPECTRA, help="feature spectrum lambda (THEORY §1)")
+        parser.add_argument("--values", default=cls.values, choices=_TEACHER_VALUES, help="nonzero teacher entries")
+        parser.add_argument("--noise-std", type=float, default=cls.noise_std, help="label noise sigma")
+        parser.add_argument("--exponent", type=float, default=cls.exponent, help="power-law spectrum exponent")
+        parser.add_argument("--ratio", type=float, default=cls.ratio, help="two-level spectrum ratio")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, *, seed: int = 0) -> "TeacherSpec":
+        """The spec of the flags :meth:`add_arguments` added (``ValueError``/``TypeError`` naming a bad one)."""
+        return cls(args.dim, args.density, args.spectrum, args.values, args.noise_std, args.exponent, args.ratio, seed)
 
     def build(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> TeacherProblem:
         """The :class:`TeacherProblem` these fields describe (``TeacherProblem.sparse``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import typing
@@ -60,6 +61,15 @@ def test_spec_checks_every_field_at_construction(kwargs, words):
         TeacherSpec(**kwargs)
     with pytest.raises(TypeError, match="dim must be an integer"):
         TeacherSpec(8.5)
+
+
+def test_spec_from_command_line_flags():
+    parser = argparse.ArgumentParser()
+    TeacherSpec.add_arguments(parser, dim=16)
+    assert TeacherSpec.from_arguments(parser.parse_args([])) == TeacherSpec(16)
+    args = parser.parse_args(["--dim", "8", "--density", "0.5", "--spectrum", "power-law", "--values", "gaussian",
+                              "--noise-std", "0.2", "--exponent", "2", "--ratio", "3"])
+    assert TeacherSpec.from_arguments(args, seed=4) == TeacherSpec(8, 0.5, "power-law", "gaussian", 0.2, 2.0, 3.0, 4)
 
 
 def test_choices_are_literals_matching_what_is_accepted():
