@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -427,3 +428,15 @@ def test_monitor_cadence_default_and_warning_for_too_few_points(tmp_path):
         warnings.filterwarnings("error", message=".*CurvatureMonitor.*")
         _trainer(tmp_path, "enough", CurvatureMonitor(every_n_steps=2), max_steps=10).fit(_PopulationRegression(problem),
                                                                                          _loader(problem))
+
+
+def test_monitor_cadence_for_an_epoch_based_run_and_an_unbounded_one(tmp_path):
+    problem = _problem(10)
+    monitor = CurvatureMonitor(hutchinson_samples=2, power_iters=2)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path, name="epochs"), callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_PopulationRegression(problem), _loader(problem))  # 2 epochs of 10 batches: 20 // 32 -> every step
+    assert sorted(_logged(trainer)) == list(range(21))
+    unbounded = SimpleNamespace(callbacks=[], max_steps=-1, estimated_stepping_batches=float("inf"))
+    with pytest.raises(ValueError, match=r"every_n_steps=None\) needs a run of known length.*max_steps"):
+        CurvatureMonitor().cadence(unbounded)
