@@ -219,6 +219,33 @@ def test_monitor_rejects_bad_arguments():
         TheoryMonitor("problem")
 
 
+# ----------------------------------------------------------------------------- streamed validation
+def test_validation_set_is_generated_batch_by_batch_in_the_modules_dtype(tmp_path):
+    """Memory O(val_batch_size * d): the default batch holds at most 2**22 numbers, and nothing of
+    size val_size * d exists; the same samples every pass; float32 batches for a float32 module."""
+    problem = TeacherSpec(1 << 16, 0.1).build()  # float64 teacher
+    data = TeacherDataModule(problem, batch_size=1, val_size=200)
+    assert data.val_batch_size == 64  # 2**22 // 2**16
+    loader = data.val_dataloader()
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > problem.dim for v in vars(loader.dataset).values())
+    sizes = [x.shape[0] for x, _ in loader]
+    assert sizes == [64, 64, 64, 8]
+    first, again = next(iter(loader)), next(iter(data.val_dataloader()))
+    assert torch.equal(first[0], again[0]) and first[0].dtype == torch.float64  # outside a trainer: the problem's
+
+    class Seen(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.dtype = batch[0].dtype
+
+    seen, small = Seen(), TeacherSpec(64, 0.25).build()
+    pl.Trainer(max_steps=2, logger=False, callbacks=[seen], accelerator="cpu", enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+               default_root_dir=tmp_path).fit(TeacherRegression(small, lr=0.5),
+                                              datamodule=TeacherDataModule(small, batch_size=1, val_size=8,
+                                                                           steps_per_epoch=2))
+    assert seen.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- batch and time, declared once
 class _OwnModule(pl.LightningModule):
     """A user's own module: a DLN trained with SGD on (x, y) batches; ``attrs`` become attributes."""
