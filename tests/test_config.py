@@ -100,6 +100,14 @@ def _cli_main():
     return mod.main
 
 
+@pytest.fixture(autouse=True)
+def _restore_lightning_seed_environment(monkeypatch):
+    """The config's ``seed_everything`` writes PL_GLOBAL_SEED / PL_SEED_WORKERS into os.environ; undo it."""
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+
 TINY = ["--model.problem.dim=64", "--trainer.max_steps=32", "--data.steps_per_epoch=32", "--data.val_size=8",
         "--trainer.enable_progress_bar=false", "--curvature_monitor.hutchinson_samples=2",
         "--curvature_monitor.power_iters=2"]

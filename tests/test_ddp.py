@@ -108,8 +108,12 @@ def _worker(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- the tests
 def _env() -> dict[str, str]:
+    """This checkout first on the path; without the seed that ``seed_everything`` in an earlier test of
+    this session left in ``PL_GLOBAL_SEED``: Lightning reseeds every rank from it, which would make the
+    ranks' global RNGs equal and hide what the worker checks."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    return {**env, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
