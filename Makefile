@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh clone (see README):
 #   make demo   -- creates .venv, installs the package, runs the main example
-#   make test   -- creates .venv, installs the package with test extras, runs the test suite
+#   make test   -- creates .venv, installs the package with the test and cli extras, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
 # CPU build by default (CI has no GPU); override, e.g. TORCH_SPEC="torch>=2.2", for a CUDA build.
@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,cli]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -9,11 +9,15 @@ of the loss on a fixed probe batch for both.
 
     python lightning_examples/general_model.py --steps 1500
     tensorboard --logdir runs/general_model
+
+Each run writes a new folder ``runs/general_model/version_N`` with one TensorBoard run per
+optimizer (``sgd/``, ``homogenized/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import pytorch_lightning as pl
@@ -22,8 +26,13 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+import sde_optim
 from sde_optim import EmpiricalNoise, HomogenizedSGD
 from sde_optim.lightning import CurvatureMonitor
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
 
 
 class TeacherMLPStream(IterableDataset):
@@ -69,14 +78,15 @@ class MLPRegression(pl.LightningModule):
         return HomogenizedSGD(self.parameters(), lr=self.lr, batch_size=self.batch_size, noise=noise)
 
 
-def fit(optimizer: str, args: argparse.Namespace) -> float:
+def fit(optimizer: str, args: argparse.Namespace, version: int) -> float:
     pl.seed_everything(args.seed, verbose=False)
     loader_batch = args.drift_batch if optimizer == "homogenized" else args.batch_size
     data = DataLoader(TeacherMLPStream(args.dim, loader_batch, args.seed), batch_size=None)
     probe = next(iter(TeacherMLPStream(args.dim, 256, args.seed + 1)))
     module = MLPRegression(args.dim, args.lr, args.batch_size, optimizer)
     monitor = CurvatureMonitor(every_n_steps=args.every, probe_batch=probe, hutchinson_samples=16, power_iters=20)
-    trainer = pl.Trainer(max_steps=args.steps, logger=TensorBoardLogger(args.logdir, name="general_model", version=optimizer),
+    logger = TensorBoardLogger(args.logdir, name="general_model", version=version, sub_dir=optimizer)
+    trainer = pl.Trainer(max_steps=args.steps, logger=logger,
                          callbacks=[monitor], log_every_n_steps=args.every, accelerator=args.accelerator, devices=1,
                          enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
     trainer.fit(module, train_dataloaders=data)
@@ -85,22 +95,29 @@ def fit(optimizer: str, args: argparse.Namespace) -> float:
         return float(module.loss_fn(module(x.to(module.device)), y.to(module.device)))
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--dim", type=int, default=16, help="input dimension of the teacher MLP")
+    ap.add_argument("--lr", type=float, default=0.1, help="step size of both optimizers")
+    ap.add_argument("--batch-size", type=int, default=8, help="the SGD batch B being simulated")
+    ap.add_argument("--drift-batch", type=int, default=64, help="M, samples behind HomogenizedSGD's drift")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per fit")
+    ap.add_argument("--every", type=int, default=100, help="optimizer steps between curvature checks")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the teacher, the data and the probe batch")
+    ap.add_argument("--logdir", default="runs", help="TensorBoard log directory (a new version_N folder per run)")
+    ap.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+    ap.add_argument("--version", action="version", version=f"%(prog)s (sde-optim {sde_optim.__version__})")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--batch-size", type=int, default=8, help="the SGD batch B being simulated (default 8)")
-    ap.add_argument("--drift-batch", type=int, default=64, help="M, samples behind the drift (default 64)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--logdir", default="runs")
-    ap.add_argument("--accelerator", default="auto")
-    args = ap.parse_args(argv)
-    losses = {name: fit(name, args) for name in ("sgd", "homogenized")}
+    args = parser().parse_args(argv)
+    version = TensorBoardLogger(args.logdir, name="general_model").version  # this run's folder, for both fits
+    losses = {name: fit(name, args, version) for name in ("sgd", "homogenized")}
     for name, loss in losses.items():
         print(f"{name:<12} held-out loss after {args.steps} steps: {loss:.5f}")
-    print(f"view with: tensorboard --logdir {args.logdir}/general_model")
+    print(f"TensorBoard logs: {os.path.join(args.logdir, 'general_model', f'version_{version}')}\n"
+          f"view with: tensorboard --logdir {args.logdir}/general_model")
     return losses
 
 

@@ -13,23 +13,34 @@ from __future__ import annotations
 
 import argparse
 
-
-from sde_optim import TeacherProblem
+import sde_optim
+from sde_optim import TeacherSpec
 from sde_optim.simulation import train_homogenized, train_sgd, train_svag
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--density", type=float, default=0.1)
-    ap.add_argument("--lr", type=float, default=0.5)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--noise-std", type=float, default=0.0)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    TeacherSpec.add_arguments(ap, dim=1024)  # --dim --density --spectrum --values --noise-std --exponent --ratio
+    ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
+    ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B")
     ap.add_argument("--horizon", type=float, default=6.0, help="SGD time t = steps / dim")
-    ap.add_argument("--svag-l", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--svag-l", type=int, default=4, help="SVAG amplification l")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the teacher and of every run")
+    ap.add_argument("--version", action="version", version=f"%(prog)s (sde-optim {sde_optim.__version__})")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
-    problem = TeacherProblem.sparse(args.dim, args.density, noise_std=args.noise_std, seed=args.seed)
+    try:
+        problem = TeacherSpec.from_arguments(args, seed=args.seed).build()
+    except (ValueError, TypeError) as exc:
+        ap.error(str(exc))
     steps = int(args.horizon * args.dim)
     every = max(args.dim // 2, 1)
     common = dict(lr=args.lr, batch_size=args.batch_size, steps=steps, seed=args.seed, record_every=every)

@@ -16,6 +16,7 @@ eigenvalue) from Hessian-vector products. At the end a figure is saved next to t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -23,72 +24,86 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from sde_optim import TeacherProblem
-from sde_optim.lightning import CurvatureMonitor, TheoryMonitor
-from sde_optim.lightning import TeacherDataModule
-from sde_optim.lightning import OPTIMIZERS, TeacherRegression
+import sde_optim
+from sde_optim import TeacherSpec
+from sde_optim.lightning import OPTIMIZERS, CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    TeacherSpec.add_arguments(ap, dim=1024)  # --dim --density --spectrum --values --noise-std --exponent --ratio
+    ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
+    ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B per process")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="optimizer steps; None: 6 * dim SGD steps (t = 6), times l for svag")
+    ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                    help="torch.optim.SGD, HomogenizedSGD (its SDE) or SVAG")
+    ap.add_argument("--svag-l", type=float, default=4.0, help="SVAG amplification l (optimizer svag)")
+    ap.add_argument("--alpha", type=float, default=0.1, help="initialization scale")
+    ap.add_argument("--init", default="unbalanced", choices=["unbalanced", "balanced"], help="initialization")
+    ap.add_argument("--every-n-steps", type=int, default=None,
+                    help="optimizer steps between measurements; None: about 32 measurements over the run")
+    ap.add_argument("--val-size", type=int, default=1024,
+                    help="held-out samples, streamed in batches, evaluated once at the end (val/loss)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the teacher, the data stream and the monitors")
+    ap.add_argument("--logdir", default="runs", help="TensorBoard log directory (a new version_N folder per run)")
+    ap.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+    ap.add_argument("--devices", default="auto", help="Lightning devices: auto, or a number")
+    ap.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn")
+    ap.add_argument("--no-curvature-monitor", action="store_true", help="skip the Hutchinson curvature estimates")
+    ap.add_argument("--version", action="version", version=f"%(prog)s (sde-optim {sde_optim.__version__})")
+    return ap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=1024, help="input dimension d (default 1024)")
-    ap.add_argument("--density", type=float, default=0.1, help="fraction of nonzero teacher entries (default 0.1)")
-    ap.add_argument("--spectrum", default="isotropic", choices=["isotropic", "two-level", "power-law"])
-    ap.add_argument("--lr", type=float, default=0.5, help="SGD step size (default 0.5)")
-    ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B per process (default 1)")
-    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 6 * dim, t = 6)")
-    ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    ap.add_argument("--svag-l", type=float, default=4.0, help="SVAG amplification l (default 4)")
-    ap.add_argument("--noise-std", type=float, default=0.0, help="label noise sigma (default 0)")
-    ap.add_argument("--alpha", type=float, default=0.1, help="initialization scale (default 0.1)")
-    ap.add_argument("--init", default="unbalanced", choices=["unbalanced", "balanced"])
-    ap.add_argument("--every-n-steps", type=int, default=None, help="steps between measurements (default dim / 8)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--logdir", default="runs", help="TensorBoard log directory (default runs/)")
-    ap.add_argument("--accelerator", default="auto")
-    ap.add_argument("--devices", default="auto")
-    ap.add_argument("--strategy", default="auto")
-    ap.add_argument("--no-curvature-monitor", action="store_true", help="skip the Hutchinson curvature estimates")
-    return ap.parse_args(argv)
+    return parser().parse_args(argv)
 
 
-def build(args: argparse.Namespace):
-    """(module, data module, callbacks) for the arguments; also used by the tests."""
+def build(args: argparse.Namespace) -> tuple[TeacherRegression, TeacherDataModule, list[pl.Callback], int]:
+    """(module, data module, callbacks, max_steps) for the arguments; also used by the tests.
+
+    Raises ValueError/TypeError naming the bad argument.
+    """
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    problem = TeacherProblem.sparse(args.dim, args.density, spectrum=args.spectrum, noise_std=args.noise_std, seed=args.seed)
-    module = TeacherRegression(problem, lr=args.lr, sgd_batch_size=args.batch_size, optimizer=args.optimizer,
+    teacher = TeacherSpec.from_arguments(args, seed=args.seed)
+    module = TeacherRegression(teacher, lr=args.lr, sgd_batch_size=args.batch_size, optimizer=args.optimizer,
                                svag_l=args.svag_l, alpha=args.alpha, init=args.init)
-    steps_per_sgd_step = args.svag_l if args.optimizer == "svag" else 1
-    every = args.every_n_steps or max(1, args.dim // 8) * int(steps_per_sgd_step)
-    data = TeacherDataModule(problem, batch_size=module.loader_batch_size, seed=args.seed, val_size=2048,
-                             steps_per_epoch=every * 8)
-    callbacks: list[pl.Callback] = [TheoryMonitor(problem, every_n_steps=every, observables=("risk", "curvature"))]
-    if not args.no_curvature_monitor:
-        def population_risk(pl_module, batch):  # the Hessian of R itself (E7), comparable to the prediction
-            return pl_module.teacher().population_risk(pl_module.model.beta)
-
-        callbacks.append(CurvatureMonitor(every_n_steps=every, probe_batch=1, hutchinson_samples=16, power_iters=10,
-                                          loss_fn=population_risk, seed=args.seed))
-    return module, data, callbacks, every
+    max_steps = args.max_steps if args.max_steps is not None else math.ceil(6 * args.dim / module.sgd_steps_per_step)
+    if max_steps < 1:
+        raise ValueError(f"--max-steps must be an integer >= 1, got {max_steps}")
+    # One epoch: the (streamed) validation runs once, at the end; the monitors measure the exact risk throughout.
+    data = TeacherDataModule(module.problem, batch_size=module.loader_batch_size, seed=args.seed,
+                             val_size=args.val_size, steps_per_epoch=max_steps)
+    callbacks: list[pl.Callback] = [TheoryMonitor(module.problem, every_n_steps=args.every_n_steps)]
+    if not args.no_curvature_monitor:  # Hutchinson on the module's population loss: the E7 curvature
+        callbacks.append(CurvatureMonitor(hutchinson_samples=16, power_iters=10, seed=args.seed))
+    return module, data, callbacks, max_steps
 
 
 def main(argv: list[str] | None = None) -> TheoryMonitor:
-    args = parse_args(argv)
-    steps_per_sgd_step = args.svag_l if args.optimizer == "svag" else 1
-    if args.max_steps is None:
-        args.max_steps = int(6 * args.dim * steps_per_sgd_step)
-    module, data, callbacks, every = build(args)
+    ap = parser()
+    args = ap.parse_args(argv)
+    try:
+        module, data, callbacks, max_steps = build(args)
+    except (ValueError, TypeError) as exc:
+        ap.error(str(exc))
     logger = TensorBoardLogger(args.logdir, name="sparse_regression", default_hp_metric=False)
+    log_dir = logger.log_dir  # fixes the version now: spawned processes (ddp_spawn) write to this folder
     trainer = pl.Trainer(
-        max_steps=args.max_steps, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-        logger=logger, callbacks=callbacks, log_every_n_steps=every, default_root_dir=args.logdir,
+        max_steps=max_steps, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+        logger=logger, callbacks=callbacks, default_root_dir=args.logdir,
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data)
     monitor = callbacks[0]
     assert isinstance(monitor, TheoryMonitor)
     if trainer.is_global_zero:
-        print(f"TensorBoard logs: {logger.log_dir}\nfigure: {monitor.figure_path}\n"
+        figure = os.path.join(log_dir, "theory_monitor.png")  # written by rank zero, in this process or a spawned one
+        print(f"TensorBoard logs: {log_dir}\nfigure: {figure if os.path.exists(figure) else None}\n"
               f"view with: tensorboard --logdir {os.path.relpath(args.logdir)}")
     return monitor
 

@@ -4,12 +4,13 @@ prediction (THEORY.md), and tools to watch real training follow it."""
 from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES, CoordinateState, Observable, measure
 from .optim import SVAG, EmpiricalNoise, HomogenizedSGD, NonFiniteUpdateError, StructuredNoise, svag_weights
-from .teacher import TeacherProblem
+from .teacher import TeacherProblem, TeacherSpec
 from .theory import CriticalLR, Prediction, critical_lr, predict
 
 __all__ = [
     "DiagonalLinearNetwork",
     "TeacherProblem",
+    "TeacherSpec",
     "OBSERVABLES",
     "CoordinateState",
     "Observable",

@@ -8,17 +8,33 @@ so that ``E||x||^2 = mean(lambda)``; any other scale is the same problem with
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from ._validation import check_choice, check_finite_tensor, check_float, check_int
 
-__all__ = ["TeacherProblem"]
+__all__ = ["TeacherProblem", "TeacherSpec"]
 
-_SPECTRA = ("isotropic", "two-level", "power-law")
-_TEACHER_VALUES = ("sign", "gaussian")
+Spectrum = Literal["isotropic", "two-level", "power-law"]
+TeacherValues = Literal["sign", "gaussian"]
+_SPECTRA = get_args(Spectrum)
+_TEACHER_VALUES = get_args(TeacherValues)
+
+
+def _check_sparse(dim, density, spectrum, values, exponent, ratio, seed) -> tuple[int, float, float, float, int]:
+    """Checked ``(dim, density, exponent, ratio, seed)`` of :meth:`TeacherProblem.sparse` (choices checked too)."""
+    dim = check_int("dim", dim, minimum=1)
+    density = check_float("density", density, minimum=0.0, maximum=1.0)
+    check_choice("spectrum", spectrum, _SPECTRA)
+    check_choice("values", values, _TEACHER_VALUES)
+    exponent = check_float("exponent", exponent, minimum=0.0)
+    ratio = check_float("ratio", ratio, minimum=0.0, strict=True)
+    return dim, density, exponent, ratio, check_int("seed", seed)
 
 
 class TeacherProblem:
@@ -48,8 +64,8 @@ class TeacherProblem:
         dim: int,
         density: float,
         *,
-        spectrum: str = "isotropic",
-        values: str = "sign",
+        spectrum: Spectrum = "isotropic",
+        values: TeacherValues = "sign",
         noise_std: float = 0.0,
         exponent: float = 1.0,
         ratio: float = 10.0,
@@ -62,7 +78,9 @@ class TeacherProblem:
         Args:
             dim: dimension ``d`` (>= 1).
             density: fraction of nonzero teacher coordinates, in [0, 1]; exactly
-                ``round(density * dim)`` coordinates, at random positions, are nonzero.
+                ``round(density * dim)`` coordinates, at random positions, are nonzero (none when
+                ``density * dim <= 0.5``: the zero teacher; :class:`TeacherSpec` refuses that
+                unless ``density = 0``).
             spectrum: ``"isotropic"`` (``lambda_i = 1``); ``"two-level"`` (the first half of the
                 coordinates ``ratio`` times the second half); ``"power-law"``
                 (``lambda_i ∝ i^-exponent``). Spectra are normalized to ``mean(lambda) = 1``.
@@ -72,13 +90,7 @@ class TeacherProblem:
             ratio: level ratio (> 0), used by ``"two-level"``.
             seed: seed of the teacher's support and values.
         """
-        dim = check_int("dim", dim, minimum=1)
-        density = check_float("density", density, minimum=0.0, maximum=1.0)
-        check_choice("spectrum", spectrum, _SPECTRA)
-        check_choice("values", values, _TEACHER_VALUES)
-        exponent = check_float("exponent", exponent, minimum=0.0)
-        ratio = check_float("ratio", ratio, minimum=0.0, strict=True)
-        seed = check_int("seed", seed)
+        dim, density, exponent, ratio, seed = _check_sparse(dim, density, spectrum, values, exponent, ratio, seed)
         gen = torch.Generator().manual_seed(seed)
         idx = torch.arange(1, dim + 1, dtype=torch.float64)
         if spectrum == "isotropic":
@@ -181,3 +193,89 @@ class TeacherProblem:
             f"TeacherProblem(dim={self.dim}, mean_lambda={float(lam.mean()):.4g}, "
             f"support={int((self.beta_star != 0).sum())}, noise_std={self.noise_std})"
         )
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A sparse teacher described by plain fields, for configuration files (LightningCLI, YAML).
+
+    ``TeacherSpec(...).build()`` is ``TeacherProblem.sparse(...)`` with the same arguments
+    (THEORY §1: ``x ~ N(0, diag(lambda) / dim)``, ``y = <x, beta*> + noise_std * xi``).
+    :class:`~sde_optim.lightning.TeacherRegression`, :class:`~sde_optim.lightning.TeacherDataModule`
+    and :class:`~sde_optim.lightning.TheoryMonitor` accept a spec wherever they accept a
+    :class:`TeacherProblem`; the same fields and seed give the same teacher bit for bit.
+
+    Attributes:
+        dim: dimension ``d`` (>= 1).
+        density: fraction of nonzero teacher coordinates, in [0, 1]; ``round(density * dim)``
+            of them are nonzero. ``density = 0`` is the zero teacher ``beta* = 0``; any other
+            density must give at least one nonzero coordinate (``density * dim > 0.5``):
+            a teacher that was asked to be sparse but came out empty is refused.
+        spectrum: ``"isotropic"``, ``"two-level"`` or ``"power-law"`` (see :meth:`TeacherProblem.sparse`).
+        values: nonzero teacher entries ``"sign"`` (+-1) or ``"gaussian"`` (N(0, 1)).
+        noise_std: label noise ``sigma`` (>= 0).
+        exponent: power-law exponent (>= 0), used by ``"power-law"``.
+        ratio: level ratio (> 0), used by ``"two-level"``.
+        seed: seed of the teacher's support and values (an integer).
+
+    Every field is checked at construction (``ValueError``/``TypeError`` naming it).
+    """
+
+    dim: int
+    density: float = 0.1
+    spectrum: Spectrum = "isotropic"
+    values: TeacherValues = "sign"
+    noise_std: float = 0.0
+    exponent: float = 1.0
+    ratio: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        dim, density, *_ = _check_sparse(self.dim, self.density, self.spectrum, self.values, self.exponent, self.ratio,
+                                         self.seed)
+        check_float("noise_std", self.noise_std, minimum=0.0)
+        if density > 0 and round(density * dim) == 0:
+            raise ValueError(
+                f"density={density} with dim={dim} gives round(density * dim) = 0 nonzero teacher coordinates; "
+                f"use density > 0.5 / dim = {0.5 / dim:.4g} (at least one nonzero coordinate), "
+                "or density=0 for the zero teacher"
+            )
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, *, dim: int = 1024) -> None:
+        """Add ``--dim --density --spectrum --values --noise-std --exponent --ratio`` (every field but
+        ``seed``, with help texts and these defaults) to an ``argparse`` parser."""
+        parser.add_argument("--dim", type=int, default=dim, help="input dimension d")
+        parser.add_argument("--density", type=float, default=cls.density,
+                            help="fraction of nonzero teacher entries (density * dim must round to >= 1, or density 0)")
+        parser.add_argument("--spectrum", default=cls.spectrum, choices=_SPECTRA, help="feature spectrum lambda (THEORY §1)")
+        parser.add_argument("--values", default=cls.values, choices=_TEACHER_VALUES, help="nonzero teacher entries")
+        parser.add_argument("--noise-std", type=float, default=cls.noise_std, help="label noise sigma")
+        parser.add_argument("--exponent", type=float, default=cls.exponent, help="power-law spectrum exponent")
+        parser.add_argument("--ratio", type=float, default=cls.ratio, help="two-level spectrum ratio")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, *, seed: int = 0) -> "TeacherSpec":
+        """The spec of the flags :meth:`add_arguments` added (``ValueError``/``TypeError`` naming a bad one)."""
+        return cls(args.dim, args.density, args.spectrum, args.values, args.noise_std, args.exponent, args.ratio, seed)
+
+    def build(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> TeacherProblem:
+        """The :class:`TeacherProblem` these fields describe (``TeacherProblem.sparse``)."""
+        return TeacherProblem.sparse(self.dim, self.density, spectrum=self.spectrum, values=self.values,
+                                     noise_std=self.noise_std, exponent=self.exponent, ratio=self.ratio,
+                                     seed=self.seed, dtype=dtype, device=device)
+
+
+def as_teacher_problem(problem: Any, name: str = "problem") -> TeacherProblem:
+    """``problem`` itself if it is a :class:`TeacherProblem`, ``problem.build()`` if a :class:`TeacherSpec`;
+    a mapping of :class:`TeacherSpec` fields (how checkpoints store a spec: plain data) is a spec."""
+    if isinstance(problem, TeacherProblem):
+        return problem
+    if isinstance(problem, Mapping):
+        unknown = set(problem) - {f.name for f in fields(TeacherSpec)}
+        if unknown:
+            raise TypeError(f"{name} as a mapping takes the fields of TeacherSpec; unknown: {sorted(unknown)}")
+        problem = TeacherSpec(**problem)
+    if isinstance(problem, TeacherSpec):
+        return problem.build()
+    raise TypeError(f"{name} must be a TeacherProblem or a TeacherSpec, got {type(problem).__name__}")

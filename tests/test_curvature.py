@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -271,6 +272,17 @@ class _Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class _PopulationRegression(_Regression):
+    """Declares its exact population loss, as TeacherRegression does."""
+
+    def __init__(self, problem: TeacherProblem, lr: float = 0.5):
+        super().__init__(problem, lr)
+        self.problem = problem
+
+    def population_loss(self):
+        return self.problem.population_risk(self.net.beta)
+
+
 def _loader(problem: TeacherProblem, n: int = 100, seed: int = 11) -> DataLoader:
     x, y = problem.sample(n, generator=_gen(seed))
     return DataLoader(TensorDataset(x, y), batch_size=10, shuffle=False)
@@ -285,29 +297,72 @@ def _trainer(tmp_path, name: str, monitor: CurvatureMonitor, max_steps: int) -> 
 
 
 def _logged(trainer: pl.Trainer) -> dict[int, dict[str, float]]:
-    """logger step -> {tag: value} for the curvature tags in the CSV log."""
+    """logger step -> {tag: value} for the curvature tags in the CSV log; each step at most once."""
     with open(f"{trainer.logger.log_dir}/metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get(TAGS[0])]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), steps
     return {int(r["step"]): {t: float(r[t]) for t in TAGS} for r in rows}
 
 
-def test_monitor_logs_the_tags_every_n_steps_and_reproduces_the_e7_trace(tmp_path):
+def test_monitor_logs_the_tags_at_0_n_2n_and_reproduces_the_e7_trace(tmp_path):
     problem = _problem(10)
     module = _Regression(problem)
-    monitor = CurvatureMonitor(every_n_steps=5, probe_batch=4, hutchinson_samples=32, power_iters=10, loss_fn=lambda m, b: problem.population_risk(m.net.beta))
+    monitor = CurvatureMonitor(every_n_steps=5, probe_batch=4, hutchinson_samples=32, power_iters=10,
+                               loss_fn=lambda m, b: problem.population_risk(m.net.beta))
     trainer = _trainer(tmp_path, "run", monitor, max_steps=20)
     trainer.fit(module, _loader(problem))
     logged = _logged(trainer)
-    # checks after optimizer steps 5, 10, 15, 20; Lightning writes them at logger step global_step - 1
-    assert sorted(logged) == [4, 9, 14, 19]
+    # the parameters after 0, 5, ..., 20 optimizer steps, written at those logger steps
+    assert sorted(logged) == [0, 5, 10, 15, 20]
     # the probe batch is the first 4 examples of the first training batch
     first_x, first_y = next(iter(_loader(problem)))
     assert torch.equal(monitor.probe_batch[0], first_x[:4]) and torch.equal(monitor.probe_batch[1], first_y[:4])
     # the last check saw the final parameters: same 4-standard-error reasoning as the direct test
-    last = logged[19]
+    last = logged[20]
     exact = float(measure(problem, module.net, "curvature")["curvature"])
     assert abs(last[TAGS[0]] - exact) <= 4 * last[TAGS[1]]
     assert module.training and module.net.training  # training mode survived the checks
+
+
+def test_monitor_gathers_its_probe_from_several_batches_and_starts_when_it_is_complete(tmp_path):
+    problem = _problem(10)
+    monitor = CurvatureMonitor(every_n_steps=5, probe_batch=25, hutchinson_samples=2, power_iters=2)
+    trainer = _trainer(tmp_path, "gather", monitor, max_steps=20)
+    trainer.fit(_Regression(problem), _loader(problem))
+    x, y = problem.sample(100, generator=_gen(11))
+    assert torch.equal(monitor.probe_batch[0], x[:25]) and torch.equal(monitor.probe_batch[1], y[:25])
+    # batches of 10: complete at the third batch (step 2), so step 0 is skipped and 5 is the first check
+    assert sorted(_logged(trainer)) == [5, 10, 15, 20]
+
+
+def test_monitor_default_probe_is_256_examples_without_a_population_loss(tmp_path):
+    problem = _problem(10)
+    monitor = CurvatureMonitor(every_n_steps=5, hutchinson_samples=2, power_iters=2)
+    trainer = _trainer(tmp_path, "default", monitor, max_steps=30)
+    trainer.fit(_Regression(problem), _loader(problem))  # 10 batches of 10 per epoch, repeated
+    assert monitor.probe_batch[0].shape == (256, problem.dim)
+    assert sorted(_logged(trainer)) == [25, 30]  # the 26th batch (step 25) completes the probe
+    with pytest.warns(UserWarning, match="measured nothing.*256 examples"):
+        _trainer(tmp_path, "short", CurvatureMonitor(every_n_steps=5), max_steps=10).fit(_Regression(problem), _loader(problem))
+
+
+def test_monitor_uses_the_population_loss_by_default(tmp_path):
+    """A module with population_loss(): no probe batch, step 0 measured before the first step, and the
+    values are those of the explicit population-risk probe (same seed, same Rademacher vectors)."""
+    problem = _problem(10)
+    monitor = CurvatureMonitor(every_n_steps=5, hutchinson_samples=8, power_iters=4)
+    assert monitor.uses_population_loss(_PopulationRegression(problem))
+    assert not CurvatureMonitor(probe_batch=4).uses_population_loss(_PopulationRegression(problem))
+    module = _PopulationRegression(problem, lr=0.0)  # frozen: every check sees the initial parameters
+    trainer = _trainer(tmp_path, "population", monitor, max_steps=10)
+    trainer.fit(module, _loader(problem))
+    assert monitor.probe_batch is None
+    logged = _logged(trainer)
+    assert sorted(logged) == [0, 5, 10]
+    explicit = CurvatureMonitor(probe_batch=(torch.zeros(1),), hutchinson_samples=8, power_iters=4,
+                                loss_fn=_risk(problem)).compute(module.net)
+    assert logged[0][TAGS[0]] == pytest.approx(float(explicit[TAGS[0]]), rel=1e-12)
 
 
 def test_monitor_state_dict_gives_identical_probe_batch_and_probes(tmp_path):
@@ -321,13 +376,13 @@ def test_monitor_state_dict_gives_identical_probe_batch_and_probes(tmp_path):
     fresh = CurvatureMonitor(every_n_steps=5, probe_batch=tuple(first.probe_batch))
     after_resume, uninterrupted, from_seed = (m.compute(module) for m in (resumed, first, fresh))
     assert all(torch.equal(after_resume[t], uninterrupted[t]) for t in TAGS)
-    # the generator state matters: a fresh generator draws other probes (two checks have run)
+    # the generator state matters: a fresh generator draws other probes (three checks have run)
     assert not torch.equal(from_seed[TAGS[0]], uninterrupted[TAGS[0]])
 
 
 def test_monitor_resumed_from_a_checkpoint_logs_what_an_uninterrupted_run_logs(tmp_path):
     # lr = 0 freezes the parameters, so the logged values depend only on the monitor's own state
-    # (probe batch, generator); whether Lightning resumes the training trajectory is not tested here.
+    # (probe batch, generator, last step); whether Lightning resumes the training trajectory is not tested here.
     problem = _problem(10)
     make = lambda: CurvatureMonitor(every_n_steps=5, probe_batch=4, hutchinson_samples=4, power_iters=3)  # noqa: E731
     straight = _trainer(tmp_path, "straight", make(), max_steps=20)
@@ -342,8 +397,9 @@ def test_monitor_resumed_from_a_checkpoint_logs_what_an_uninterrupted_run_logs(t
     first_x, _ = next(iter(_loader(problem)))
     assert torch.equal(resumed.probe_batch[0], first_x[:4])
     expected = _logged(straight)
-    assert expected[14] != expected[4]  # the generator advances: later checks draw other probes
-    assert _logged(second_half) == {s: expected[s] for s in (14, 19)}
+    assert sorted(expected) == [0, 5, 10, 15, 20] and sorted(_logged(first_half)) == [0, 5, 10]
+    assert expected[15] != expected[5]  # the generator advances: later checks draw other probes
+    assert _logged(second_half) == {s: expected[s] for s in (15, 20)}  # step 10 is not written again
 
 
 def test_monitor_default_loss_uses_the_modules_criterion(tmp_path):
@@ -359,10 +415,28 @@ def test_monitor_default_loss_uses_the_modules_criterion(tmp_path):
         torch.testing.assert_close(full[t], 2 * half[t], rtol=1e-12, atol=0)
 
 
-def test_monitor_warns_when_checks_fall_between_logger_flushes(tmp_path):
+def test_monitor_cadence_default_and_warning_for_too_few_points(tmp_path):
     problem = _problem(10)
-    with pytest.warns(UserWarning, match="log_every_n_steps"):
-        _trainer(tmp_path, "warn", CurvatureMonitor(every_n_steps=3), max_steps=1).fit(_Regression(problem), _loader(problem))
+    auto = CurvatureMonitor(hutchinson_samples=2, power_iters=2)
+    trainer = _trainer(tmp_path, "auto", auto, max_steps=64)
+    trainer.fit(_PopulationRegression(problem), _loader(problem))
+    assert sorted(_logged(trainer)) == list(range(0, 65, 2))  # 64 // 32 = 2: 33 measurements
+    with pytest.warns(UserWarning, match=r"every_n_steps=8\) measures only 2 time\(s\) in 10 steps"):
+        _trainer(tmp_path, "few", CurvatureMonitor(every_n_steps=8), max_steps=10).fit(_PopulationRegression(problem),
+                                                                                      _loader(problem))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*CurvatureMonitor.*")
-        _trainer(tmp_path, "nowarn", CurvatureMonitor(every_n_steps=10), max_steps=1).fit(_Regression(problem), _loader(problem))
+        _trainer(tmp_path, "enough", CurvatureMonitor(every_n_steps=2), max_steps=10).fit(_PopulationRegression(problem),
+                                                                                         _loader(problem))
+
+
+def test_monitor_cadence_for_an_epoch_based_run_and_an_unbounded_one(tmp_path):
+    problem = _problem(10)
+    monitor = CurvatureMonitor(hutchinson_samples=2, power_iters=2)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path, name="epochs"), callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_PopulationRegression(problem), _loader(problem))  # 2 epochs of 10 batches: 20 // 32 -> every step
+    assert sorted(_logged(trainer)) == list(range(21))
+    unbounded = SimpleNamespace(callbacks=[], max_steps=-1, estimated_stepping_batches=float("inf"))
+    with pytest.raises(ValueError, match=r"every_n_steps=None\) needs a run of known length.*max_steps"):
+        CurvatureMonitor().cadence(unbounded)

@@ -12,7 +12,9 @@ micro-batch)``. So
   at step ``k`` continues with exactly the batches an uninterrupted run would have seen;
 * under DDP every rank draws different samples (the rank is part of the seed).
 
-The validation set is a fixed held-out sample drawn once from a separate stream.
+The validation set is a fixed held-out sample from a separate stream, also generated batch by
+batch when it is iterated (batch ``i`` seeded by ``(seed, -1, i)``), never stored: memory is
+``O(val_batch_size * d)`` whatever ``val_size`` is.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from typing import Any, Iterator
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from .._validation import check_int
-from ..teacher import TeacherProblem
+from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
 
 __all__ = ["TeacherDataModule", "StreamRequest", "stream_seed"]
 
 _MASK64 = (1 << 64) - 1
+
+VAL_BATCH_NUMBERS = 1 << 22
+"""Default cap on the numbers in one validation batch, ``val_batch_size * d`` (16 MiB in float32)."""
 
 
 def _splitmix64(x: int) -> int:
@@ -76,6 +81,30 @@ class _Stream(IterableDataset):
         return self.steps_per_epoch
 
 
+class _ValidationStream(IterableDataset):
+    """The fixed validation set, generated batch by batch on ``device`` in ``dtype`` when iterated.
+
+    Batch ``i`` holds samples ``[i * batch_size, (i + 1) * batch_size)`` of ``size``, drawn with a
+    generator seeded by ``stream_seed(seed, -1, i)``: the same samples every epoch, one batch in
+    memory at a time.
+    """
+
+    def __init__(self, problem: TeacherProblem, size: int, batch_size: int, seed: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.problem, self.size, self.batch_size, self.seed = problem, size, batch_size, seed
+        self.device, self.dtype = device, dtype
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        problem = self.problem.to(self.device, self.dtype)
+        gen = torch.Generator(device=self.device)
+        for i, start in enumerate(range(0, self.size, self.batch_size)):
+            gen.manual_seed(stream_seed(self.seed, -1, i))
+            yield problem.sample(min(self.batch_size, self.size - start), generator=gen)
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+
 def _collate_request(batch: Any) -> Any:
     return batch
 
@@ -93,13 +122,18 @@ class TeacherDataModule(pl.LightningDataModule):
 
     Args:
         problem: the :class:`~sde_optim.TeacherProblem` to sample from (it is moved to the
-            training device when batches are made).
+            training device when batches are made), or a :class:`~sde_optim.TeacherSpec`.
         batch_size: samples per step *per process* (>= 1). Under DDP the global batch is
             ``batch_size * world_size``.
         seed: seed of the training stream and of the validation set.
         val_size: number of held-out validation samples (>= 1).
-        val_batch_size: validation batch size (default: ``val_size``, one batch).
+        val_batch_size: validation batch size (>= 1); default ``min(val_size, 2**22 // d)``
+            (at least 1), so that one validation batch holds at most ``2**22`` numbers.
         steps_per_epoch: training steps per epoch (>= 1); the stream itself never repeats.
+
+    Validation batches are generated when the loader is iterated (nothing is stored), on the
+    module's device in its parameters' dtype inside a ``Trainer``, on the problem's device in
+    its dtype outside one.
 
     Training batches are ``(x, y)`` with shapes ``(batch_size, d)`` and ``(batch_size,)`` in
     the dtype of the LightningModule's first floating parameter (``module.dtype`` if it has
@@ -113,7 +147,7 @@ class TeacherDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        problem: TeacherProblem,
+        problem: TeacherProblem | TeacherSpec,
         batch_size: int,
         *,
         seed: int = 0,
@@ -122,13 +156,13 @@ class TeacherDataModule(pl.LightningDataModule):
         steps_per_epoch: int = 1000,
     ) -> None:
         super().__init__()
-        if not isinstance(problem, TeacherProblem):
-            raise TypeError(f"problem must be a TeacherProblem, got {type(problem).__name__}")
-        self.problem = problem
+        self.problem = as_teacher_problem(problem)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.seed = check_int("seed", seed)
         self.val_size = check_int("val_size", val_size, minimum=1)
-        self.val_batch_size = check_int("val_batch_size", val_batch_size if val_batch_size is not None else val_size, minimum=1)
+        default_val_batch = min(self.val_size, max(1, VAL_BATCH_NUMBERS // self.problem.dim))
+        self.val_batch_size = check_int("val_batch_size", default_val_batch if val_batch_size is None else val_batch_size,
+                                        minimum=1)
         self.steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, minimum=1)
         self._device_problem: TeacherProblem | None = None
         self._generator: torch.Generator | None = None
@@ -145,9 +179,13 @@ class TeacherDataModule(pl.LightningDataModule):
         return DataLoader(_Stream(self.steps_per_epoch), batch_size=None, collate_fn=_collate_request)
 
     def val_dataloader(self) -> DataLoader:
-        gen = torch.Generator(device=self.problem.device).manual_seed(stream_seed(self.seed, -1))
-        x, y = self.problem.sample(self.val_size, generator=gen)
-        return DataLoader(TensorDataset(x, y), batch_size=self.val_batch_size, shuffle=False)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:
+            device, dtype = module.device, _batch_dtype(module)
+        else:
+            device, dtype = self.problem.device, self.problem.dtype
+        stream = _ValidationStream(self.problem, self.val_size, self.val_batch_size, self.seed, device, dtype)
+        return DataLoader(stream, batch_size=None)
 
     # ------------------------------------------------------------------ materialization
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -12,11 +12,12 @@ predicts), HomogenizedSGD (its SDE, THEORY E3) and SVAG (Li-Malladi-Arora):
   says how many), split in halves here. ``svag_l`` optimizer steps make one SGD step of
   time: ``sgd_steps_per_step = 1 / svag_l``.
 
-``sgd_batch_size`` and ``sgd_steps_per_step`` are what :class:`~sde_optim.lightning.TheoryMonitor`
-reads to line the prediction up with training.
+:attr:`~TeacherRegression.sgd_global_batch_size` and :attr:`~TeacherRegression.sgd_steps_per_step`
+are the two attributes :class:`~sde_optim.lightning.TheoryMonitor` reads to line the prediction
+up with training (the one place where the run declares them).
 
 Distributed: under DDP with ``W`` processes ``sgd_batch_size`` is per process, so the SGD
-being run (or emulated) has the global batch ``W * sgd_batch_size`` (:attr:`global_batch_size`):
+being run (or emulated) has the global batch ``W * sgd_batch_size`` (:attr:`sgd_global_batch_size`):
 DDP averages the ``"sgd"``/``"svag"`` gradients over ranks, and ``"homogenized"`` draws the
 noise of that global batch (its drift, the population gradient, is the same on every rank).
 Strategies that shard parameters or optimizer state (FSDP, DeepSpeed, ModelParallel) are
@@ -29,7 +30,10 @@ the teacher is moved to that dtype once; ``Trainer(precision="bf16-mixed")`` (au
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -38,20 +42,24 @@ from torch import Tensor
 from .._validation import check_choice, check_float, check_int, check_strategy
 from ..models import DiagonalLinearNetwork
 from ..optim import SVAG, HomogenizedSGD, StructuredNoise
-from ..teacher import TeacherProblem
+from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
 
-__all__ = ["TeacherRegression", "OPTIMIZERS"]
+__all__ = ["TeacherRegression", "OPTIMIZERS", "OptimizerName"]
 
-OPTIMIZERS = ("sgd", "homogenized", "svag")
+OptimizerName = Literal["sgd", "homogenized", "svag"]
+OPTIMIZERS = get_args(OptimizerName)
 
 
 class TeacherRegression(pl.LightningModule):
     """Train ``DiagonalLinearNetwork(problem.dim, **network)`` on ``problem`` with a named optimizer.
 
     Args:
-        problem: the teacher (also the source of the exact drift for ``"homogenized"``).
+        problem: the teacher (also the source of the exact drift for ``"homogenized"``): a
+            :class:`~sde_optim.TeacherProblem` or a :class:`~sde_optim.TeacherSpec` (built once
+            here, and saved with the hyperparameters as a dict of its fields, which is also
+            accepted, so ``load_from_checkpoint`` needs no problem).
         lr: step size (> 0) of the SGD being run or approximated.
-        sgd_batch_size: the SGD batch size ``B`` (>= 1).
+        sgd_batch_size: the SGD batch size ``B`` per process (>= 1).
         optimizer: ``"sgd"``, ``"homogenized"`` or ``"svag"``.
         svag_l: SVAG amplification (>= 1).
         noise_scale: HomogenizedSGD noise multiplier (>= 0).
@@ -68,24 +76,22 @@ class TeacherRegression(pl.LightningModule):
 
     def __init__(
         self,
-        problem: TeacherProblem,
+        problem: TeacherProblem | TeacherSpec,
         *,
         lr: float,
         sgd_batch_size: int = 1,
-        optimizer: str = "sgd",
+        optimizer: OptimizerName = "sgd",
         svag_l: float = 4,
         noise_scale: float = 1.0,
         alpha: float = 0.1,
-        init: str = "unbalanced",
-        parametrization: str = "uv",
+        init: Literal["unbalanced", "balanced"] = "unbalanced",
+        parametrization: Literal["uv", "pm"] = "uv",
         dtype: torch.dtype = torch.float32,
         noise_seed: int | None = None,
-        nonfinite: str = "skip",
+        nonfinite: Literal["skip", "raise"] = "skip",
     ) -> None:
         super().__init__()
-        if not isinstance(problem, TeacherProblem):
-            raise TypeError(f"problem must be a TeacherProblem, got {type(problem).__name__}")
-        self.problem = problem
+        self.problem = as_teacher_problem(problem)
         self.lr = check_float("lr", lr, minimum=0.0, strict=True)
         self.sgd_batch_size = check_int("sgd_batch_size", sgd_batch_size, minimum=1)
         self.optimizer_name = check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -97,26 +103,50 @@ class TeacherRegression(pl.LightningModule):
             raise ValueError("nonfinite applies to optimizer 'homogenized' or 'svag'; 'sgd' is plain torch.optim.SGD")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.model = DiagonalLinearNetwork(problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
+        self.model = DiagonalLinearNetwork(self.problem.dim, alpha=alpha, init=init, parametrization=parametrization, dtype=dtype)
         self._device_problem: TeacherProblem | None = None
-        self.save_hyperparameters(ignore=["problem", "dtype"])
+        described = isinstance(problem, (TeacherSpec, Mapping))
+        self.save_hyperparameters(ignore=["dtype"] if described else ["problem", "dtype"])
+        if isinstance(problem, TeacherSpec):  # plain data: checkpoints load with torch.load(weights_only=True)
+            self.hparams["problem"] = dataclasses.asdict(problem)
 
     # ------------------------------------------------------------------ bookkeeping for TheoryMonitor
     @property
     def loader_batch_size(self) -> int:
-        """Samples the data module must deliver per optimizer step."""
-        return 2 * self.sgd_batch_size if self.optimizer_name == "svag" else self.sgd_batch_size
+        """Samples the data module must deliver per optimizer step (:meth:`samples_per_step`)."""
+        return self.samples_per_step(self.sgd_batch_size, self.optimizer_name)
+
+    @staticmethod
+    def samples_per_step(sgd_batch_size: int, optimizer: OptimizerName) -> int:
+        """Samples per optimizer step (per process): ``2 B`` for SVAG's two minibatches, else ``B``."""
+        return 2 * sgd_batch_size if optimizer == "svag" else sgd_batch_size
+
+    @property
+    def sgd_global_batch_size(self) -> int:
+        """The SGD batch over all processes: ``sgd_batch_size`` times the trainer's world size (1 without a trainer)."""
+        trainer = self._trainer
+        return self.sgd_batch_size * (trainer.world_size if trainer is not None else 1)
 
     @property
     def global_batch_size(self) -> int:
-        """The SGD batch over all processes: ``sgd_batch_size`` times the trainer's world size."""
-        trainer = self._trainer
-        return self.sgd_batch_size * (trainer.world_size if trainer is not None else 1)
+        """Deprecated name of :attr:`sgd_global_batch_size` (removed in the next release)."""
+        warnings.warn("TeacherRegression.global_batch_size is deprecated; use sgd_global_batch_size",
+                      DeprecationWarning, stacklevel=2)
+        return self.sgd_global_batch_size
 
     @property
     def sgd_steps_per_step(self) -> float:
         """SGD steps of time covered by one optimizer step (``1 / l`` for SVAG, else 1)."""
         return 1.0 / self.svag_l if self.optimizer_name == "svag" else 1.0
+
+    def population_loss(self) -> Tensor:
+        """The exact population risk ``R(beta) = E (f(x) - y)^2 / 2`` (THEORY E1), a 0-d tensor.
+
+        The expectation of :meth:`loss_fn` over fresh samples; its Hessian in ``(u, v)`` has trace
+        ``(1/d) sum lambda_i (u_i^2 + v_i^2)``, the curvature of E7. :class:`CurvatureMonitor` uses it
+        as its probe loss by default.
+        """
+        return self.teacher().population_risk(self.model.beta)
 
     def teacher(self) -> TeacherProblem:
         """The problem on this module's device and dtype (cached)."""
@@ -172,7 +202,7 @@ class TeacherRegression(pl.LightningModule):
             loss = self.loss_fn(self(x), y)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         if self.optimizer_name == "homogenized":
-            return self.teacher().population_risk(self.model.beta)  # exact drift (E3)
+            return self.population_loss()  # exact drift (E3)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -188,5 +218,5 @@ class TeacherRegression(pl.LightningModule):
         if self.optimizer_name == "svag":
             return SVAG(params, lr=self.lr, l=self.svag_l, nonfinite=self.nonfinite)
         noise = StructuredNoise(self.problem, self.model)
-        return HomogenizedSGD(params, lr=self.lr, batch_size=self.global_batch_size, noise=noise,
+        return HomogenizedSGD(params, lr=self.lr, batch_size=self.sgd_global_batch_size, noise=noise,
                               noise_scale=self.noise_scale, seed=self.noise_seed, nonfinite=self.nonfinite)

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .._validation import check_choice, check_float, check_int, check_strategy
 from ..models import DiagonalLinearNetwork
 from ..observables import measure, resolve_observables
 from ..optim import SVAG, HomogenizedSGD
 from ..plotting import comparison_figure
-from ..teacher import TeacherProblem
+from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
 from ..theory import METHODS, Prediction, critical_lr, predict
+from ._monitor import FEW_POINTS, MonitorCallback
 
-__all__ = ["TheoryMonitor", "DEPARTURES"]
+__all__ = ["TheoryMonitor", "DEPARTURES", "Method", "BATCH_ATTRIBUTE", "TIME_ATTRIBUTE"]
+
+Method = Literal["pde", "particles", "ode", "gradient_flow"]
+"""The prediction methods of :func:`sde_optim.predict` (``sde_optim.theory.METHODS``)."""
+
+# The one declared place for the SGD being predicted, when not passed to the monitor (see the class docstring).
+BATCH_ATTRIBUTE = "sgd_global_batch_size"
+TIME_ATTRIBUTE = "sgd_steps_per_step"
 
 # The three ways training can leave the prediction (``TheoryMonitor.departure``).
 AS_PREDICTED = "diverged as predicted"
@@ -45,16 +53,19 @@ def _relative_error(measured: float, predicted: float) -> float:
     return diff / abs(predicted) if predicted != 0 else math.inf
 
 
-class TheoryMonitor(pl.Callback):
+class TheoryMonitor(MonitorCallback):
     """Track risk, curvature, ... of a :class:`~sde_optim.DiagonalLinearNetwork` against the PDE.
 
     At fit start the callback reads the learning rate (first param group of the first
-    optimizer) and the SGD batch size (see below) unless given, and computes the prediction
-    once (:func:`sde_optim.predict`, THEORY E6/E7) up to ``trainer.max_steps``, on global rank
-    zero, broadcast to the others. If the prediction diverges at that learning rate, it warns
-    before the first step, naming the predicted critical learning rate.
+    optimizer) unless given, and the SGD batch and time scale from one declared place (below),
+    and computes the prediction once (:func:`sde_optim.predict`, THEORY E6/E7) up to
+    ``trainer.max_steps``, on global rank zero, broadcast to the others. If the prediction
+    diverges at that learning rate, it warns before the first step, naming the predicted
+    critical learning rate.
 
-    Every ``every_n_steps`` optimizer steps (and at step 0) it writes to every logger, at the
+    At optimizer steps ``0, n, 2n, ...`` (``n`` = ``every_n_steps``; when ``None``, about 32
+    measurements over ``max_steps``, or the steps of another monitor given ``every_n_steps``:
+    see :mod:`sde_optim.lightning._monitor`) it writes to every logger, once per step, at the
     logger step ``global_step`` (the number of optimizer steps taken):
 
     * ``{obs}/measured``: the exact value from the teacher (E7, :func:`sde_optim.measure`);
@@ -62,16 +73,28 @@ class TheoryMonitor(pl.Callback):
     * ``{obs}/rel_error``: ``|measured - predicted| / |predicted|``.
 
     With a TensorBoard logger it also registers a custom-scalar layout that overlays
-    measured and predicted in one chart per observable. At fit end it draws the figure
+    measured and predicted in one chart per observable (with :class:`CurvatureMonitor`'s
+    Hutchinson trace in the curvature chart when both run). At fit end it draws the figure
     (prediction line, measurements as markers), saves it as ``theory_monitor.png`` in the
     logger's directory (or ``trainer.default_root_dir`` without a logger), adds it to
-    TensorBoard, and prints a summary table.
+    TensorBoard, and prints a summary table that says how many measurements its maximum
+    errors come from (and warns when they are fewer than ``FEW_POINTS`` = 5).
 
-    Batch size and time: the SGD batch ``B`` is, in order, ``batch_size`` if given, the
-    LightningModule's ``sgd_batch_size``, ``HomogenizedSGD.batch_size``, or the data module's
-    ``batch_size``; under DDP the per-process batch is multiplied by the world size (the global
-    batch). One optimizer step is one SGD step, except for :class:`~sde_optim.SVAG`, where it is
-    ``1 / l`` of one.
+    Batch size and time, declared once. The prediction needs the batch ``B`` of the SGD the run
+    performs, over all processes, and how many SGD steps of time one optimizer step covers.
+    Each is read from exactly one place:
+
+    * the argument (``batch_size``, ``sgd_steps_per_step``) if given, else
+    * the LightningModule attribute ``sgd_global_batch_size`` (int: ``B`` summed over all DDP
+      processes) and ``sgd_steps_per_step`` (float: 1 for SGD and HomogenizedSGD, ``1 / l`` for
+      :class:`~sde_optim.SVAG`), read at fit start (a property may use ``self.trainer.world_size``).
+
+    :class:`~sde_optim.lightning.TeacherRegression` declares both. Without either, fit start
+    raises a ``ValueError`` naming both ways. (For one release a module that declares neither
+    still gets the old guess, from ``pl_module.sgd_batch_size`` times the world size,
+    ``HomogenizedSGD.batch_size`` or the data module's ``batch_size``, and ``1 / l`` for SVAG,
+    with a ``FutureWarning``.) A declared batch that differs from ``HomogenizedSGD.batch_size``,
+    or a time scale that differs from ``1 / l`` under SVAG, is warned about.
 
     Learning-rate schedules are not predicted: if the learning rate changes during the fit
     the callback warns once and marks later points as outside the prediction's assumptions.
@@ -91,18 +114,23 @@ class TheoryMonitor(pl.Callback):
 
     ``None`` while training follows the prediction.
 
-    Distributed (DDP): the prediction and the critical learning rate are computed on global
-    rank zero only and broadcast; the parameters are identical on all ranks, so the measured
-    values need no reduction (each rank measures, loggers write on rank zero only, each step
-    once). The batch size read from the module or data module is per process and is multiplied
-    by the world size. Sharding strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup.
+    Distributed (DDP, ``ddp_spawn``): the prediction and the critical learning rate are computed
+    on global rank zero only and broadcast; the parameters are identical on all ranks, so the
+    measured values need no reduction (each rank measures, loggers write on rank zero only,
+    each step once). Under ``ddp_spawn`` the fit runs in spawned processes: this object in the
+    launching process keeps no history (read the logs or the figure). Sharding strategies (FSDP,
+    DeepSpeed, ModelParallel) are refused at setup.
 
     Args:
-        problem: the teacher the network is trained on.
-        every_n_steps: optimizer steps between measurements (>= 1).
+        problem: the teacher the network is trained on (a :class:`~sde_optim.TeacherProblem`, or a
+            :class:`~sde_optim.TeacherSpec`, built once here).
+        every_n_steps: optimizer steps between measurements (>= 1), or ``None`` (see above).
         observables: names from :data:`sde_optim.OBSERVABLES` (default risk and curvature).
         method: prediction method passed to :func:`sde_optim.predict`.
-        lr, batch_size: override what is read from the trainer.
+        lr: learning rate of the prediction (> 0); default: read from the optimizer.
+        batch_size: the global SGD batch ``B`` (>= 1); default: ``pl_module.sgd_global_batch_size``.
+        sgd_steps_per_step: SGD steps of time per optimizer step (> 0); default:
+            ``pl_module.sgd_steps_per_step``.
         threshold: relative risk error that counts as leaving the prediction (> 0).
         blowup_factor: measured risk above this times the risk at step 0 counts as diverged (> 1).
         save_figure: draw and save the figure at fit end.
@@ -110,27 +138,28 @@ class TheoryMonitor(pl.Callback):
 
     def __init__(
         self,
-        problem: TeacherProblem,
+        problem: TeacherProblem | TeacherSpec,
         *,
-        every_n_steps: int = 50,
+        every_n_steps: int | None = None,
         observables: Iterable[str] | str | None = ("risk", "curvature"),
-        method: str = "pde",
+        method: Method = "pde",
         lr: float | None = None,
         batch_size: int | None = None,
+        sgd_steps_per_step: float | None = None,
         threshold: float = 0.25,
         blowup_factor: float = 1e4,
         save_figure: bool = True,
     ) -> None:
-        if not isinstance(problem, TeacherProblem):
-            raise TypeError(f"problem must be a TeacherProblem, got {type(problem).__name__}")
-        self.problem = problem
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        super().__init__(every_n_steps)
+        self.problem = as_teacher_problem(problem)
         self.observables = tuple(o.name for o in resolve_observables(observables))
         if "risk" not in self.observables:
             self.observables = ("risk",) + self.observables
         self.method = check_choice("method", method, METHODS)
         self.lr = None if lr is None else check_float("lr", lr, minimum=0.0, strict=True)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
+        self.sgd_steps_per_step = (None if sgd_steps_per_step is None else
+                                   check_float("sgd_steps_per_step", sgd_steps_per_step, minimum=0.0, strict=True))
         self.threshold = check_float("threshold", threshold, minimum=0.0, strict=True)
         self.blowup_factor = check_float("blowup_factor", blowup_factor, minimum=1.0, strict=True)
         if not isinstance(save_figure, bool):
@@ -142,6 +171,7 @@ class TheoryMonitor(pl.Callback):
         self.departure: str | None = None
         self.figure_path: str | None = None
         self._lr_used: float | None = None
+        self._batch_used: int | None = None
         self._initial: tuple[torch.Tensor, torch.Tensor, str] | None = None
         self._time_per_step = 1.0
         self._warned_lr = False
@@ -150,30 +180,31 @@ class TheoryMonitor(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy, "TheoryMonitor")
 
-    def _sgd_batch_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        if self.batch_size is not None:
-            return self.batch_size
-        per_process = getattr(pl_module, "sgd_batch_size", None)
-        opt = trainer.optimizers[0] if trainer.optimizers else None
-        if per_process is None and isinstance(opt, HomogenizedSGD):
-            return opt.batch_size  # the optimizer simulates a given (global) batch size
-        if per_process is None:
-            dm = trainer.datamodule
-            per_process = getattr(dm, "batch_size", None)
-        if per_process is None:
-            raise ValueError("TheoryMonitor cannot find the SGD batch size: pass batch_size=...")
-        if isinstance(opt, HomogenizedSGD) and getattr(pl_module, "optimizer_name", "") == "homogenized":
-            return opt.batch_size
-        return int(per_process) * trainer.world_size
+    def _declared_sgd(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, float]:
+        """``(global SGD batch, SGD steps per optimizer step)``: the argument, else the module's attribute."""
+        batch = self.batch_size if self.batch_size is not None else getattr(pl_module, BATCH_ATTRIBUTE, None)
+        per_step = self.sgd_steps_per_step if self.sgd_steps_per_step is not None else getattr(pl_module, TIME_ATTRIBUTE, None)
+        if batch is None or per_step is None:
+            batch, per_step = _legacy_sgd(trainer, pl_module, batch, per_step)
+        batch = check_int(f"{type(pl_module).__name__}.{BATCH_ATTRIBUTE}", batch, minimum=1)
+        per_step = check_float(f"{type(pl_module).__name__}.{TIME_ATTRIBUTE}", per_step, minimum=0.0, strict=True)
+        opt = trainer.optimizers[0]
+        if isinstance(opt, HomogenizedSGD) and opt.batch_size != batch:
+            rank_zero_warn(f"TheoryMonitor predicts SGD with batch {batch}, but HomogenizedSGD simulates batch {opt.batch_size}")
+        if isinstance(opt, SVAG) and not math.isclose(per_step, 1.0 / opt.l):
+            rank_zero_warn(f"TheoryMonitor counts {per_step:g} SGD steps per optimizer step, but SVAG(l={opt.l:g}) "
+                           f"covers {1.0 / opt.l:g}")
+        return batch, per_step
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise ValueError("TheoryMonitor needs an optimizer to read the learning rate from")
         opt = trainer.optimizers[0]
         self._lr_used = self.lr if self.lr is not None else float(opt.param_groups[0]["lr"])
-        self._time_per_step = 1.0 / opt.l if isinstance(opt, SVAG) else 1.0
         if trainer.max_steps is None or trainer.max_steps < 1:
             raise ValueError("TheoryMonitor needs Trainer(max_steps=...) >= 1 to set the prediction's horizon")
+        batch, self._time_per_step = self._declared_sgd(trainer, pl_module)
+        self._resolve_cadence(trainer)
         horizon = max(1, math.ceil(trainer.max_steps * self._time_per_step))
         network = _find_network(pl_module)
         if self._initial is None:  # a fresh fit: the prediction starts from the current state
@@ -183,7 +214,6 @@ class TheoryMonitor(pl.Callback):
             return  # resumed: the restored prediction already covers the horizon
         # (resumed with a longer horizon: predict again from the initial state, not the current one)
         model = DiagonalLinearNetwork.from_state(self._initial[0], self._initial[1], parametrization=self._initial[2])
-        batch = self._sgd_batch_size(trainer, pl_module)
         self.prediction, crit = trainer.strategy.broadcast(
             self._predict(model, batch, horizon) if trainer.is_global_zero else None, src=0)
         self._batch_used = batch
@@ -192,7 +222,6 @@ class TheoryMonitor(pl.Callback):
                 f"TheoryMonitor: at lr={self._lr_used} and batch size {batch} the PDE predicts that the risk "
                 f"diverges at SGD step {self.prediction.divergence_step}; predicted critical lr: {crit:.4g}"
             )
-        self._register_layout(trainer)
 
     def _predict(self, model: DiagonalLinearNetwork, batch: int, horizon: int) -> tuple[Prediction, float | None]:
         """The prediction and, if it diverges, the predicted critical lr (run on global rank zero)."""
@@ -203,13 +232,14 @@ class TheoryMonitor(pl.Callback):
         return prediction, critical_lr(self.problem, model, batch_size=batch, steps=horizon, rel_tol=0.05).bounded
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._register_layout(trainer)
         if trainer.global_step == 0 and not self.history["step"]:
             self._log(trainer, pl_module, 0)
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or (self.history["step"] and self.history["step"][-1] >= step):
+        if not self._due(step) or (self.history["step"] and self.history["step"][-1] >= step):
             return
         self._log(trainer, pl_module, step)
 
@@ -232,8 +262,7 @@ class TheoryMonitor(pl.Callback):
             for key, value in (("measured", m), ("predicted", p), ("rel_error", rel)):
                 self.history.setdefault(f"{name}/{key}", []).append(value)
         self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        self._write(trainer, metrics, step)
 
     def _check_departure(self, step: int, measured: float, predicted: float) -> None:
         """Record the first departure from the prediction and classify it (class docstring)."""
@@ -262,11 +291,9 @@ class TheoryMonitor(pl.Callback):
         return AS_PREDICTED if self.prediction.divergence_step is not None else AGAINST_PREDICTION
 
     # ------------------------------------------------------------------ layout, figure, summary
-    def _register_layout(self, trainer: pl.Trainer) -> None:
-        layout = {"sde_optim": {name: ["Multiline", [f"{name}/measured", f"{name}/predicted"]] for name in self.observables}}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                rank_zero_only(logger.experiment.add_custom_scalars)(layout)
+    def layout_charts(self, trainer: pl.Trainer) -> dict[str, list[str]]:
+        """One chart per observable: measured and predicted overlaid."""
+        return {name: [f"{name}/measured", f"{name}/predicted"] for name in self.observables}
 
     def _figure_dir(self, trainer: pl.Trainer) -> str:
         for logger in trainer.loggers:
@@ -279,7 +306,7 @@ class TheoryMonitor(pl.Callback):
             return
         if not trainer.loggers:
             rank_zero_info("TheoryMonitor: no logger attached; values are in TheoryMonitor.history")
-        self._print_summary()
+        rank_zero_info(self.summary())
         if not self.save_figure:
             return
         fig = self.figure()
@@ -304,14 +331,22 @@ class TheoryMonitor(pl.Callback):
         title = f"lr={self._lr_used:g}, batch={self._batch_used}, d={self.problem.dim}"
         return comparison_figure(predicted, measured, title=title)
 
-    def _print_summary(self) -> None:
-        lines = [f"{'observable':<18}{'measured (last)':>16}{'predicted':>14}{'max rel err':>13}"]
+    def summary(self) -> str:
+        """The table printed at fit end: last values and maximum relative errors, with the number of
+        measurements they come from (and a warning line when those are fewer than ``FEW_POINTS``)."""
+        steps = self.history["step"]
+        lines = [f"{len(steps)} measurement(s) at optimizer steps {steps[0]}..{steps[-1]}"
+                 + (f" every {self._every}" if self._every else ""),
+                 f"{'observable':<18}{'measured (last)':>16}{'predicted':>14}{'max rel err':>13}"]
         for n in self.observables:
             lines.append(f"{n:<18}{self.history[f'{n}/measured'][-1]:>16.5g}{self.history[f'{n}/predicted'][-1]:>14.5g}"
                          f"{max(self.history[f'{n}/rel_error']):>13.2%}")
+        if len(steps) < FEW_POINTS:
+            lines.append(f"only {len(steps)} measurement(s): too few for the maximum error to describe the run; "
+                         "lower every_n_steps (or leave it None)")
         if self.departure_step is not None:
             lines.append(f"departure from the prediction at step {self.departure_step}: {self.departure}")
-        rank_zero_info("TheoryMonitor summary\n" + "\n".join(lines))
+        return "TheoryMonitor summary\n" + "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -320,8 +355,9 @@ class TheoryMonitor(pl.Callback):
             "history": {k: list(v) for k, v in self.history.items()},
             "departure_step": self.departure_step,
             "departure": self.departure,
-            "batch_size": getattr(self, "_batch_used", None),
+            "batch_size": self._batch_used,
             "initial": self._initial,
+            **self._cadence_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -332,3 +368,38 @@ class TheoryMonitor(pl.Callback):
         self.departure = state_dict["departure"]
         self._batch_used = state_dict.get("batch_size")
         self._initial = state_dict.get("initial")
+        self._load_cadence_state(state_dict)
+
+
+# ---------------------------------------------------------------------- deprecated (remove in the next release)
+def _legacy_sgd(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, per_step: Any) -> tuple[Any, Any]:
+    """The guess of release 0.1 for what was not declared, with a ``FutureWarning``; ``ValueError`` if none.
+
+    Batch: ``pl_module.sgd_batch_size`` (per process) times the world size, else
+    ``HomogenizedSGD.batch_size``, else the data module's ``batch_size`` times the world size.
+    Time: ``1 / l`` under SVAG, else 1.
+    """
+    opt, world, found = trainer.optimizers[0], trainer.world_size, []
+    if batch is None:
+        per_process = getattr(pl_module, "sgd_batch_size", None)
+        dm_batch = getattr(trainer.datamodule, "batch_size", None)
+        if per_process is not None:
+            batch, source = int(per_process) * world, "the module's sgd_batch_size x world size"
+        elif isinstance(opt, HomogenizedSGD):
+            batch, source = opt.batch_size, "HomogenizedSGD.batch_size"
+        elif dm_batch is not None:
+            batch, source = int(dm_batch) * world, "the data module's batch_size x world size"
+        else:
+            raise ValueError(
+                "TheoryMonitor needs the global batch size of the SGD it predicts: pass "
+                f"TheoryMonitor(batch_size=...) or give the LightningModule an attribute {BATCH_ATTRIBUTE} "
+                "(the batch summed over all processes)")
+        found.append(f"batch size {batch} from {source} (declare TheoryMonitor(batch_size=...) or "
+                     f"pl_module.{BATCH_ATTRIBUTE})")
+    if per_step is None:
+        per_step = 1.0 / opt.l if isinstance(opt, SVAG) else 1.0
+        found.append(f"{per_step:g} SGD steps per optimizer step from the optimizer's type (declare "
+                     f"TheoryMonitor(sgd_steps_per_step=...) or pl_module.{TIME_ATTRIBUTE})")
+    rank_zero_warn("TheoryMonitor guessed " + " and ".join(found) + "; guessing is deprecated and will be removed "
+                   "in the next release", category=FutureWarning)
+    return batch, per_step
