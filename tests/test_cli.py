@@ -1,8 +1,12 @@
-"""The figures of sde_optim.plotting."""
+"""The sde-optim console script and the figures of sde_optim.plotting."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import io
 import math
+import os
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -10,8 +14,29 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import sde_optim
+from sde_optim.cli import build_parser, main as cli_main, progress
 from sde_optim.plotting import comparison_figure, grid_shape, mask_divergence, save_figure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "lightning_examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_scalars(run_dir):
+    """``{tag: [(step, value), ...]}`` of one TensorBoard run folder, which must hold exactly one event file."""
+    events = [p for p in os.listdir(run_dir) if p.startswith("events.out.tfevents")]
+    assert len(events) == 1, (run_dir, events)
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _check_figure_files(png):
@@ -21,6 +46,150 @@ def _check_figure_files(png):
     assert image.shape[0] > 300 and image.shape[1] > 400
     assert float(image[..., :3].std()) > 0.05  # lines and text, not a blank canvas
     assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+
+
+# ----------------------------------------------------------------------------- sde-optim predict / compare / critical-lr
+def test_cli_predict_writes_table_csv_and_figure(tmp_path, capsys):
+    csv_path, png_path = tmp_path / "p.csv", tmp_path / "p.png"
+    assert cli_main(["predict", "--dim", "512", "--horizon", "4", "--csv", str(csv_path), "--png", str(png_path)]) == 0
+    out = capsys.readouterr().out
+    assert "risk" in out and "curvature" in out and "estimated relative error" in out
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "step,t,risk,curvature,local_rate" and len(lines) > 10
+    _check_figure_files(png_path)
+
+
+def test_cli_compare_writes_the_callback_tags_in_a_fresh_version_per_invocation(tmp_path, capsys):
+    """Same tags as TheoryMonitor, one run folder per optimizer, one event file per run; a second
+    invocation into the same logdir goes to version_1 instead of appending to version_0."""
+    base = ["compare", "--dim", "128", "--seeds", "2", "--logdir", str(tmp_path)]
+    cli_main(base + ["--horizon", "2", "--points", "8"])
+    cli_main(base + ["--horizon", "0.5", "--points", "2"])
+    assert sorted(os.listdir(tmp_path)) == ["version_0", "version_1"]
+    predicted = {}
+    for run in ("sgd", "homogenized"):
+        scalars = _run_scalars(tmp_path / "version_0" / run)
+        assert set(scalars) == {f"{n}/{k}" for n in ("risk", "curvature") for k in ("measured", "predicted", "rel_error")}
+        for name in ("risk", "curvature"):
+            steps = [s for s, _ in scalars[f"{name}/measured"]]
+            assert steps == list(range(0, 257, 32))
+            for (_, m), (_, p), (_, r) in zip(*(scalars[f"{name}/{k}"] for k in ("measured", "predicted", "rel_error"))):
+                assert r == pytest.approx(abs(m - p) / abs(p), rel=1e-5, abs=1e-7)
+        predicted[run] = scalars["risk/predicted"]
+        _run_scalars(tmp_path / "version_1" / run)
+    assert predicted["sgd"] == predicted["homogenized"]  # one prediction, overlaid in both runs
+    _check_figure_files(tmp_path / "version_0" / "compare.png")
+    assert "max relative risk deviation" in capsys.readouterr().out
+
+
+def test_cli_critical_lr_answers_and_names_its_work_bound(capsys):
+    argv = ["critical-lr", "--dim", "64", "--horizon", "1", "--tol", "0.01", "--max-cells", "256", "--max-types", "64",
+            "--rel-tol", "0.25"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    lr = float(out.split("predicted critical lr")[1].split(":")[1].split()[0])
+    assert 0 < lr < math.inf and "PDE solves" in out
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv + ["--max-solves", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-solves" in err and "Traceback" not in err
+
+
+def test_cli_turns_solver_warnings_into_messages(capsys):
+    """A grid capped below the tolerance warns as a one-line message naming the flags (no source path)."""
+    cli_main(["predict", "--dim", "64", "--horizon", "1", "--tol", "1e-5", "--max-cells", "16"])
+    err = capsys.readouterr().err
+    assert "sde-optim predict: warning:" in err and "--max-cells" in err
+    assert ".py:" not in err
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sde-optim {sde_optim.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv, flags",
+    [
+        (["predict", "--dim", "0"], ["--dim"]),
+        (["predict", "--dim", "100000000"], ["--dim"]),
+        (["predict", "--lr", "-1"], ["--lr"]),
+        (["predict", "--density", "2"], ["--density"]),
+        (["predict", "--dim", "3"], ["--density", "--dim"]),  # round(0.1 * 3) = 0: a teacher without support
+        (["critical-lr", "--density", "0"], ["--density", "--dim"]),
+        (["predict", "--observables", "risk,entropy"], ["--observables"]),
+        (["predict", "--horizon", "1e5"], ["--horizon"]),
+        (["critical-lr", "--horizon", "nan"], ["--horizon"]),
+        (["predict", "--tol", "0"], ["--tol"]),
+        (["compare", "--tol", "2"], ["--tol"]),
+        (["predict", "--max-types", "0"], ["--max-types"]),
+        (["predict", "--max-cells", "4"], ["--max-cells"]),
+        (["critical-lr", "--max-evaluations", "0"], ["--max-evaluations"]),
+        (["critical-lr", "--max-solves", "0"], ["--max-solves"]),
+        (["critical-lr", "--rel-tol", "0"], ["--rel-tol"]),
+        (["compare", "--seeds", "0"], ["--seeds"]),
+        (["compare", "--seeds", "1000"], ["--seeds"]),
+        (["compare", "--dim", "4096", "--horizon", "1000"], ["--horizon", "--dim"]),  # 4e6 real SGD steps per run
+        (["compare", "--dim", "10000", "--batch-size", "100000"], ["--batch-size", "--dim"]),
+        (["predict", "--png", "p.jpg"], ["--png"]),
+        (["predict", "--png", "{missing}/p.png"], ["--png"]),
+        (["compare", "--png", "{missing}/p.png"], ["--png"]),
+        (["predict", "--csv", "{missing}/p.csv"], ["--csv"]),
+        (["predict", "--csv", "{tmp}"], ["--csv"]),  # a directory
+        (["compare", "--logdir", "{file}/runs"], ["--logdir"]),
+        (["frobnicate"], ["invalid choice"]),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, flags, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    paths = {"missing": str(tmp_path / "missing"), "file": str(tmp_path / "file"), "tmp": str(tmp_path)}
+    with pytest.raises(SystemExit) as exc:
+        cli_main([a.format(**paths) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    for flag in flags:
+        assert flag in err
+    assert not (tmp_path / "missing").exists()
+
+
+def _optional_actions(parser):
+    """Every option of ``parser`` and its subparsers, but -h/--version."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _optional_actions(sub)
+        elif action.option_strings and action.dest not in ("help", "version"):
+            yield parser, action
+
+
+@pytest.mark.parametrize("source", ["cli"])
+def test_every_flag_has_help_and_a_default(source):
+    parser = build_parser() if source == "cli" else _example(source).build_parser()
+    actions = list(_optional_actions(parser))
+    assert len(actions) >= 10
+    for owner, action in actions:
+        text = owner._get_formatter()._expand_help(action)
+        assert len(action.help or "") > 5 and "default" in text, (source, action.option_strings, text)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_shown_on_a_terminal_only():
+    shown, hidden = _Terminal(), io.StringIO()
+    for stream in (shown, hidden):
+        with progress(3, "runs", file=stream, interval=0.01) as bar:
+            bar.update(3)
+        with progress(None, "critical lr", file=stream, interval=0.01):
+            pass
+    assert "runs" in shown.getvalue() and "3/3" in shown.getvalue() and "critical lr" in shown.getvalue()
+    assert hidden.getvalue() == ""
 
 
 # ----------------------------------------------------------------------------- figures
