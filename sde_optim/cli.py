@@ -336,9 +336,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         _write_csv(args.csv, pred, names)
         print(f"wrote {args.csv}")
     if args.png:
+        label = ("PDE" if args.method == "pde" else args.method.replace("_", " ")) + " prediction"
         fig = comparison_figure({n: (pred.steps.tolist(), pred.curves[n].tolist()) for n in names}, {},
-                                title=f"{args.method} prediction: {_title(args, args.lr)}", dim=args.dim,
-                                divergence_step=pred.divergence_step, prediction_label=f"{args.method} prediction")
+                                title=f"{label}: {_title(args, args.lr)}", dim=args.dim,
+                                divergence_step=pred.divergence_step, prediction_label=label)
         print("wrote " + ", ".join(save_figure(fig, args.png)))
 
 

@@ -168,6 +168,7 @@ def _label_axes(ax: Axes, name: str, dim: int | None, xlabel: str, description: 
     spec = ax.get_subplotspec()
     if spec is None or spec.is_last_row():
         ax.set_xlabel(xlabel, fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # step labels are wide: at most ~6 ticks
     ax.tick_params(which="both", labelsize=8)
     ax.grid(alpha=0.3)
     if dim:
