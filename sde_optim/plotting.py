@@ -1,21 +1,50 @@
-"""Figures of measured observables against the prediction (one panel per observable)."""
+"""Figures of measured observables against the prediction, ready for a paper.
+
+Conventions of every figure drawn here:
+
+* x: SGD steps ``k`` at the bottom and, when the dimension ``d`` is given, SGD time
+  ``t = k / d`` (THEORY E2) on a secondary axis at the top;
+* y: the observable, labelled with its name, its definition (from
+  :data:`~sde_optim.observables.OBSERVABLES`) as the panel title, and a log axis where the
+  registry marks it ``log_scale``;
+* the prediction is a black line drawn above the measurements (``zorder``), so markers never
+  hide it; a predicted divergence is a dotted vertical line;
+* several runs (seeds) of one measured series are drawn as their mean (hollow markers) with a
+  band of ``mean +- 2 SE`` (standard error of the mean over runs), and the legend says so;
+* a run whose values stop being finite (diverged; see :func:`mask_divergence`) is drawn up to
+  its last finite value and marked there with an ``x``;
+* constrained layout, one legend below the panels, no empty panels; :func:`save_figure`
+  writes a PNG and a PDF with the same stem.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg", force=False)  # headless-safe; a user's interactive backend is kept if already chosen
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .observables import OBSERVABLES  # noqa: E402
 
-__all__ = ["comparison_figure"]
+__all__ = ["comparison_figure", "draw_panel", "finish_figure", "grid_shape", "mask_divergence", "save_figure", "BAND_SE"]
 
-Series = tuple[Sequence[float], Sequence[float]]
+#: Half-width of the Monte Carlo band, in standard errors of the mean over runs.
+BAND_SE = 2.0
+_MAX_MARKERS = 40
+_PANEL_SIZE = (3.5, 2.9)  # inches per panel
+_PREDICTION_STYLE = dict(color="black", lw=1.5, zorder=5)
+
+Series = tuple[Sequence[float], Sequence[float] | Sequence[Sequence[float]]]
 
 
 def comparison_figure(
@@ -23,38 +52,179 @@ def comparison_figure(
     measured: Mapping[str, Mapping[str, Series]],
     *,
     title: str = "",
-    xlabel: str = "SGD step",
+    xlabel: str = "SGD steps k",
+    dim: int | None = None,
+    divergence_step: int | None = None,
+    prediction_label: str = "prediction",
+    ncols: int | None = None,
 ) -> Figure:
-    """Panels ``observable -> prediction (line) and measured series (markers)``.
+    """One panel per observable: the prediction (line) and the measured series (markers, band).
 
     Args:
         predicted: ``{observable: (steps, values)}``; the observables drawn, in order.
-        measured: ``{label: {observable: (steps, values)}}``, e.g. ``{"SGD": {...}, "HomogenizedSGD": {...}}``.
+        measured: ``{label: {observable: (steps, values)}}``, e.g. ``{"SGD": {...}, "HomogenizedSGD": {...}}``;
+            ``values`` is one run ``(n,)`` or several runs ``(runs, n)`` at the same steps.
         title: figure title.
-
-    Observables marked ``log_scale`` in :data:`~sde_optim.observables.OBSERVABLES` get a log axis.
+        xlabel: label of the step axis.
+        dim: the dimension ``d``; if given, a top axis shows SGD time ``t = k / d``.
+        divergence_step: the prediction's divergence step (a dotted vertical line), if any.
+        prediction_label: legend entry of the prediction line.
+        ncols: panels per row (default: filled rows, at most 3 columns).
     """
     names = list(predicted)
-    cols = min(len(names), 3)
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    rows, cols = grid_shape(len(names), ncols)
+    fig, axes = plt.subplots(rows, cols, figsize=(_PANEL_SIZE[0] * cols, _PANEL_SIZE[1] * rows + 0.6),
+                             squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, names):
-        steps, values = predicted[name]
-        ax.plot(list(steps), list(values), "-", color="black", lw=2, label="prediction")
-        for label, series in measured.items():
-            if name in series:
-                s, v = series[name]
-                ax.plot(list(s), list(v), "o-", ms=3, lw=0.8, alpha=0.8, label=label)
-        obs = OBSERVABLES.get(name)
-        if obs is not None and obs.log_scale and all(float(x) > 0 for x in values):
-            ax.set_yscale("log")
-        ax.set_title(name if obs is None else f"{name}", fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
+        series = {label: obs[name] for label, obs in measured.items() if name in obs}
+        draw_panel(ax, name, predicted[name], series, dim=dim, divergence_step=divergence_step, xlabel=xlabel,
+                   prediction_label=prediction_label)
     for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+        fig.delaxes(ax)
+    finish_figure(fig, title)
     return fig
+
+
+def grid_shape(count: int, ncols: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` for ``count`` panels: ``ncols`` if given, else 2 x 2 for 4 panels and otherwise the
+    first of 3, 4, 2 columns that fills every row (8 panels: 2 x 4), falling back to ``min(count, 3)``."""
+    if count < 1:
+        raise ValueError(f"a figure needs at least one panel, got {count}")
+    if ncols is None:
+        ncols = 2 if count == 4 else next((c for c in (3, 4, 2) if count % c == 0 and count >= c), min(count, 3))
+    ncols = max(1, min(ncols, count))
+    return math.ceil(count / ncols), ncols
+
+
+def draw_panel(
+    ax: Axes,
+    name: str,
+    predicted: Series | None,
+    measured: Mapping[str, Series],
+    *,
+    dim: int | None = None,
+    divergence_step: int | None = None,
+    xlabel: str = "SGD steps k",
+    prediction_label: str = "prediction",
+    description: str | None = None,
+) -> None:
+    """Draw observable ``name`` on ``ax``: prediction on top, each measured series with its band.
+
+    ``measured`` is ``{label: (steps, values)}`` with ``values`` of shape ``(n,)`` or ``(runs, n)``.
+    ``description`` replaces the registry's definition as the panel title.
+    """
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    positive = True
+    for i, (label, (steps, values)) in enumerate(measured.items()):
+        positive &= _draw_measured(ax, label, steps, values, colors[i % len(colors)])
+    if predicted is not None:
+        steps, values = predicted
+        y = np.asarray(values, dtype=float)
+        positive &= bool(np.all(y[np.isfinite(y)] > 0))
+        ax.plot(np.asarray(steps, dtype=float), y, label=prediction_label, **_PREDICTION_STYLE)
+    if divergence_step is not None:
+        ax.axvline(divergence_step, color="black", ls=":", lw=1.2, zorder=5, label="predicted divergence")
+    _label_axes(ax, name, dim, xlabel, description, log=positive)
+
+
+def _draw_measured(ax: Axes, label: str, steps, values, color) -> bool:
+    """One measured series (one run or the mean and band of several); returns whether all of it is > 0."""
+    x = np.asarray(steps, dtype=float)
+    y = np.atleast_2d(np.asarray(values, dtype=float))
+    if y.shape[1] != x.shape[0]:
+        raise ValueError(f"measured series {label!r}: {y.shape[1]} values for {x.shape[0]} steps")
+    runs = y.shape[0]
+    finite_prefix = [int(np.argmin(np.isfinite(r))) if not np.isfinite(r).all() else r.size for r in y]
+    common = min(finite_prefix)  # points where every run is still finite
+    mean = y[:, :common].mean(axis=0)
+    every = max(1, common // _MAX_MARKERS)
+    style = dict(color=color, marker="o", ms=3.5, mfc="none", mew=0.9, lw=0.8, markevery=every, zorder=3)
+    if runs > 1:
+        se = y[:, :common].std(axis=0, ddof=1) / math.sqrt(runs)
+        ax.fill_between(x[:common], mean - BAND_SE * se, mean + BAND_SE * se, color=color, alpha=0.25, lw=0, zorder=2)
+        label = f"{label}: mean of {runs} runs \u00b1 {BAND_SE:g} SE"
+    ax.plot(x[:common], mean, label=label, **style)
+    for run, end in zip(y, finite_prefix):
+        if end > common:  # this run outlived the first divergence among the runs: draw it alone
+            ax.plot(x[common - 1:end], run[common - 1:end], color=color, lw=0.7, alpha=0.7, zorder=3)
+        if 0 < end < x.size:
+            ax.plot(x[end - 1], run[end - 1], "x", color=color, ms=7, mew=1.6, zorder=4)
+    shown = np.concatenate([run[:end] for run, end in zip(y, finite_prefix)])
+    return bool(np.all(shown > 0))
+
+
+def _label_axes(ax: Axes, name: str, dim: int | None, xlabel: str, description: str | None, *, log: bool) -> None:
+    """Axis labels, the definition as title, log scale where the registry asks for it, the t = k/d axis.
+
+    The step label goes on the bottom row of a grid and the time label on its top row only.
+    """
+    obs = OBSERVABLES.get(name)
+    if obs is not None and obs.log_scale and log:
+        ax.set_yscale("log")
+    text = description if description is not None else (obs.description if obs is not None else "")
+    if text:
+        ax.set_title(textwrap.fill(text, 46), fontsize=7.5)
+    ax.set_ylabel(name.replace("_", " "), fontsize=9)
+    spec = ax.get_subplotspec()
+    if spec is None or spec.is_last_row():
+        ax.set_xlabel(xlabel, fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # step labels are wide: at most ~6 ticks
+    ax.tick_params(which="both", labelsize=8)
+    ax.grid(alpha=0.3)
+    if dim:
+        top = ax.secondary_xaxis("top", functions=(lambda k: np.asarray(k) / dim, lambda t: np.asarray(t) * dim))
+        if spec is None or spec.is_first_row():
+            top.set_xlabel("SGD time t = k / d", fontsize=8)
+        top.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        top.tick_params(labelsize=7)
+
+
+def finish_figure(fig: Figure, title: str) -> None:
+    """Title on top and one legend below the panels (every distinct entry once; ``x`` explained if drawn)."""
+    handles: dict[str, object] = {}
+    diverged = False
+    for ax in fig.axes:
+        h, labels = ax.get_legend_handles_labels()
+        handles.update({lab: hd for lab, hd in zip(labels, h) if not lab.startswith("_")})
+        diverged |= any(line.get_marker() == "x" for line in ax.get_lines())
+    if diverged:
+        handles["x: run diverged (next value not finite)"] = Line2D([], [], color="gray", marker="x", ls="none", mew=1.6)
+    if handles:
+        ncols = max(1, min(len(handles), int(fig.get_figwidth() // 2.4)))
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, fontsize=8,
+                   frameon=False)
+    if title:
+        fig.suptitle(textwrap.fill(title, int(13 * fig.get_figwidth())), fontsize=10)
+
+
+def mask_divergence(values, blowup_factor: float) -> np.ndarray:
+    """``values`` (``(n,)`` or ``(runs, n)``, e.g. risks) with everything from the first value that is not
+    finite or above ``blowup_factor`` times the run's first value replaced by ``inf`` (diverged).
+
+    Returns a float array of the same shape; use the same mask for a run's other observables via
+    :func:`numpy.isfinite` of the result.
+    """
+    y = np.array(values, dtype=float, copy=True)
+    runs = np.atleast_2d(y)
+    for run in runs:
+        bad = ~np.isfinite(run) | (run > blowup_factor * abs(run[0]))
+        if bad.any():
+            run[int(np.argmax(bad)):] = np.inf
+    return runs.reshape(y.shape)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 150, close: bool = True) -> list[str]:
+    """Save ``fig`` to ``path`` (must end in ``.png``) and, with the same stem, as a vector PDF.
+
+    Returns the two paths written. ``close`` releases the figure afterwards.
+    """
+    path = os.fspath(path)
+    stem, ext = os.path.splitext(path)
+    if ext.lower() != ".png":
+        raise ValueError(f"figure path must end in .png (a .pdf with the same stem is written next to it); got {path!r}")
+    written = [path, stem + ".pdf"]
+    for out in written:
+        fig.savefig(out, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+    if close:
+        plt.close(fig)
+    return written

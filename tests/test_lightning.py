@@ -1,4 +1,4 @@
-"""TheoryMonitor, the main example and the CLI: measured vs predicted in TensorBoard."""
+"""TheoryMonitor and the main example: measured vs predicted in TensorBoard (the CLI: test_cli.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from sde_optim import SVAG, DiagonalLinearNetwork, TeacherProblem, TeacherSpec
-from sde_optim.cli import main as cli_main
 from sde_optim.lightning import CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,44 +345,6 @@ def test_too_few_measurements_are_warned_about_and_flagged_in_the_summary(tmp_pa
     enough = _monitor()
     _tiny_fit(tmp_path / "ok", [enough], max_steps=64)
     assert "33 measurement(s)" in enough.summary() and "only" not in enough.summary()
-
-
-# ----------------------------------------------------------------------------- CLI
-def test_cli_predict_writes_table_csv_and_png(tmp_path, capsys):
-    csv_path, png_path = tmp_path / "p.csv", tmp_path / "p.png"
-    cli_main(["predict", "--dim", "512", "--horizon", "4", "--csv", str(csv_path), "--png", str(png_path)])
-    out = capsys.readouterr().out
-    assert "risk" in out and "curvature" in out
-    lines = csv_path.read_text().splitlines()
-    assert lines[0] == "step,t,risk,curvature,local_rate" and len(lines) > 10
-    _assert_real_plot(png_path)
-
-
-def test_cli_compare_writes_tensorboard_run_group_and_png(tmp_path, capsys):
-    cli_main(["compare", "--dim", "128", "--horizon", "2", "--seeds", "1", "--points", "8", "--logdir", str(tmp_path)])
-    for run in ("pde", "sgd", "homogenizedsgd"):
-        assert "risk" in _scalars(tmp_path / run)
-    _assert_real_plot(tmp_path / "compare.png")
-    assert "max relative risk deviation" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "argv, words",
-    [
-        (["predict", "--dim", "0"], "--dim"),
-        (["predict", "--lr", "-1"], "--lr"),
-        (["predict", "--density", "2"], "--density"),
-        (["predict", "--observables", "risk,entropy"], "--observables"),
-        (["compare", "--seeds", "0"], "--seeds"),
-        (["critical-lr", "--horizon", "nan"], "--horizon"),
-        (["frobnicate"], "invalid choice"),
-    ],
-)
-def test_cli_rejects_bad_arguments(argv, words, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(argv)
-    assert exc.value.code == 2
-    assert words in capsys.readouterr().err
 
 
 @pytest.mark.cuda
