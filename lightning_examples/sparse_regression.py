@@ -9,6 +9,7 @@ eigenvalue) from Hessian-vector products. At the end a figure is saved next to t
 
     python lightning_examples/sparse_regression.py                    # ~1 min on 2 CPU cores
     python lightning_examples/sparse_regression.py --optimizer homogenized
+    python lightning_examples/sparse_regression.py --lr 0.05 --momentum 0.9 --scheduler cosine
     python lightning_examples/sparse_regression.py --accelerator gpu --dim 16384
     tensorboard --logdir runs                                         # then open the SCALARS/CUSTOM SCALARS tabs
 """
@@ -26,6 +27,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 import sde_optim
 from sde_optim import TeacherSpec
+from sde_optim.cli import add_sgd_arguments
 from sde_optim.lightning import OPTIMIZERS, CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
 
 
@@ -43,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                     help="torch.optim.SGD, HomogenizedSGD (its SDE) or SVAG")
     ap.add_argument("--svag-l", type=float, default=4.0, help="SVAG amplification l (optimizer svag)")
+    add_sgd_arguments(ap, schedule_flag="--scheduler")  # --momentum --dampening --nesterov --weight-decay --scheduler
     ap.add_argument("--alpha", type=float, default=0.1, help="initialization scale")
     ap.add_argument("--init", default="unbalanced", choices=["unbalanced", "balanced"], help="initialization")
     ap.add_argument("--every-n-steps", type=int, default=None,
@@ -71,7 +74,9 @@ def build(args: argparse.Namespace) -> tuple[TeacherRegression, TeacherDataModul
     pl.seed_everything(args.seed, workers=True, verbose=False)
     teacher = TeacherSpec.from_arguments(args, seed=args.seed)
     module = TeacherRegression(teacher, lr=args.lr, sgd_batch_size=args.batch_size, optimizer=args.optimizer,
-                               svag_l=args.svag_l, alpha=args.alpha, init=args.init)
+                               svag_l=args.svag_l, alpha=args.alpha, init=args.init, momentum=args.momentum,
+                               dampening=args.dampening, nesterov=args.nesterov, weight_decay=args.weight_decay,
+                               scheduler=args.schedule)
     max_steps = args.max_steps if args.max_steps is not None else math.ceil(6 * args.dim / module.sgd_steps_per_step)
     if max_steps < 1:
         raise ValueError(f"--max-steps must be an integer >= 1, got {max_steps}")

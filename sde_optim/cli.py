@@ -3,6 +3,7 @@
     sde-optim predict --dim 4096 --lr 0.5 --horizon 8 --csv pred.csv --png pred.png
     sde-optim compare --dim 2048 --lr 0.5 --horizon 6 --seeds 4 --logdir runs/compare
     sde-optim critical-lr --dim 4096 --batch-size 1 --horizon 10
+    sde-optim compare --dim 4096 --lr 0.05 --momentum 0.9 --schedule cosine --weight-decay 1e-4
 
 All sizes are in THEORY's conventions: features x ~ N(0, lambda / d) with mean(lambda) = 1,
 SGD time t = k / d (E2); --horizon is in units of t. Figures are written as PNG and, with the
@@ -35,11 +36,13 @@ from .observables import OBSERVABLES
 from .plotting import comparison_figure, mask_divergence, save_figure
 from .simulation import train_homogenized, train_sgd
 from .teacher import TeacherProblem
-from .theory import critical_lr, predict, solve_fokker_planck
+from .optim.schedules import SCHEDULES, check_schedule, make_scheduler
+from .theory import SGDConfig, critical_lr, describe_sgd, predict, solve_fokker_planck
 
 __all__ = [
     "main", "build_parser", "HelpFormatter", "positive_int", "int_in", "float_in", "progress",
     "check_output_file", "check_output_dir", "check_teacher_support", "next_version_dir",
+    "add_sgd_arguments", "sgd_config",
     "MAX_DIM", "MAX_HORIZON", "MAX_COMPARE_STEPS", "MAX_BATCH_NUMBERS",
 ]
 
@@ -241,6 +244,39 @@ def _add_solver_args(p: argparse.ArgumentParser, fn: Callable) -> None:
                         f"{_default(solve_fokker_planck, 'max_evaluations')})" + (unused if fn is critical_lr else ""))
 
 
+def add_sgd_arguments(p: argparse.ArgumentParser, schedule_flag: str = "--schedule") -> None:
+    """``--momentum --dampening --nesterov --weight-decay`` (torch.optim.SGD's meanings) and a learning-rate
+    schedule flag (:mod:`sde_optim.optim.schedules`); read back with :func:`sgd_config`."""
+    g = p.add_argument_group("SGD hyper-parameters (torch.optim.SGD's, THEORY §7)")
+    g.add_argument("--momentum", type=float_in(0, 1), default=0.0, help="momentum mu, in [0, 1)")
+    g.add_argument("--dampening", type=float_in(0, 1), default=0.0, help="dampening tau of the momentum buffer")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0, no dampening)")
+    g.add_argument("--weight-decay", type=float_in(0), default=0.0, help="coupled (L2) weight decay")
+    g.add_argument(schedule_flag, dest="schedule", type=_schedule_spec, default="constant",
+                   help=f"learning-rate schedule over the run, stepped every SGD step: {', '.join(SCHEDULES)}")
+
+
+def _schedule_spec(text: str) -> str:
+    try:
+        return check_schedule(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def sgd_config(args: argparse.Namespace, steps: int) -> SGDConfig:
+    """The SGD the flags describe over ``steps`` steps: a ``torch.optim.SGD`` with the flags' hyper-parameters and
+    the named scheduler, read by :func:`~sde_optim.theory.describe_sgd` (the path TheoryMonitor takes), so the
+    predicted schedule is the one torch runs. ``ValueError`` naming the flag for a bad combination."""
+    try:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum,
+                              dampening=args.dampening, nesterov=args.nesterov, weight_decay=args.weight_decay)
+    except ValueError as exc:
+        raise ValueError(f"--momentum/--dampening/--nesterov: {exc}") from None
+    scheduler = make_scheduler(opt, args.schedule, steps)
+    sgd, _ = describe_sgd(opt, [scheduler] if scheduler is not None else [], steps=steps, batch_size=args.batch_size)
+    return sgd
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sde-optim`` parser with its three subcommands."""
     ap = argparse.ArgumentParser(prog="sde-optim", description=__doc__, formatter_class=HelpFormatter)
@@ -258,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int_in(1, 10_000), default=13, help="table rows")
     p.add_argument("--csv", help="write the curves to this CSV file (default: none)")
     p.add_argument("--png", help="write a figure to this .png file and a .pdf next to it (default: none)")
+    add_sgd_arguments(p)
     _add_solver_args(p, predict)
     p.set_defaults(run=_cmd_predict, parser=p)
 
@@ -270,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--logdir", default="runs/compare",
                    help="TensorBoard root; each invocation writes LOGDIR/version_N/{sgd,homogenized}")
     c.add_argument("--png", help="figure path, .png (a .pdf is written next to it) (default: LOGDIR/version_N/compare.png)")
+    add_sgd_arguments(c)
     _add_solver_args(c, predict)
     c.set_defaults(run=_cmd_compare, parser=c)
 
@@ -279,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative width of the final bisection bracket")
     k.add_argument("--max-solves", type=positive_int, default=_default(critical_lr, "max_evaluations"),
                    help="cap on the PDE solves of the search")
+    k.add_argument("--lr", type=float_in(0, strict=True), default=1.0,
+                   help="with --schedule: the schedule's peak lr that the result scales (its shape is kept)")
+    add_sgd_arguments(k)
     _add_solver_args(k, critical_lr)
     k.set_defaults(run=_cmd_critical_lr, parser=k)
     return ap
@@ -288,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     """Checks across flags and of output paths, before any work starts (ValueError naming the flag)."""
     check_teacher_support(args.dim, args.density)
+    if args.momentum >= 1.0:
+        raise ValueError(f"--momentum must be in [0, 1) (the SDE limit needs a stationary buffer); got {args.momentum}")
+    if args.nesterov and (args.momentum <= 0 or args.dampening != 0):
+        raise ValueError("--nesterov needs --momentum > 0 and --dampening 0 (as torch.optim.SGD)")
+    if args.schedule.startswith("warmup-cosine:") and int(args.schedule.split(":")[1]) >= _steps(args):
+        raise ValueError(f"--schedule {args.schedule}: the warmup must be shorter than the run's {_steps(args)} steps")
     for flag in ("csv", "png"):
         path = getattr(args, flag, None)
         if path:
@@ -307,11 +354,12 @@ def _steps(args: argparse.Namespace) -> int:
     return max(1, int(round(args.horizon * args.dim)))
 
 
-def _setup(args: argparse.Namespace) -> tuple[TeacherProblem, DiagonalLinearNetwork, int]:
+def _setup(args: argparse.Namespace) -> tuple[TeacherProblem, DiagonalLinearNetwork, int, SGDConfig]:
     problem = TeacherProblem.sparse(args.dim, args.density, spectrum=args.spectrum, noise_std=args.noise_std,
                                     seed=args.seed)
     model = DiagonalLinearNetwork(args.dim, alpha=args.alpha, init=args.init, dtype=torch.float64)
-    return problem, model, _steps(args)
+    steps = _steps(args)
+    return problem, model, steps, sgd_config(args, steps)
 
 
 def _solver_kwargs(args: argparse.Namespace) -> dict:
@@ -321,16 +369,22 @@ def _solver_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _title(args: argparse.Namespace, lr: float) -> str:
-    return (f"d={args.dim}, lr={lr:g}, B={args.batch_size}, density={args.density:g}, {args.spectrum} spectrum, "
-            f"sigma={args.noise_std:g}, {args.init} init alpha={args.alpha:g}")
+    extras = [f"momentum={args.momentum:g}"] if args.momentum else []
+    extras += [f"dampening={args.dampening:g}"] if args.dampening else []
+    extras += ["nesterov"] if args.nesterov else []
+    extras += [f"wd={args.weight_decay:g}"] if args.weight_decay else []
+    extras += [f"{args.schedule} schedule"] if args.schedule != "constant" else []
+    return (f"d={args.dim}, lr={lr:g}, B={args.batch_size}, " + "".join(e + ", " for e in extras)
+            + f"density={args.density:g}, {args.spectrum} spectrum, sigma={args.noise_std:g}, "
+            f"{args.init} init alpha={args.alpha:g}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    problem, model, steps = _setup(args)
+    problem, model, steps, sgd = _setup(args)
     names = args.observables
     with progress(None, f"predict ({args.method})"):
-        pred = predict(problem, model, lr=args.lr, batch_size=args.batch_size, steps=steps, method=args.method,
-                       observables=names, **_solver_kwargs(args))
+        pred = predict(problem, model, sgd=sgd, steps=steps, method=args.method, observables=names,
+                       **_solver_kwargs(args))
     _print_table(pred, names, args.rows)
     if args.csv:
         _write_csv(args.csv, pred, names)
@@ -366,12 +420,11 @@ def _write_csv(path: str, pred, names: Sequence[str]) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    problem, model, steps = _setup(args)
+    problem, model, steps, sgd = _setup(args)
     every = max(1, steps // args.points)
     with progress(None, "PDE prediction"):
-        pred = predict(problem, model, lr=args.lr, batch_size=args.batch_size, steps=steps,
-                       observables=_COMPARE_OBSERVABLES, **_solver_kwargs(args))
-    runs = _train_runs(problem, args, steps, every)
+        pred = predict(problem, model, sgd=sgd, steps=steps, observables=_COMPARE_OBSERVABLES, **_solver_kwargs(args))
+    runs = _train_runs(problem, args, steps, every, sgd)
     xs = list(range(0, steps + 1, every))
     version = next_version_dir(args.logdir)
     for folder, curves in runs.items():
@@ -400,10 +453,11 @@ def _print_summary(runs: dict[str, dict], xs: Sequence[int], pred) -> None:
               f"{BLOWUP_FACTOR:g} R(0))")
 
 
-def _train_runs(problem: TeacherProblem, args: argparse.Namespace, steps: int, every: int) -> dict[str, dict]:
+def _train_runs(problem: TeacherProblem, args: argparse.Namespace, steps: int, every: int,
+                sgd: SGDConfig) -> dict[str, dict]:
     """``{folder: {observable: (seeds, points) tensor}}``; values from a diverged risk on are ``inf``."""
-    common = dict(lr=args.lr, batch_size=args.batch_size, steps=steps, record_every=every, alpha=args.alpha,
-                  init=args.init, observables=_COMPARE_OBSERVABLES)
+    common = dict(sgd=sgd, steps=steps, record_every=every, alpha=args.alpha, init=args.init,
+                  observables=_COMPARE_OBSERVABLES)
     out = {}
     with progress(len(_RUNS) * args.seeds * steps, "SGD runs", unit="step") as bar:
         for folder, (label, train) in _RUNS.items():
@@ -442,10 +496,10 @@ def _log_run(directory: str, xs: Sequence[int], curves: dict, pred) -> None:
 
 
 def _cmd_critical_lr(args: argparse.Namespace) -> None:
-    problem, model, steps = _setup(args)
+    problem, model, steps, sgd = _setup(args)
     with progress(None, "critical-lr (bisection on PDE solves)"):
         try:
-            res = critical_lr(problem, model, batch_size=args.batch_size, steps=steps, rel_tol=args.rel_tol,
+            res = critical_lr(problem, model, sgd=sgd, steps=steps, rel_tol=args.rel_tol,
                               max_evaluations=args.max_solves, **_solver_kwargs(args))
         except RuntimeError as exc:
             if "max_evaluations" not in str(exc):

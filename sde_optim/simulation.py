@@ -278,26 +278,46 @@ def _generator(problem: TeacherProblem, seed: int) -> torch.Generator:
     return torch.Generator(device=problem.device).manual_seed(seed)
 
 
-def train_sgd(problem: TeacherProblem, *, lr: float, batch_size: int, steps: int, seed: int, alpha: float = 0.1,
-              init: str = "unbalanced", record_every: int = 1, observables=None) -> dict[str, Tensor]:
-    """Streaming ``torch.optim.SGD`` (:func:`simulate_sgd` with ``implementation="torch"``, one run)."""
+def train_sgd(problem: TeacherProblem, *, lr=None, batch_size=1, steps: int, seed: int, alpha: float = 0.1,
+              init: str = "unbalanced", record_every: int = 1, observables=None,
+              sgd: SGDConfig | None = None) -> dict[str, Tensor]:
+    """Streaming ``torch.optim.SGD`` (:func:`simulate_sgd` with ``implementation="torch"``, one run).
+
+    The SGD: ``lr`` and ``batch_size``, or ``sgd`` (:class:`~sde_optim.theory.dynamics.SGDConfig`: schedules,
+    momentum, weight decay)."""
     steps = check_int("steps", steps, minimum=1)
     record_every = check_int("record_every", record_every, minimum=1)
-    run = simulate_sgd(problem, _network(problem, alpha, init), lr=lr, batch_size=batch_size,
+    run = simulate_sgd(problem, _network(problem, alpha, init), lr=lr, batch_size=batch_size, sgd=sgd,
                        record_steps=range(0, steps + 1, record_every), num_runs=1, observables=observables or ("risk",),
                        generator=_generator(problem, seed), implementation="torch", sample_dtype=None)
     return {n: v[0] for n, v in run.values.items()}
 
 
-def train_homogenized(problem: TeacherProblem, *, lr: float, batch_size: int, steps: int, seed: int,
+def train_homogenized(problem: TeacherProblem, *, lr=None, batch_size: int = 1, steps: int, seed: int,
                       noise_scale: float = 1.0, alpha: float = 0.1, init: str = "unbalanced", record_every: int = 1,
-                      observables=None) -> dict[str, Tensor]:
-    """:class:`~sde_optim.HomogenizedSGD`: exact population gradient as drift, structured noise (E3)."""
+                      observables=None, sgd: SGDConfig | None = None) -> dict[str, Tensor]:
+    """:class:`~sde_optim.HomogenizedSGD`: exact population gradient as drift, structured noise (E3).
+
+    The SGD it simulates: ``lr`` and ``batch_size``, or ``sgd`` (an lr schedule is set on the param group
+    before each step, as a scheduler would; the batch size must be constant)."""
+    if sgd is None:
+        sgd = SGDConfig(lr=lr, batch_size=batch_size)
+    elif lr is not None:
+        raise TypeError("train_homogenized() takes lr=... or sgd=..., not both")
+    if not isinstance(sgd.batch_size, int):
+        raise ValueError("train_homogenized simulates a constant batch size; got a batch-size schedule")
     model = _network(problem, alpha, init)
-    opt = HomogenizedSGD(model.parameters(), lr=lr, batch_size=batch_size, noise=StructuredNoise(problem, model),
-                         noise_scale=noise_scale, generator=_generator(problem, seed))
+    opt = HomogenizedSGD(model.parameters(), lr=sgd.lr_at(0), batch_size=sgd.batch_size,
+                         noise=StructuredNoise(problem, model), noise_scale=noise_scale,
+                         generator=_generator(problem, seed), momentum=sgd.momentum, dampening=sgd.dampening,
+                         nesterov=sgd.nesterov, weight_decay=sgd.weight_decay)
+    k = 0
 
     def update() -> None:
+        nonlocal k
+        for group in opt.param_groups:
+            group["lr"] = sgd.lr_at(k)
+        k += 1
         opt.zero_grad()
         problem.population_risk(model.beta).backward()
         opt.step()

@@ -140,6 +140,15 @@ def test_cli_version(capsys):
         (["predict", "--csv", "{missing}/p.csv"], ["--csv"]),
         (["predict", "--csv", "{tmp}"], ["--csv"]),  # a directory
         (["compare", "--logdir", "{file}/runs"], ["--logdir"]),
+        (["predict", "--momentum", "1"], ["--momentum"]),
+        (["compare", "--momentum", "-0.1"], ["--momentum"]),
+        (["predict", "--nesterov"], ["--nesterov", "--momentum"]),
+        (["predict", "--nesterov", "--momentum", "0.9", "--dampening", "0.5"], ["--nesterov", "--dampening"]),
+        (["predict", "--weight-decay", "-1"], ["--weight-decay"]),
+        (["predict", "--schedule", "linear"], ["--schedule", "cosine", "step:N:G", "warmup-cosine:W"]),
+        (["predict", "--schedule", "step:0:0.5"], ["--schedule", "N"]),
+        (["critical-lr", "--schedule", "step:10:2"], ["--schedule", "G"]),
+        (["predict", "--dim", "64", "--horizon", "1", "--schedule", "warmup-cosine:64"], ["--schedule", "warmup"]),
         (["frobnicate"], ["invalid choice"]),
     ],
 )
@@ -154,6 +163,29 @@ def test_cli_rejects_bad_arguments(argv, flags, tmp_path, capsys):
     for flag in flags:
         assert flag in err
     assert not (tmp_path / "missing").exists()
+
+
+def test_cli_sgd_flags_describe_torch_sgd_and_its_scheduler():
+    """--momentum --dampening --weight-decay --schedule reach predict as the SGD torch would run: a StepLR replayed
+    (jumps at 64 and 128), momentum factor (1 - tau) / (1 - mu) = 5 (E11), weight decay kappa = d lr_eff wd (E12)."""
+    from sde_optim.cli import sgd_config
+
+    args = build_parser().parse_args(["predict", "--dim", "64", "--horizon", "3", "--lr", "0.1", "--momentum", "0.9",
+                                      "--dampening", "0.5", "--weight-decay", "1e-3", "--schedule", "step:64:0.5"])
+    sgd = sgd_config(args, 192)
+    assert [sgd.lr_at(k) for k in (0, 63, 64, 127, 128, 191)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert sgd.momentum_factor == pytest.approx(5.0) and sgd.weight_decay == 1e-3
+    c = sgd.coefficients(64, 1.0, 192)
+    assert c.kappa(0.5) == pytest.approx(64 * 0.5 * 1e-3) and c.breakpoints == pytest.approx([1.0, 2.0])
+
+
+def test_cli_predict_with_momentum_is_plain_sgd_at_the_effective_step(capsys):
+    """E11: --lr 0.05 --momentum 0.9 predicts what --lr 0.5 predicts (same table, printed to 6 digits)."""
+    table = []
+    for argv in (["--lr", "0.5"], ["--lr", "0.05", "--momentum", "0.9"]):
+        cli_main(["predict", "--dim", "256", "--horizon", "2", "--rows", "5", *argv])
+        table.append([line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()])
+    assert table[0] == table[1] and len(table[0]) == 5
 
 
 def _optional_actions(parser):

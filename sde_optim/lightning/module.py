@@ -42,7 +42,9 @@ from torch import Tensor
 from .._validation import check_choice, check_float, check_int, check_strategy
 from ..models import DiagonalLinearNetwork
 from ..optim import SVAG, HomogenizedSGD, StructuredNoise
+from ..optim.schedules import check_schedule, make_scheduler
 from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
+from ..theory.dynamics import SGDConfig
 
 __all__ = ["TeacherRegression", "OPTIMIZERS", "OptimizerName"]
 
@@ -62,6 +64,11 @@ class TeacherRegression(pl.LightningModule):
         sgd_batch_size: the SGD batch size ``B`` per process (>= 1).
         optimizer: ``"sgd"``, ``"homogenized"`` or ``"svag"``.
         svag_l: SVAG amplification (>= 1).
+        momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD``, for every optimizer (THEORY
+            §7, E11-E12; what :class:`TheoryMonitor` reads and predicts).
+        scheduler: a learning-rate schedule by name (:mod:`sde_optim.optim.schedules`: ``"constant"``,
+            ``"cosine"``, ``"step:N:G"``, ``"warmup-cosine:W"``) over ``Trainer(max_steps)``, stepped
+            every optimizer step.
         noise_scale: HomogenizedSGD noise multiplier (>= 0).
         alpha, init, parametrization: passed to :class:`~sde_optim.DiagonalLinearNetwork`.
         dtype: parameter dtype (default float32).
@@ -89,6 +96,11 @@ class TeacherRegression(pl.LightningModule):
         dtype: torch.dtype = torch.float32,
         noise_seed: int | None = None,
         nonfinite: Literal["skip", "raise"] = "skip",
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        scheduler: str = "constant",
     ) -> None:
         super().__init__()
         self.problem = as_teacher_problem(problem)
@@ -99,6 +111,11 @@ class TeacherRegression(pl.LightningModule):
         self.noise_scale = check_float("noise_scale", noise_scale, minimum=0.0)
         self.noise_seed = None if noise_seed is None else check_int("noise_seed", noise_seed, minimum=0)
         self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        self.sgd_options = dataclasses.asdict(SGDConfig(lr=self.lr, momentum=momentum, dampening=dampening,
+                                                        nesterov=nesterov, weight_decay=weight_decay))
+        for key in ("lr", "batch_size", "noise_scale"):
+            del self.sgd_options[key]
+        self.scheduler = check_schedule(scheduler)
         if self.optimizer_name == "sgd" and self.nonfinite != "skip":
             raise ValueError("nonfinite applies to optimizer 'homogenized' or 'svag'; 'sgd' is plain torch.optim.SGD")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -212,11 +229,21 @@ class TeacherRegression(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        params = self.model.parameters()
+        opt = self._optimizer()
+        steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if self.scheduler == "constant":
+            return opt
+        if steps is None:
+            raise ValueError(f"scheduler={self.scheduler!r} needs Trainer(max_steps=...) >= 1 to know the run's length")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(opt, self.scheduler, steps),
+                                                   "interval": "step", "frequency": 1}}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params, sgd = self.model.parameters(), self.sgd_options
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr)
+            return torch.optim.SGD(params, lr=self.lr, **sgd)
         if self.optimizer_name == "svag":
-            return SVAG(params, lr=self.lr, l=self.svag_l, nonfinite=self.nonfinite)
+            return SVAG(params, lr=self.lr, l=self.svag_l, nonfinite=self.nonfinite, **sgd)
         noise = StructuredNoise(self.problem, self.model)
         return HomogenizedSGD(params, lr=self.lr, batch_size=self.sgd_global_batch_size, noise=noise,
-                              noise_scale=self.noise_scale, seed=self.noise_seed, nonfinite=self.nonfinite)
+                              noise_scale=self.noise_scale, seed=self.noise_seed, nonfinite=self.nonfinite, **sgd)

@@ -17,7 +17,7 @@ from ..observables import measure, resolve_observables
 from ..optim import SVAG, HomogenizedSGD
 from ..plotting import comparison_figure
 from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
-from ..theory import METHODS, Prediction, critical_lr, predict
+from ..theory import METHODS, Prediction, SGDConfig, critical_lr, describe_sgd, predict
 from ._monitor import FEW_POINTS, MonitorCallback
 
 __all__ = ["TheoryMonitor", "DEPARTURES", "Method", "BATCH_ATTRIBUTE", "TIME_ATTRIBUTE"]
@@ -56,12 +56,21 @@ def _relative_error(measured: float, predicted: float) -> float:
 class TheoryMonitor(MonitorCallback):
     """Track risk, curvature, ... of a :class:`~sde_optim.DiagonalLinearNetwork` against the PDE.
 
-    At fit start the callback reads the learning rate (first param group of the first
-    optimizer) unless given, and the SGD batch and time scale from one declared place (below),
-    and computes the prediction once (:func:`sde_optim.predict`, THEORY E6/E7) up to
-    ``trainer.max_steps``, on global rank zero, broadcast to the others. If the prediction
-    diverges at that learning rate, it warns before the first step, naming the predicted
-    critical learning rate.
+    At the start of training the callback reads the SGD the run performs off the trainer: the
+    optimizer's ``lr``, ``momentum``, ``dampening``, ``nesterov`` and ``weight_decay`` and the
+    future learning rates of its schedulers (``configure_optimizers``' ``lr_scheduler``, with
+    their ``interval`` and ``frequency``), replayed on a deep copy by
+    :func:`sde_optim.theory.describe_sgd` (THEORY §7, E10-E12), and the SGD batch and time scale
+    from one declared place (below). It computes the prediction once (:func:`sde_optim.predict`,
+    THEORY E6/E7) up to ``trainer.max_steps``, on global rank zero, broadcast to the others. If
+    the prediction diverges, it warns before the first step, naming the predicted critical
+    learning rate (in units of the schedule's peak).
+
+    Only the SGD of THEORY is predicted: ``torch.optim.SGD``, :class:`~sde_optim.HomogenizedSGD`
+    and :class:`~sde_optim.SVAG`, one learning rate and one set of hyper-parameters for every
+    param group, ``maximize=False``, one optimizer. Anything else (Adam, RMSprop, ...) is a
+    ``TypeError`` / ``ValueError`` at the start of training naming what is supported: no curve
+    is drawn for an optimizer the theory does not model.
 
     At optimizer steps ``0, n, 2n, ...`` (``n`` = ``every_n_steps``; when ``None``, about 32
     measurements over ``max_steps``, or the steps of another monitor given ``every_n_steps``:
@@ -96,8 +105,11 @@ class TheoryMonitor(MonitorCallback):
     with a ``FutureWarning``.) A declared batch that differs from ``HomogenizedSGD.batch_size``,
     or a time scale that differs from ``1 / l`` under SVAG, is warned about.
 
-    Learning-rate schedules are not predicted: if the learning rate changes during the fit
-    the callback warns once and marks later points as outside the prediction's assumptions.
+    A learning rate the prediction did not foresee (a ``ReduceLROnPlateau`` step, a scheduler
+    stepped by hand, an lr set by another callback) is detected at each measurement: the callback
+    warns once, logs ``theory/assumptions_hold`` = 0 from that point on (1 before), draws those
+    points apart in the figure ("not predicted") and leaves them out of the summary's errors and
+    of the departure test.
 
     Departure: the first logged step at which ``risk/rel_error`` exceeds ``threshold`` (or the
     measured or predicted risk is not finite) is kept in ``departure_step``, and ``departure``
@@ -127,7 +139,8 @@ class TheoryMonitor(MonitorCallback):
         every_n_steps: optimizer steps between measurements (>= 1), or ``None`` (see above).
         observables: names from :data:`sde_optim.OBSERVABLES` (default risk and curvature).
         method: prediction method passed to :func:`sde_optim.predict`.
-        lr: learning rate of the prediction (> 0); default: read from the optimizer.
+        lr: a constant learning rate to predict instead of the optimizer's and its schedulers' (> 0);
+            the other hyper-parameters are still read from the optimizer.
         batch_size: the global SGD batch ``B`` (>= 1); default: ``pl_module.sgd_global_batch_size``.
         sgd_steps_per_step: SGD steps of time per optimizer step (> 0); default:
             ``pl_module.sgd_steps_per_step``.
@@ -171,10 +184,13 @@ class TheoryMonitor(MonitorCallback):
         self.departure: str | None = None
         self.figure_path: str | None = None
         self._lr_used: float | None = None
+        self._sgd: SGDConfig | None = None
+        self._assumptions_hold = True
         self._batch_used: int | None = None
         self._initial: tuple[torch.Tensor, torch.Tensor, str] | None = None
         self._time_per_step = 1.0
-        self._warned_lr = False
+        self._sgd_horizon = 0
+        self._lr_peak = 0.0
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -196,16 +212,67 @@ class TheoryMonitor(MonitorCallback):
                            f"covers {1.0 / opt.l:g}")
         return batch, per_step
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_prediction(trainer, pl_module)
+        self._register_layout(trainer)
+        if trainer.global_step == 0 and not self.history["step"]:
+            self._log(trainer, pl_module, 0)
+
+    def _describe(self, trainer: pl.Trainer, horizon: int, batch: int) -> SGDConfig:
+        """The SGD of this run over ``horizon`` SGD steps: :func:`describe_sgd` on the trainer's optimizer and
+        schedulers (``interval="epoch"`` schedulers step every ``frequency`` epochs of optimizer steps)."""
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"TheoryMonitor predicts one SGD; the module configures {len(trainer.optimizers)} optimizers")
+        opt = trainer.optimizers[0]
+        schedulers = []
+        for config in trainer.lr_scheduler_configs:
+            every = config.frequency
+            if config.interval == "epoch":
+                per_epoch = _optimizer_steps_per_epoch(trainer)
+                if per_epoch is None:
+                    rank_zero_warn(f"TheoryMonitor: {type(config.scheduler).__name__} steps once per epoch, but the epoch "
+                                   "length is unknown (an iterable dataset without len): the prediction assumes the "
+                                   "current learning rate, and points after a change are marked")
+                    continue
+                every *= per_epoch
+            schedulers.append((config.scheduler, every))
+        sgd, _ = describe_sgd(opt, schedulers, steps=horizon, batch_size=batch)  # warns on a metric-driven scheduler
+        if self.lr is not None:
+            if schedulers:
+                rank_zero_warn(f"TheoryMonitor(lr={self.lr:g}) predicts a constant learning rate; the run's schedulers "
+                               "are ignored by the prediction, and points where the lr differs are marked")
+            sgd = SGDConfig(lr=self.lr, batch_size=batch, momentum=sgd.momentum, dampening=sgd.dampening,
+                            nesterov=sgd.nesterov, weight_decay=sgd.weight_decay)
+        return sgd
+
+    def _extended(self, trainer: pl.Trainer, horizon: int, batch: int) -> SGDConfig:
+        """The stored SGD for the steps already taken, then the trainer's from the current step to ``horizon``."""
+        assert self._sgd is not None
+        done = min(int(trainer.global_step * self._time_per_step), self._sgd_horizon)
+        later = self._describe(trainer, horizon - done, batch)
+        if self._sgd.constant and later.constant and self._sgd.lr == later.lr:
+            return later
+        past = self._sgd.lr_schedule(self._sgd_horizon).expand(self._sgd_horizon)[:done]
+        lr = torch.cat([past, later.lr_schedule(horizon - done).expand(horizon - done)])
+        return SGDConfig(lr=lr, batch_size=batch, momentum=later.momentum, dampening=later.dampening,
+                         nesterov=later.nesterov, weight_decay=later.weight_decay)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise ValueError("TheoryMonitor needs an optimizer to read the learning rate from")
-        opt = trainer.optimizers[0]
-        self._lr_used = self.lr if self.lr is not None else float(opt.param_groups[0]["lr"])
         if trainer.max_steps is None or trainer.max_steps < 1:
             raise ValueError("TheoryMonitor needs Trainer(max_steps=...) >= 1 to set the prediction's horizon")
+
+    def _start_prediction(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batch, self._time_per_step = self._declared_sgd(trainer, pl_module)
         self._resolve_cadence(trainer)
         horizon = max(1, math.ceil(trainer.max_steps * self._time_per_step))
+        if self._sgd is None:
+            self._sgd, self._sgd_horizon = self._describe(trainer, horizon, batch), horizon
+        elif self._sgd_horizon < horizon:  # resumed with a longer horizon: the schedulers are at step `done` now
+            self._sgd, self._sgd_horizon = self._extended(trainer, horizon, batch), horizon
+        self._lr_used = self._sgd.lr_at(0)
+        self._lr_peak = float(self._sgd.lr_schedule(horizon).max())
         network = _find_network(pl_module)
         if self._initial is None:  # a fresh fit: the prediction starts from the current state
             u, v = network.uv_state()
@@ -219,22 +286,18 @@ class TheoryMonitor(MonitorCallback):
         self._batch_used = batch
         if crit is not None:
             rank_zero_warn(
-                f"TheoryMonitor: at lr={self._lr_used} and batch size {batch} the PDE predicts that the risk "
-                f"diverges at SGD step {self.prediction.divergence_step}; predicted critical lr: {crit:.4g}"
+                f"TheoryMonitor: at lr={self._lr_used:g} ({_describe_extras(self._sgd)}) and batch size {batch} the "
+                f"PDE predicts that the risk diverges at SGD step {self.prediction.divergence_step}; predicted "
+                f"critical lr: {crit:.4g}" + (" (peak of the schedule)" if not self._sgd.constant else "")
             )
 
     def _predict(self, model: DiagonalLinearNetwork, batch: int, horizon: int) -> tuple[Prediction, float | None]:
         """The prediction and, if it diverges, the predicted critical lr (run on global rank zero)."""
-        prediction = predict(self.problem, model, lr=self._lr_used, batch_size=batch, steps=horizon,
-                             method=self.method, observables=self.observables)
+        prediction = predict(self.problem, model, sgd=self._sgd, steps=horizon, method=self.method,
+                             observables=self.observables)
         if prediction.divergence_step is None:
             return prediction, None
-        return prediction, critical_lr(self.problem, model, batch_size=batch, steps=horizon, rel_tol=0.05).bounded
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._register_layout(trainer)
-        if trainer.global_step == 0 and not self.history["step"]:
-            self._log(trainer, pl_module, 0)
+        return prediction, critical_lr(self.problem, model, sgd=self._sgd, steps=horizon, rel_tol=0.05).bounded
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -245,24 +308,37 @@ class TheoryMonitor(MonitorCallback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.prediction is not None
-        lr_now = float(trainer.optimizers[0].param_groups[0]["lr"])
-        if self.lr is None and lr_now != self._lr_used and not self._warned_lr:
-            rank_zero_warn(f"TheoryMonitor: the learning rate changed from {self._lr_used} to {lr_now} at step {step}; "
-                           "the prediction assumes a constant learning rate and is not valid from here on")
-            self._warned_lr = True
         sgd_step = step * self._time_per_step
+        self._check_lr(trainer, step, sgd_step)
         measured = measure(self.problem, _find_network(pl_module), self.observables)
         predicted = self.prediction.at_step(sgd_step)
-        metrics = {}
+        metrics = {"theory/assumptions_hold": float(self._assumptions_hold)}
         self.history["step"].append(step)
+        self.history.setdefault("assumptions_hold", []).append(self._assumptions_hold)
         for name in self.observables:
             m, p = float(measured[name]), float(predicted[name])
             rel = _relative_error(m, p)
             metrics.update({f"{name}/measured": m, f"{name}/predicted": p, f"{name}/rel_error": rel})
             for key, value in (("measured", m), ("predicted", p), ("rel_error", rel)):
                 self.history.setdefault(f"{name}/{key}", []).append(value)
-        self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"])
+        if self._assumptions_hold:
+            self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"])
         self._write(trainer, metrics, step)
+
+    def _check_lr(self, trainer: pl.Trainer, step: int, sgd_step: float) -> None:
+        """Mark this and later points if the optimizer's lr is not the one the prediction assumed at this step."""
+        assert self._sgd is not None
+        k = int(sgd_step)
+        if not self._assumptions_hold or k != sgd_step or k >= self._sgd_horizon:
+            return  # already marked; inside an SVAG step; or the lr after the last step, which no step uses
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        lr_now = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)  # once per measurement, not per step
+        expected = self._sgd.lr_at(k)
+        if math.isclose(lr_now, expected, rel_tol=1e-6, abs_tol=1e-9 * self._lr_peak):
+            return
+        self._assumptions_hold = False
+        rank_zero_warn(f"TheoryMonitor: at step {step} the learning rate is {lr_now:g}, the prediction assumed "
+                       f"{expected:g}; later points are marked theory/assumptions_hold = 0 and left out of the errors")
 
     def _check_departure(self, step: int, measured: float, predicted: float) -> None:
         """Record the first departure from the prediction and classify it (class docstring)."""
@@ -327,9 +403,19 @@ class TheoryMonitor(MonitorCallback):
         steps = [s * self._time_per_step for s in self.history["step"]]
         pred_steps = self.prediction.steps.tolist()
         predicted = {n: (pred_steps, self.prediction.curves[n].tolist()) for n in self.observables}
-        measured = {"training": {n: (steps, self.history[f"{n}/measured"]) for n in self.observables}}
-        title = f"lr={self._lr_used:g}, batch={self._batch_used}, d={self.problem.dim}"
+        hold = self._hold_mask()
+        measured = {}
+        for label, keep in (("training", True), ("training (lr not predicted)", False)):
+            idx = [i for i, h in enumerate(hold) if h is keep]
+            if idx:
+                measured[label] = {n: ([steps[i] for i in idx], [self.history[f"{n}/measured"][i] for i in idx])
+                                   for n in self.observables}
+        extras = "" if self._sgd is None else f", {_describe_extras(self._sgd)}"
+        title = f"lr={self._lr_used:g}{extras}, batch={self._batch_used}, d={self.problem.dim}"
         return comparison_figure(predicted, measured, title=title)
+
+    def _hold_mask(self) -> list[bool]:
+        return list(self.history.get("assumptions_hold", [True] * len(self.history["step"])))
 
     def summary(self) -> str:
         """The table printed at fit end: last values and maximum relative errors, with the number of
@@ -338,9 +424,16 @@ class TheoryMonitor(MonitorCallback):
         lines = [f"{len(steps)} measurement(s) at optimizer steps {steps[0]}..{steps[-1]}"
                  + (f" every {self._every}" if self._every else ""),
                  f"{'observable':<18}{'measured (last)':>16}{'predicted':>14}{'max rel err':>13}"]
+        hold = self._hold_mask()
         for n in self.observables:
+            errors = [e for e, h in zip(self.history[f"{n}/rel_error"], hold) if h]
+            worst = f"{max(errors):>13.2%}" if errors else f"{'-':>13}"
             lines.append(f"{n:<18}{self.history[f'{n}/measured'][-1]:>16.5g}{self.history[f'{n}/predicted'][-1]:>14.5g}"
-                         f"{max(self.history[f'{n}/rel_error']):>13.2%}")
+                         f"{worst}")
+        if not all(hold):
+            first = steps[hold.index(False)]
+            lines.append(f"{hold.count(False)} measurement(s) from step {first} on had a learning rate the prediction "
+                         "did not assume: left out of the errors")
         if len(steps) < FEW_POINTS:
             lines.append(f"only {len(steps)} measurement(s): too few for the maximum error to describe the run; "
                          "lower every_n_steps (or leave it None)")
@@ -357,6 +450,8 @@ class TheoryMonitor(MonitorCallback):
             "departure": self.departure,
             "batch_size": self._batch_used,
             "initial": self._initial,
+            "sgd": None if self._sgd is None else (self._sgd.to_dict(self._sgd_horizon), self._sgd_horizon),
+            "assumptions_hold": self._assumptions_hold,
             **self._cadence_state(),
         }
 
@@ -368,7 +463,29 @@ class TheoryMonitor(MonitorCallback):
         self.departure = state_dict["departure"]
         self._batch_used = state_dict.get("batch_size")
         self._initial = state_dict.get("initial")
+        sgd = state_dict.get("sgd")
+        if sgd is not None:
+            self._sgd, self._sgd_horizon = SGDConfig.from_dict(sgd[0]), sgd[1]
+        self._assumptions_hold = state_dict.get("assumptions_hold", True)
         self._load_cadence_state(state_dict)
+
+
+def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one training epoch (``None`` when the epoch length is unknown)."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return None
+    return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
+
+
+def _describe_extras(sgd: SGDConfig) -> str:
+    """``momentum=0.9, nesterov, wd=1e-4, lr schedule`` -- what is not plain constant-lr SGD."""
+    parts = [f"momentum={sgd.momentum:g}"] if sgd.momentum else []
+    parts += [f"dampening={sgd.dampening:g}"] if sgd.dampening else []
+    parts += ["nesterov"] if sgd.nesterov else []
+    parts += [f"wd={sgd.weight_decay:g}"] if sgd.weight_decay else []
+    parts += ["lr schedule"] if not sgd.constant else []
+    return ", ".join(parts) or "plain SGD"
 
 
 # ---------------------------------------------------------------------- deprecated (remove in the next release)

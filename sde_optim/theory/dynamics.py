@@ -185,6 +185,18 @@ class SGDConfig:
         """Whether neither the learning rate nor the batch size is scheduled."""
         return isinstance(self.lr, float) and isinstance(self.batch_size, int)
 
+    def to_dict(self, steps: int) -> dict:
+        """Plain values for a checkpoint: schedules materialized over ``steps`` SGD steps (tensors)."""
+        lr = self.lr if isinstance(self.lr, float) else self.lr_schedule(steps)
+        batch = self.batch_size if isinstance(self.batch_size, int) else self.batch_schedule(steps).long()
+        return {"lr": lr, "batch_size": batch, "momentum": self.momentum, "dampening": self.dampening,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay, "noise_scale": self.noise_scale}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "SGDConfig":
+        """The inverse of :meth:`to_dict`."""
+        return cls(**state)
+
     def coefficients(self, dim: int, lr_scale: float, steps: int) -> "Coefficients":
         """The mean-field coefficients of this SGD on a ``dim``-coordinate network over ``steps`` SGD steps."""
         steps = check_int("steps", steps, minimum=1)
