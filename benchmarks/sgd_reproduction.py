@@ -20,7 +20,6 @@ excess risk is small and its relative Monte Carlo error with 8 seeds is large).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 

@@ -28,11 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import sde_optim
 from sde_optim import EmpiricalNoise, HomogenizedSGD
+from sde_optim.cli import ExampleHelpFormatter
 from sde_optim.lightning import CurvatureMonitor
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
 
 
 class TeacherMLPStream(IterableDataset):
@@ -96,7 +93,7 @@ def fit(optimizer: str, args: argparse.Namespace, version: int) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=ExampleHelpFormatter)
     ap.add_argument("--dim", type=int, default=16, help="input dimension of the teacher MLP")
     ap.add_argument("--lr", type=float, default=0.1, help="step size of both optimizers")
     ap.add_argument("--batch-size", type=int, default=8, help="the SGD batch B being simulated")

@@ -13,24 +13,16 @@ from __future__ import annotations
 
 import argparse
 
-import sde_optim
 from sde_optim import TeacherSpec
+from sde_optim.cli import example_parser
 from sde_optim.simulation import train_homogenized, train_sgd, train_svag
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
-
-
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    TeacherSpec.add_arguments(ap, dim=1024)  # --dim --density --spectrum --values --noise-std --exponent --ratio
-    ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
-    ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B")
+    ap = example_parser(__doc__, dim=1024)
     ap.add_argument("--horizon", type=float, default=6.0, help="SGD time t = steps / dim")
     ap.add_argument("--svag-l", type=int, default=4, help="SVAG amplification l")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher and of every run")
-    ap.add_argument("--version", action="version", version=f"%(prog)s (sde-optim {sde_optim.__version__})")
     return ap
 
 

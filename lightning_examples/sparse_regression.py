@@ -25,21 +25,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-import sde_optim
 from sde_optim import TeacherSpec
-from sde_optim.cli import add_sgd_arguments
+from sde_optim.cli import add_sgd_arguments, example_parser
 from sde_optim.lightning import OPTIMIZERS, CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
-
-
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    TeacherSpec.add_arguments(ap, dim=1024)  # --dim --density --spectrum --values --noise-std --exponent --ratio
-    ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
-    ap.add_argument("--batch-size", type=int, default=1, help="SGD batch size B per process")
+    ap = example_parser(__doc__, dim=1024, batch_help="SGD batch size B per process")
     ap.add_argument("--max-steps", type=int, default=None,
                     help="optimizer steps; None: 6 * dim SGD steps (t = 6), times l for svag")
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
@@ -58,7 +50,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", default="auto", help="Lightning devices: auto, or a number")
     ap.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn")
     ap.add_argument("--no-curvature-monitor", action="store_true", help="skip the Hutchinson curvature estimates")
-    ap.add_argument("--version", action="version", version=f"%(prog)s (sde-optim {sde_optim.__version__})")
     return ap
 
 

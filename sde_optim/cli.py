@@ -35,14 +35,15 @@ from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES
 from .plotting import comparison_figure, mask_divergence, save_figure
 from .simulation import train_homogenized, train_sgd
-from .teacher import TeacherProblem
-from .optim.schedules import SCHEDULES, check_schedule, make_scheduler
-from .theory import SGDConfig, critical_lr, describe_sgd, predict, solve_fokker_planck
+from .teacher import TeacherProblem, TeacherSpec
+from .optim.schedules import SCHEDULES, check_schedule
+from .theory import SGDConfig, critical_lr, predict, solve_fokker_planck
+from .theory.describe import named_sgd
 
 __all__ = [
     "main", "build_parser", "HelpFormatter", "positive_int", "int_in", "float_in", "progress",
     "check_output_file", "check_output_dir", "check_teacher_support", "next_version_dir",
-    "add_sgd_arguments", "sgd_config",
+    "add_sgd_arguments", "sgd_config", "example_parser", "ExampleHelpFormatter",
     "MAX_DIM", "MAX_HORIZON", "MAX_COMPARE_STEPS", "MAX_BATCH_NUMBERS",
 ]
 
@@ -244,6 +245,21 @@ def _add_solver_args(p: argparse.ArgumentParser, fn: Callable) -> None:
                         f"{_default(solve_fokker_planck, 'max_evaluations')})" + (unused if fn is critical_lr else ""))
 
 
+class ExampleHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The examples' help: the module docstring as written, and every flag's default after its help."""
+
+
+def example_parser(description: str, *, dim: int = 1024, batch_help: str = "SGD batch size B") -> argparse.ArgumentParser:
+    """The flags every example shares: the teacher's (:meth:`TeacherSpec.add_arguments`), ``--lr``,
+    ``--batch-size`` and ``--version``."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=ExampleHelpFormatter)
+    TeacherSpec.add_arguments(ap, dim=dim)  # --dim --density --spectrum --values --noise-std --exponent --ratio
+    ap.add_argument("--lr", type=float, default=0.5, help="SGD step size")
+    ap.add_argument("--batch-size", type=int, default=1, help=batch_help)
+    ap.add_argument("--version", action="version", version=f"%(prog)s (sde-optim {__version__})")
+    return ap
+
+
 def add_sgd_arguments(p: argparse.ArgumentParser, schedule_flag: str = "--schedule") -> None:
     """``--momentum --dampening --nesterov --weight-decay`` (torch.optim.SGD's meanings) and a learning-rate
     schedule flag (:mod:`sde_optim.optim.schedules`); read back with :func:`sgd_config`."""
@@ -268,13 +284,11 @@ def sgd_config(args: argparse.Namespace, steps: int) -> SGDConfig:
     the named scheduler, read by :func:`~sde_optim.theory.describe_sgd` (the path TheoryMonitor takes), so the
     predicted schedule is the one torch runs. ``ValueError`` naming the flag for a bad combination."""
     try:
-        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum,
-                              dampening=args.dampening, nesterov=args.nesterov, weight_decay=args.weight_decay)
+        return named_sgd(steps, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
+                         dampening=args.dampening, nesterov=args.nesterov, weight_decay=args.weight_decay,
+                         schedule=args.schedule)
     except ValueError as exc:
-        raise ValueError(f"--momentum/--dampening/--nesterov: {exc}") from None
-    scheduler = make_scheduler(opt, args.schedule, steps)
-    sgd, _ = describe_sgd(opt, [scheduler] if scheduler is not None else [], steps=steps, batch_size=args.batch_size)
-    return sgd
+        raise ValueError(f"--momentum/--dampening/--nesterov/--schedule: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import importlib.util
-import math
-import os
 import warnings
 from pathlib import Path
 
@@ -14,24 +11,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tb_events import scalars as _scalars
 from sde_optim import DiagonalLinearNetwork, TeacherSpec
-from sde_optim.lightning import TeacherDataModule, TeacherRegression, TheoryMonitor
+from sde_optim.lightning import TeacherDataModule, TheoryMonitor
 from sde_optim.optim.schedules import make_scheduler
 from sde_optim.theory import describe_sgd, predict
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _scalars(logdir):
-    out = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)):
-        ea = EventAccumulator(path, size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return out
 
 
 def _fit(root, module, monitor, *, max_steps, steps_per_epoch=1000, ckpt=None, extra=()):

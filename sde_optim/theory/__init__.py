@@ -14,7 +14,7 @@ the methods behind them are the :data:`SOLVERS` (:mod:`.solvers`): the Fokker-Pl
 import warnings
 
 from .coords import phi_to_uv, uv_to_phi
-from .describe import describe_sgd
+from .describe import describe_sgd, named_sgd
 from .dynamics import Coefficients, MeanFieldDynamics, SGDConfig, effective_step
 from .fokker_planck import FokkerPlanckSolution, WorkLimitError, solve_fokker_planck
 from .odes import gradient_flow, gradient_flow_closed_form, isotropic_linear_risk, linear_least_squares
@@ -27,7 +27,7 @@ from .types import CoordinateTypes
 
 __all__ = [
     "predict", "Prediction", "critical_lr", "CriticalLR", "METHODS", "SOLVERS",
-    "SGDConfig", "Coefficients", "describe_sgd", "effective_step", "WorkLimitError",
+    "SGDConfig", "Coefficients", "describe_sgd", "named_sgd", "effective_step", "WorkLimitError",
     "solve_fokker_planck", "FokkerPlanckSolution", "MeanFieldDynamics",
     "simulate_particles", "ParticleSolution",
     "gradient_flow", "gradient_flow_closed_form", "linear_least_squares", "isotropic_linear_risk",

@@ -19,7 +19,7 @@ import torch
 from .._validation import check_int
 from .dynamics import ScheduleLike, SGDConfig
 
-__all__ = ["describe_sgd", "SUPPORTED_OPTIMIZERS"]
+__all__ = ["describe_sgd", "named_sgd", "SUPPORTED_OPTIMIZERS"]
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "sde_optim.HomogenizedSGD", "sde_optim.SVAG")
 _HYPER = ("momentum", "dampening", "nesterov", "weight_decay")
@@ -61,6 +61,19 @@ def describe_sgd(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = (
     if replayable:
         lr = torch.tensor(_replay(optimizer, replayable, steps * per_sgd_step)[::per_sgd_step], dtype=torch.float64)
     return SGDConfig(lr=lr, batch_size=batch_size, **{k: group[k] for k in _HYPER}), notes
+
+
+def named_sgd(steps: int, *, lr: float, batch_size: ScheduleLike = 1, momentum: float = 0.0, dampening: float = 0.0,
+              nesterov: bool = False, weight_decay: float = 0.0, schedule: str = "constant") -> SGDConfig:
+    """The :class:`SGDConfig` of ``torch.optim.SGD(lr, momentum, ...)`` with the scheduler ``schedule`` names
+    (:mod:`sde_optim.optim.schedules`) over ``steps`` steps: both are built on a dummy parameter and read by
+    :func:`describe_sgd`, so the schedule is torch's own (what the CLI and the benchmarks predict)."""
+    from ..optim.schedules import make_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr, momentum=momentum, dampening=dampening,
+                          nesterov=nesterov, weight_decay=weight_decay)
+    scheduler = make_scheduler(opt, schedule, steps)
+    return describe_sgd(opt, [scheduler] if scheduler is not None else [], steps=steps, batch_size=batch_size)[0]
 
 
 def _time_factor(optimizer) -> int:

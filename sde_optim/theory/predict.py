@@ -8,9 +8,8 @@ and returns the E7 observable curves, the E8 local rate and the predicted diverg
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
