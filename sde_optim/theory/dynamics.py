@@ -152,6 +152,17 @@ class SGDConfig:
             return 1.0 / (1.0 - self.momentum)
         return (1.0 - self.dampening) / (1.0 - self.momentum)
 
+    @property
+    def stability_factor(self) -> float:
+        """Largest stable ``gamma * h`` of one step on a quadratic of curvature ``h``, ``gamma`` including the momentum
+        factor: 2 for plain SGD; heavy ball ``2 (1 + mu) / (1 - tau)`` in the raw step, i.e. ``2 (1 + mu) / (1 - mu)``
+        in the effective step without dampening; Nesterov ``2 (1 + mu) / ((1 + 2 mu)(1 - mu))``."""
+        mu, tau = self.momentum, self.dampening
+        if mu == 0:
+            return 2.0
+        raw = 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if self.nesterov else 2.0 * (1.0 + mu) / (1.0 - tau)
+        return raw * self.momentum_factor
+
     def with_lr_scaled(self, factor: float) -> "SGDConfig":
         """The same SGD with every learning rate multiplied by ``factor`` (the shape of a schedule kept)."""
         lr = self.lr
@@ -204,8 +215,7 @@ class SGDConfig:
         batch = self.batch_schedule(steps)
         warn_momentum(self.momentum, dim)
         return Coefficients(dim=dim, gamma_steps=lr * lr_scale, batch_steps=batch, kappa_steps=dim * lr * self.weight_decay,
-                            noise_scale=self.noise_scale, momentum=self.momentum, dampening=self.dampening,
-                            nesterov=self.nesterov, lr_scale=lr_scale)
+                            noise_scale=self.noise_scale, stability=self.stability_factor, lr_scale=lr_scale)
 
 
 def warn_momentum(momentum: float, dim: int) -> None:
@@ -295,9 +305,7 @@ class Coefficients:
     batch_steps: Tensor
     kappa_steps: Tensor
     noise_scale: float = 1.0
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
+    stability: float = 2.0
     lr_scale: float = 1.0
     _gamma: _Piecewise = field(init=False, repr=False)
     _batch: _Piecewise = field(init=False, repr=False)
@@ -354,15 +362,9 @@ class Coefficients:
         return float(self.gamma_steps.max())
 
     def stability_factor(self) -> float:
-        """Largest stable ``gamma * h`` of one step on a quadratic of curvature ``h`` (``gamma`` with the momentum
-        factor): 2 for plain SGD; heavy ball ``2 (1 + mu) / (1 - tau) * (1 - tau) / (1 - mu)`` rescaled to the
-        effective step, i.e. ``2 (1 + mu) / (1 - mu)`` without dampening; Nesterov ``2 (1 + mu) / ((1 + 2 mu)(1 - mu))``."""
-        mu, tau = self.momentum, self.dampening
-        if mu == 0:
-            return 2.0
-        factor = (1.0 - tau) / (1.0 - mu) if not self.nesterov else 1.0 / (1.0 - mu)
-        raw = 2.0 * (1.0 + mu) / (1.0 - tau) if not self.nesterov else 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu)
-        return raw * factor
+        """Largest stable ``gamma * h`` of one step on a quadratic of curvature ``h`` (see
+        :attr:`SGDConfig.stability_factor`)."""
+        return self.stability
 
 
 class MeanFieldDynamics:
