@@ -230,9 +230,10 @@ class TeacherRegression(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = self._optimizer()
-        steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if self.scheduler == "constant":
             return opt
+        trainer = self._trainer
+        steps = trainer.max_steps if trainer is not None and trainer.max_steps and trainer.max_steps > 0 else None
         if steps is None:
             raise ValueError(f"scheduler={self.scheduler!r} needs Trainer(max_steps=...) >= 1 to know the run's length")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(opt, self.scheduler, steps),

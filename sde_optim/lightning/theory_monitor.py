@@ -139,8 +139,9 @@ class TheoryMonitor(MonitorCallback):
         every_n_steps: optimizer steps between measurements (>= 1), or ``None`` (see above).
         observables: names from :data:`sde_optim.OBSERVABLES` (default risk and curvature).
         method: prediction method passed to :func:`sde_optim.predict`.
-        lr: a constant learning rate to predict instead of the optimizer's and its schedulers' (> 0);
-            the other hyper-parameters are still read from the optimizer.
+        lr: a constant learning rate to predict instead of the optimizer's and its schedulers' (> 0), e.g. to
+            see what another lr would do; the other hyper-parameters are still read from the optimizer, and
+            the optimizer's lr is then not checked against it.
         batch_size: the global SGD batch ``B`` (>= 1); default: ``pl_module.sgd_global_batch_size``.
         sgd_steps_per_step: SGD steps of time per optimizer step (> 0); default:
             ``pl_module.sgd_steps_per_step``.
@@ -240,7 +241,7 @@ class TheoryMonitor(MonitorCallback):
         if self.lr is not None:
             if schedulers:
                 rank_zero_warn(f"TheoryMonitor(lr={self.lr:g}) predicts a constant learning rate; the run's schedulers "
-                               "are ignored by the prediction, and points where the lr differs are marked")
+                               "are ignored by the prediction")
             sgd = SGDConfig(lr=self.lr, batch_size=batch, momentum=sgd.momentum, dampening=sgd.dampening,
                             nesterov=sgd.nesterov, weight_decay=sgd.weight_decay)
         return sgd
@@ -329,8 +330,9 @@ class TheoryMonitor(MonitorCallback):
         """Mark this and later points if the optimizer's lr is not the one the prediction assumed at this step."""
         assert self._sgd is not None
         k = int(sgd_step)
-        if not self._assumptions_hold or k != sgd_step or k >= self._sgd_horizon:
-            return  # already marked; inside an SVAG step; or the lr after the last step, which no step uses
+        if self.lr is not None or not self._assumptions_hold or k != sgd_step or k >= self._sgd_horizon:
+            return  # lr given: predicting another lr on purpose; already marked; inside an SVAG step; or the lr
+            # after the last step, which no step uses
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         lr_now = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)  # once per measurement, not per step
         expected = self._sgd.lr_at(k)
