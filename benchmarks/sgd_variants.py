@@ -14,7 +14,11 @@ standard error at that point, for d in --dims. Table 2: where E11 stops -- momen
 Usage:
   python benchmarks/sgd_variants.py                          # d = 1024 4096 16384, 4 seeds (~15 min on 2 cores)
   python benchmarks/sgd_variants.py --dims 1024 --seeds 4    # quick look
-Flags: --dims, --seeds, --tol, --threads, --settings NAME..., --sgd-cache FILE, --implementation, --skip {variants,memory}
+Table 3: the same question on common random numbers -- momentum SGD against plain SGD at the same
+effective step on the same samples -- which isolates E11's own error from the seed noise.
+
+Flags: --dims, --memory-dims, --seeds, --tol, --threads, --settings NAME..., --sgd-cache FILE, --implementation,
+--skip {variants,memory,paired}
 """
 
 from __future__ import annotations
@@ -107,6 +111,37 @@ def section_memory(args):
           ["momentum", "d", "1/((1-mu)d)", "risk err", "risk se", "curv err", "curv se"], rows)
 
 
+def section_paired(args):
+    """E11 without the finite-d gap of SGD itself: momentum SGD against plain SGD at the same lr_eff on the same
+    samples (the same generator and batch shapes: common random numbers), so the seed noise cancels."""
+    from sde_optim.simulation import simulate_sgd
+
+    rows = []
+    for d in args.memory_dims:
+        problem = TeacherProblem.sparse(d, 0.1, noise_std=0.0, seed=0)
+        model = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+        steps = int(HORIZON * d)
+        rec = output_steps(steps, 41, "cpu")
+        runs = {}
+        for mu in (0.0, 0.9, 0.99):
+            key = f"paired|mu={mu}|d={d}|seeds={args.seeds}"
+            runs[mu] = cached_sgd(args, key, problem=problem, model=model, sgd=named_sgd(steps, lr=0.5 * (1 - mu), momentum=mu),
+                                  record_steps=rec, num_runs=args.seeds, generator=torch.Generator().manual_seed(7 + d))
+        plain = runs[0.0].values["risk"]
+        window = plain.mean(0) >= 1e-3 * plain.mean(0)[0]
+        for mu in (0.9, 0.99):
+            rel = (runs[mu].values["risk"] - plain) / plain  # per run, paired
+            mean, se = rel.mean(0)[window], rel.std(0)[window] / args.seeds**0.5
+            i = int(mean.abs().argmax())
+            t_at = float(runs[mu].t[window][i])
+            rows.append([mu, d, fmt(1 / ((1 - mu) * d), ".4f"), fmt(float(mean[i]), "+.2%"), fmt(float(se[i]), ".2%"),
+                         f"{t_at:.2f}"])
+            print(f"   [paired mu={mu} d={d}] max mean rel diff {float(mean[i]):+.2%} (se {float(se[i]):.2%})", flush=True)
+    table(f"3. E11 on common random numbers: SGD with momentum mu and lr 0.5 (1 - mu) vs plain SGD with lr 0.5, same "
+          f"samples, {args.seeds} seeds; max over the descent window of the seed-mean paired relative risk difference",
+          ["momentum", "d", "1/((1-mu)d)", "max rel diff", "se", "at t"], rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 16384], help="dimensions of table 1")
@@ -118,7 +153,7 @@ def main(argv=None):
     ap.add_argument("--implementation", default="vectorized", choices=["vectorized", "torch"],
                     help="simulate_sgd implementation: vectorized (u, v) update or real torch.optim.SGD per run")
     ap.add_argument("--sgd-cache", default=None, help="file memoizing the SGD runs (keyed by setting, d, seeds)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["variants", "memory"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["variants", "memory", "paired"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -126,6 +161,8 @@ def main(argv=None):
         section_variants(args)
     if "memory" not in args.skip:
         section_memory(args)
+    if "paired" not in args.skip:
+        section_paired(args)
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
 
 
