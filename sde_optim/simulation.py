@@ -193,7 +193,13 @@ class _Vectorized:
 
     def step(self, lr: float, x: Tensor, y: Tensor) -> None:
         sgd, u, v = self.sgd, self.u, self.v
-        g = self.scale * _beta_gradient(u * v, x, y)  # gradient step lr * lr_scale (pm: J^T J = 2)
+        e = torch.matmul(x, (u * v).unsqueeze(-1)).squeeze(-1) - y  # (runs, B) residuals
+        g = torch.matmul(e.unsqueeze(-2), x).squeeze(-2)  # B times the beta-gradient; lr_scale (pm: J^T J = 2)
+        c = self.scale / x.shape[-2]
+        if not sgd.weight_decay and not sgd.momentum:  # plain SGD: two fused passes
+            self.u, self.v = torch.addcmul(u, g, v, value=-lr * c), torch.addcmul(v, g, u, value=-lr * c)
+            return
+        g = g * c
         du, dv = g * v, g * u
         if sgd.weight_decay:
             du, dv = du + sgd.weight_decay * u, dv + sgd.weight_decay * v
