@@ -180,3 +180,24 @@ def test_quadrature_refines_only_where_the_indicators_are():
     assert quad.refine(indicator, fraction=0.5)
     assert len(quad.cut) == len(before) + 1 and before[3] not in quad.cut
     assert not quad.refine(torch.zeros(len(quad.cut), dtype=F64))  # nothing to refine
+
+
+def test_the_tree_never_splits_a_feature_that_takes_one_value():
+    """A balanced init at alpha = 0.2 gives every coordinate log|beta0| = log 0.04; its weighted mean differs
+    from that value in the last bit, so the weighted sum of squares was ~1e-32 > 0 and the tree split on it,
+    making an empty child (NaN sigma points, a LinAlgError in eigh: found on a two-level spectrum with a
+    Gaussian teacher). Every node of a deep cut must have members, and predict must run there."""
+    d = 1024
+    g = torch.Generator().manual_seed(0)
+    lam = torch.where(torch.rand(d, generator=g) < 0.5, 1.0, 8.0).to(torch.float64)
+    bstar = torch.where(torch.rand(d, generator=g) < 0.3, torch.randn(d, generator=g, dtype=torch.float64), 0.0)
+    cols = torch.stack([lam / lam.mean(), bstar, torch.full((d,), 0.2, dtype=torch.float64),
+                        torch.full((d,), 0.2, dtype=torch.float64)], dim=1)
+    tree = TypeTree(cols)
+    cut = tree.initial_cut(512)
+    nodes = cut + [c for n in cut for c in (tree.children(n) or ())]
+    assert all(tree.members[n].numel() > 0 for n in nodes)
+    problem = TeacherProblem(cols[:, 0] / d, bstar, 0.3)
+    model = DiagonalLinearNetwork.from_state(cols[:, 2], cols[:, 3])
+    pred = predict(problem, model, lr=0.5, batch_size=2, steps=2 * d, num_points=9)
+    assert bool(torch.isfinite(pred.curves["risk"]).all())

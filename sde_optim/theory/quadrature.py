@@ -131,6 +131,8 @@ class TypeTree:
         total = w.sum()
         mean = (w[:, None] * x).sum(0) / total
         ss = (w[:, None] * (x - mean) ** 2).sum(0)  # weighted sum of squares per feature
+        # a feature with one value has ss ~ 1e-32 from the rounding of the mean, not a spread: never split on it
+        ss = torch.where(x.amax(0) > x.amin(0), ss, torch.zeros_like(ss))
         j = int(ss.argmax())
         self._split_dim.append(j if float(ss[j]) > 0 else None)
         # sigma points are exact for quadratics: their error goes like weight * width^4 = ss^2 / weight
