@@ -58,17 +58,23 @@ def setting(name: str, d: int):
         "combined-B4-noise": (TeacherProblem.sparse(d, 0.1, noise_std=0.2, seed=1),
                               dict(lr=0.2, batch_size=4, momentum=0.9, weight_decay=kappa / (d * 2.0),
                                    schedule=f"warmup-cosine:{steps // 10}")),
+        # not designed for: two-level spectrum (ratio 8) with a Gaussian teacher on 30 %, balanced init alpha 0.2,
+        # noise, B = 2, Nesterov 0.8 with weight decay and a step decay (it found an empty-node bug in the types)
+        "unseen-two-level-gauss": (TeacherProblem.sparse(d, 0.3, spectrum="two-level", ratio=8.0, values="gaussian",
+                                                         noise_std=0.3, seed=21),
+                                   dict(lr=0.1, batch_size=2, momentum=0.8, nesterov=True,
+                                        weight_decay=kappa / (d * 0.5), schedule=f"step:{steps // 3}:0.5")),
     }
     problem, kw = specs[name]
     return problem, named_sgd(steps, **kw), steps
 
 
 SETTINGS = ["momentum-0.9", "nesterov-0.9", "momentum-0.9-damp-0.5", "weight-decay", "cosine", "step-decay",
-            "warmup-cosine", "combined-B4-noise"]
+            "warmup-cosine", "combined-B4-noise", "unseen-two-level-gauss"]
 
 
-def _compare(args, key, problem, sgd, steps, num_points=41):
-    model = DiagonalLinearNetwork(problem.dim, alpha=0.1, dtype=F64)
+def _compare(args, key, problem, sgd, steps, num_points=41, init=None):
+    model = init or DiagonalLinearNetwork(problem.dim, alpha=0.1, dtype=F64)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # E11's validity warning: measured here instead
@@ -86,7 +92,8 @@ def section_variants(args):
     for name in args.settings:
         for d in args.dims:
             problem, sgd, steps = setting(name, d)
-            pred, e, t_pde, t_sgd = _compare(args, f"variants|{name}|d={d}", problem, sgd, steps)
+            init = DiagonalLinearNetwork(d, alpha=0.2, init="balanced", dtype=F64) if name.startswith("unseen") else None
+            pred, e, t_pde, t_sgd = _compare(args, f"variants|{name}|d={d}", problem, sgd, steps, init=init)
             rows.append([name, d, fmt(sgd.momentum_factor, ".3g"), fmt(e["risk"][0], ".2%"), fmt(e["risk"][1], ".2%"),
                          fmt(e["curvature"][0], ".2%"), fmt(e["curvature"][1], ".2%"), f"{t_pde:.1f}", f"{t_sgd:.0f}"])
             print(f"   [{name} d={d}] risk {e['risk'][0]:.2%} curv {e['curvature'][0]:.2%} (pde {t_pde:.1f} s, "
