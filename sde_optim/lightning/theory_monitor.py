@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Iterable, Literal
 
 import pytorch_lightning as pl
@@ -237,7 +238,10 @@ class TheoryMonitor(MonitorCallback):
                     continue
                 every *= per_epoch
             schedulers.append((config.scheduler, every))
-        sgd, _ = describe_sgd(opt, schedulers, steps=horizon, batch_size=batch)  # warns on a metric-driven scheduler
+        with warnings.catch_warnings():
+            if not trainer.is_global_zero:  # every rank replays the same schedulers: warn once, on rank zero
+                warnings.simplefilter("ignore")
+            sgd, _ = describe_sgd(opt, schedulers, steps=horizon, batch_size=batch)  # warns on a metric-driven scheduler
         if self.lr is not None:
             if schedulers:
                 rank_zero_warn(f"TheoryMonitor(lr={self.lr:g}) predicts a constant learning rate; the run's schedulers "
