@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .models import DiagonalLinearNetwork
-from .observables import OBSERVABLES
+from .observables import OBSERVABLES, relative_error
 from .plotting import comparison_figure, mask_divergence, save_figure
 from .simulation import train_homogenized, train_sgd
 from .teacher import TeacherProblem, TeacherSpec
@@ -382,13 +382,9 @@ def _solver_kwargs(args: argparse.Namespace) -> dict:
     return {"tol": args.tol, "max_types": args.max_types, **({"solver_options": options} if options else {})}
 
 
-def _title(args: argparse.Namespace, lr: float) -> str:
-    extras = [f"momentum={args.momentum:g}"] if args.momentum else []
-    extras += [f"dampening={args.dampening:g}"] if args.dampening else []
-    extras += ["nesterov"] if args.nesterov else []
-    extras += [f"wd={args.weight_decay:g}"] if args.weight_decay else []
-    extras += [f"{args.schedule} schedule"] if args.schedule != "constant" else []
-    return (f"d={args.dim}, lr={lr:g}, B={args.batch_size}, " + "".join(e + ", " for e in extras)
+def _title(args: argparse.Namespace, sgd: SGDConfig) -> str:
+    extras = sgd.options() + ([f"{args.schedule} schedule"] if args.schedule != "constant" else [])
+    return (f"d={args.dim}, lr={args.lr:g}, B={args.batch_size}, " + "".join(e + ", " for e in extras)
             + f"density={args.density:g}, {args.spectrum} spectrum, sigma={args.noise_std:g}, "
             f"{args.init} init alpha={args.alpha:g}")
 
@@ -406,7 +402,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.png:
         label = ("PDE" if args.method == "pde" else args.method.replace("_", " ")) + " prediction"
         fig = comparison_figure({n: (pred.steps.tolist(), pred.curves[n].tolist()) for n in names}, {},
-                                title=f"{label}: {_title(args, args.lr)}", dim=args.dim,
+                                title=f"{label}: {_title(args, sgd)}", dim=args.dim,
                                 divergence_step=pred.divergence_step, prediction_label=label)
         print("wrote " + ", ".join(save_figure(fig, args.png)))
 
@@ -445,7 +441,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         _log_run(os.path.join(version, folder), xs, curves, pred)
     predicted = {n: (pred.steps.tolist(), pred.curves[n].tolist()) for n in _COMPARE_OBSERVABLES}
     measured = {_RUNS[f][0]: {n: (xs, v.tolist()) for n, v in curves.items()} for f, curves in runs.items()}
-    fig = comparison_figure(predicted, measured, title=_title(args, args.lr), dim=args.dim,
+    fig = comparison_figure(predicted, measured, title=_title(args, sgd), dim=args.dim,
                             divergence_step=pred.divergence_step, prediction_label="PDE prediction")
     written = save_figure(fig, args.png or os.path.join(version, "compare.png"))
     _print_summary(runs, xs, pred)
@@ -460,7 +456,7 @@ def _print_summary(runs: dict[str, dict], xs: Sequence[int], pred) -> None:
     for folder, curves in runs.items():
         risk = curves["risk"]
         pairs = [(float(m), pred.at_step(x)["risk"]) for x, m in zip(xs, risk.mean(0))]
-        rels = [_rel_error(m, p) for m, p in pairs if math.isfinite(m) and math.isfinite(p)]
+        rels = [relative_error(m, p) for m, p in pairs if math.isfinite(m) and math.isfinite(p)]
         diverged = int((~risk.isfinite()).any(1).sum())
         print(f"{_RUNS[folder][0]:<16} max relative risk deviation from the PDE: {max(rels):.2%} at the {len(rels)} "
               f"step(s) where both are finite (mean of {risk.shape[0]} runs; {diverged} diverged: risk above "
@@ -486,14 +482,6 @@ def _train_runs(problem: TeacherProblem, args: argparse.Namespace, steps: int, e
     return out
 
 
-def _rel_error(measured: float, predicted: float) -> float:
-    """``|m - p| / |p|`` as TheoryMonitor's ``rel_error``: 0 when they agree to 1e-12, inf when only p is 0."""
-    diff = abs(measured - predicted)
-    if diff <= 1e-12:
-        return 0.0
-    return diff / abs(predicted) if predicted != 0 else math.inf
-
-
 def _log_run(directory: str, xs: Sequence[int], curves: dict, pred) -> None:
     """One TensorBoard run: the seed mean as ``{obs}/measured``, the prediction, their relative error."""
     from torch.utils.tensorboard import SummaryWriter
@@ -506,7 +494,7 @@ def _log_run(directory: str, xs: Sequence[int], curves: dict, pred) -> None:
                 m, p = float(values[:, i].mean()), float(predicted[n])
                 w.add_scalar(f"{n}/measured", m, global_step=x)
                 w.add_scalar(f"{n}/predicted", p, global_step=x)
-                w.add_scalar(f"{n}/rel_error", _rel_error(m, p), global_step=x)
+                w.add_scalar(f"{n}/rel_error", relative_error(m, p), global_step=x)
 
 
 def _cmd_critical_lr(args: argparse.Namespace) -> None:

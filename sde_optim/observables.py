@@ -20,7 +20,18 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["CoordinateState", "Observable", "OBSERVABLES", "measure", "resolve_observables", "coordinate_state"]
+__all__ = ["CoordinateState", "Observable", "OBSERVABLES", "measure", "resolve_observables", "coordinate_state",
+           "relative_error"]
+
+
+def relative_error(measured: float, predicted: float) -> float:
+    """The logged ``{obs}/rel_error``: ``|m - p| / |p|``; 0 when both vanish (e.g. l1 at a zero initialization:
+    the PDE gives ~1e-14 there), inf when only p does. Observables are O(1) in THEORY's normalization, so a
+    difference below 1e-12 is rounding."""
+    diff = abs(measured - predicted)
+    if diff <= 1e-12:
+        return 0.0
+    return diff / abs(predicted) if predicted != 0 else float("inf")
 
 
 @dataclass(frozen=True)

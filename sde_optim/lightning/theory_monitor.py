@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .._validation import check_choice, check_float, check_int, check_strategy
 from ..models import DiagonalLinearNetwork
-from ..observables import measure, resolve_observables
+from ..observables import measure, relative_error, resolve_observables
 from ..optim import SVAG, HomogenizedSGD
 from ..plotting import comparison_figure
 from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
@@ -42,16 +42,6 @@ def _find_network(module: torch.nn.Module) -> DiagonalLinearNetwork:
         if isinstance(m, DiagonalLinearNetwork):
             return m
     raise ValueError("TheoryMonitor needs a DiagonalLinearNetwork inside the LightningModule; none was found")
-
-
-def _relative_error(measured: float, predicted: float) -> float:
-    """``|m - p| / |p|``; 0 when both vanish (e.g. l1 at a zero initialization: the PDE gives
-    ~1e-14 there), inf when only p does. Observables are O(1) in THEORY's normalization, so a
-    difference below 1e-12 is rounding."""
-    diff = abs(measured - predicted)
-    if diff <= 1e-12:
-        return 0.0
-    return diff / abs(predicted) if predicted != 0 else math.inf
 
 
 class TheoryMonitor(MonitorCallback):
@@ -322,7 +312,7 @@ class TheoryMonitor(MonitorCallback):
         self.history.setdefault("assumptions_hold", []).append(self._assumptions_hold)
         for name in self.observables:
             m, p = float(measured[name]), float(predicted[name])
-            rel = _relative_error(m, p)
+            rel = relative_error(m, p)
             metrics.update({f"{name}/measured": m, f"{name}/predicted": p, f"{name}/rel_error": rel})
             for key, value in (("measured", m), ("predicted", p), ("rel_error", rel)):
                 self.history.setdefault(f"{name}/{key}", []).append(value)
@@ -486,12 +476,7 @@ def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> int | None:
 
 def _describe_extras(sgd: SGDConfig) -> str:
     """``momentum=0.9, nesterov, wd=1e-4, lr schedule`` -- what is not plain constant-lr SGD."""
-    parts = [f"momentum={sgd.momentum:g}"] if sgd.momentum else []
-    parts += [f"dampening={sgd.dampening:g}"] if sgd.dampening else []
-    parts += ["nesterov"] if sgd.nesterov else []
-    parts += [f"wd={sgd.weight_decay:g}"] if sgd.weight_decay else []
-    parts += ["lr schedule"] if not sgd.constant else []
-    return ", ".join(parts) or "plain SGD"
+    return ", ".join(sgd.options() + ([] if sgd.constant else ["lr schedule"])) or "plain SGD"
 
 
 # ---------------------------------------------------------------------- deprecated (remove in the next release)

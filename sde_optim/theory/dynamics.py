@@ -163,6 +163,14 @@ class SGDConfig:
         raw = 2.0 * (1.0 + mu) / (1.0 + 2.0 * mu) if self.nesterov else 2.0 * (1.0 + mu) / (1.0 - tau)
         return raw * self.momentum_factor
 
+    def options(self) -> list[str]:
+        """What is not plain SGD, for titles and messages: ``["momentum=0.9", "nesterov", "wd=1e-4"]``."""
+        parts = [f"momentum={self.momentum:g}"] if self.momentum else []
+        parts += [f"dampening={self.dampening:g}"] if self.dampening else []
+        parts += ["nesterov"] if self.nesterov else []
+        parts += [f"wd={self.weight_decay:g}"] if self.weight_decay else []
+        return parts
+
     def with_lr_scaled(self, factor: float) -> "SGDConfig":
         """The same SGD with every learning rate multiplied by ``factor`` (the shape of a schedule kept)."""
         lr = self.lr
