@@ -25,6 +25,7 @@ diffusion and imbalance of E4-E6 per type, used by the PDE, the particles and th
 from __future__ import annotations
 
 import bisect
+import copy
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence, Union
@@ -38,7 +39,7 @@ from .coords import phi_to_state, psi_to_state
 from .statistics import risk_of
 from .types import KIND_FROZEN, KIND_PHI, KIND_PSI, CoordinateTypes
 
-__all__ = ["SGDConfig", "Coefficients", "MeanFieldDynamics", "effective_step", "JUMP"]
+__all__ = ["SGDConfig", "Coefficients", "CoefficientBatch", "MeanFieldDynamics", "effective_step", "JUMP"]
 
 ScheduleLike = Union[float, int, Sequence[float], Tensor, Callable[[int], float]]
 
@@ -375,6 +376,60 @@ class Coefficients:
         return self.stability
 
 
+class CoefficientBatch:
+    """Several :class:`Coefficients` solved as one system (a sweep of learning rates or batch sizes, issue 12).
+
+    The same methods as :class:`Coefficients`, returning ``(G, 1, 1)`` tensors (one value per member, shaped to
+    broadcast over ``(types, cells)``) instead of floats, so that :class:`MeanFieldDynamics` and the
+    Fokker-Planck solver carry a leading group dimension ``G`` with no other change.  Breakpoints are the union
+    of the members'.  :meth:`select` keeps a subset (members that diverged leave the batch).
+    """
+
+    def __init__(self, members: Sequence[Coefficients], dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None) -> None:
+        if not members:
+            raise ValueError("a CoefficientBatch needs at least one member")
+        self.members = list(members)
+        self.dtype, self.device = dtype, device
+        self.noise_scale = self.members[0].noise_scale
+        self.dim = self.members[0].dim
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def select(self, idx: Sequence[int]) -> "CoefficientBatch":
+        return CoefficientBatch([self.members[i] for i in idx], self.dtype, self.device)
+
+    def _col(self, values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=self.dtype, device=self.device).reshape(-1, 1, 1)
+
+    @property
+    def decays(self) -> bool:
+        return any(c.decays for c in self.members)
+
+    @property
+    def breakpoints(self) -> list[float]:
+        return sorted(set().union(*(c.breakpoints for c in self.members)))
+
+    def gamma(self, t: float, side: int = 1) -> Tensor:
+        return self._col([c.gamma(t, side) for c in self.members])
+
+    def batch(self, t: float, side: int = 1) -> Tensor:
+        return self._col([c.batch(t, side) for c in self.members])
+
+    def noise(self, t: float, side: int = 1) -> Tensor:
+        return self._col([c.noise(t, side) for c in self.members])
+
+    def kappa(self, t: float, side: int = 1) -> Tensor:
+        return self._col([c.kappa(t, side) for c in self.members])
+
+    def kappa_integral(self, t: float) -> Tensor:
+        return self._col([c.kappa_integral(t) for c in self.members])
+
+    def stability_factor(self) -> Tensor:
+        return self._col([c.stability_factor() for c in self.members])
+
+
 class MeanFieldDynamics:
     """Drift, diffusion and imbalance of E4-E6 (with E10-E12) for a set of types: used by every solver.
 
@@ -389,10 +444,13 @@ class MeanFieldDynamics:
     integrate along with the law.
     """
 
-    def __init__(self, types: CoordinateTypes, gamma: float | Coefficients, batch_size: float = 1, noise_std: float = 0.0,
-                 noise_scale: float = 1.0, param_scale: float = 1.0) -> None:
+    def __init__(self, types: CoordinateTypes, gamma: float | Coefficients | CoefficientBatch, batch_size: float = 1,
+                 noise_std: float = 0.0, noise_scale: float = 1.0, param_scale: float = 1.0) -> None:
         self.types = types
-        self.coef = gamma if isinstance(gamma, Coefficients) else Coefficients.constant(float(gamma), batch_size, noise_scale)
+        if isinstance(gamma, (Coefficients, CoefficientBatch)):
+            self.coef = gamma
+        else:
+            self.coef = Coefficients.constant(float(gamma), batch_size, noise_scale)
         self.noise_std = noise_std
         self.param_scale = param_scale
         col = lambda t: t[:, None]  # noqa: E731  (T,) -> (T, 1)
@@ -407,6 +465,23 @@ class MeanFieldDynamics:
         kinds = set(types.kind.tolist())
         self.only = kinds.pop() if len(kinds) == 1 else None  # the single kind of all types, if so (fast paths)
         self.decays = self.coef.decays
+
+    # ---------------------------------------------------------------- a batch of coefficients (issue 12)
+    @property
+    def groups(self) -> int | None:
+        """``G`` when the coefficients are a :class:`CoefficientBatch` (states then carry a leading ``(G,)``), else None."""
+        return len(self.coef) if isinstance(self.coef, CoefficientBatch) else None
+
+    def with_coefficients(self, coef: Coefficients | CoefficientBatch) -> "MeanFieldDynamics":
+        """The same types and problem under other coefficients (a batch member, or a subset of the batch)."""
+        other = copy.copy(self)
+        other.coef = coef
+        other.decays = coef.decays
+        return other
+
+    def member(self, g: int) -> "MeanFieldDynamics":
+        """Member ``g`` of a batch as a plain (unbatched) dynamics."""
+        return self.with_coefficients(self.coef.members[g])
 
     # ---------------------------------------------------------------- constant-coefficient views (plain SGD)
     @property

@@ -70,7 +70,7 @@ from .statistics import risk_of
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
-__all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "solve_on_grid", "refine_grid", "refine_grid_on_subset",
+__all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "solve_on_grid", "solve_batch_on_grid", "refine_grid", "refine_grid_batch", "refine_grid_on_subset",
            "grid_level", "cells_for_tolerance", "MeanFieldDynamics", "Budget", "WorkLimitError"]
 
 
@@ -176,7 +176,7 @@ class FokkerPlanckSolution:
 def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -> Tensor:
     """Batched tridiagonal solve; rows ``j``: ``lower[j] y[j-1] + diag[j] y[j] + upper[j] y[j+1] = rhs[j]``.
 
-    All arguments ``(T, N)`` (``lower[:, 0]``, ``upper[:, -1]`` ignored).  On CPU: one LAPACK
+    All arguments ``(..., N)`` (``lower[..., 0]``, ``upper[..., -1]`` ignored).  On CPU: one LAPACK
     ``gtsv`` call on the block-diagonal system of size ``T N``; elsewhere a dense batched solve.
     """
     if diag.device.type == "cpu" and diag.dtype in (torch.float64, torch.float32):
@@ -185,14 +185,14 @@ def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -
         # The batch as one block-diagonal system of size T*N (no coupling across rows): one LAPACK call.
         gtsv = lapack.dgtsv if diag.dtype == torch.float64 else lapack.sgtsv
         lo, up = lower.clone(), upper.clone()
-        lo[:, 0] = 0.0
-        up[:, -1] = 0.0
+        lo[..., 0] = 0.0
+        up[..., -1] = 0.0
         res = gtsv(lo.reshape(-1)[1:].numpy(), diag.reshape(-1).numpy(), up.reshape(-1)[:-1].numpy(),
                    rhs.reshape(-1).numpy())
         if res[-1] != 0:
             raise RuntimeError(f"tridiagonal solve failed (LAPACK info={res[-1]})")
         return torch.from_numpy(res[3]).reshape(rhs.shape)
-    a = torch.diag_embed(diag) + torch.diag_embed(upper[:, :-1], 1) + torch.diag_embed(lower[:, 1:], -1)
+    a = torch.diag_embed(diag) + torch.diag_embed(upper[..., :-1], 1) + torch.diag_embed(lower[..., 1:], -1)
     return torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)
 
 
@@ -217,13 +217,14 @@ def _gaussian_cells(xi_faces: Tensor) -> Tensor:
 
 @dataclass
 class _Statistics:
-    """What one state ``(mass, m, s, int R)`` of every type determines (all ``(T, ...)`` per type).
+    """What one state ``(mass, m, s, int R)`` of every group and type determines (``(G, T, ...)``; ``G`` members of a
+    :class:`~sde_optim.theory.dynamics.CoefficientBatch`, 1 for one SGD).
 
-    ``a``: drift at the cell centres then the interior faces ``(T, 2N - 1)``; ``diffusion`` ``D`` ``(T,)``;
-    ``e_xi, var_xi, e_a, cov_xi_a`` the discrete moments of ``xi`` and ``a`` (fourth-order weights);
-    ``observed`` ``(2, T, N)`` the weighted risk and curvature densities (E7) per cell and
-    ``observed_total`` ``(2,)`` their totals ``R`` (with ``sigma^2/2``) and ``C``; ``tail_share`` the share
-    of the excess risk in the two outermost cells on each side; ``unstable`` the expected number of
+    ``risk`` ``(G,)``; ``a``: drift at the cell centres then the interior faces ``(G, T, 2N - 1)``; ``diffusion``
+    ``D`` ``(G, T)``; ``e_xi, var_xi, e_a, cov_xi_a`` ``(G, T)`` the discrete moments of ``xi`` and ``a``
+    (fourth-order weights); ``observed`` ``(2, G, T, N)`` the weighted risk and curvature densities (E7) per cell
+    and ``observed_total`` ``(2, G)`` their totals ``R`` (with ``sigma^2/2``) and ``C``; ``tail_share`` ``(G,)`` the
+    share of the excess risk in the two outermost cells on each side; ``unstable`` ``(G,)`` the expected number of
     coordinates past the discrete-step limit.
     """
 
@@ -239,10 +240,11 @@ class _Statistics:
     tail_share: Tensor
     unstable: Tensor
 
-    def observable_error(self, dmass: Tensor) -> float:
-        """Largest relative change of ``R`` or ``C`` that a mass change ``dmass`` ``(T, N)`` can cause (weighted L1)."""
+    def observable_error(self, dmass: Tensor) -> Tensor:
+        """Per group ``(G,)``: the largest relative change of ``R`` or ``C`` that a mass change ``dmass`` ``(G, T, N)``
+        can cause (weighted L1)."""
         num = (dmass.abs() * self.observed).sum(dim=(-2, -1))
-        return float((num / self.observed_total.clamp_min(1e-300)).max())
+        return (num / self.observed_total.clamp_min(1e-300)).amax(0)
 
 
 @dataclass
@@ -262,8 +264,8 @@ class _Operator:
         dg, up, lo = self.diag, self.upper, self.lower
         if col_scale is not None:
             dg = dg * col_scale
-            up = torch.nn.functional.pad(up[:, :-1] * col_scale[:, 1:], (0, 1))
-            lo = torch.nn.functional.pad(lo[:, 1:] * col_scale[:, :-1], (1, 0))
+            up = torch.nn.functional.pad(up[..., :-1] * col_scale[..., 1:], (0, 1))
+            lo = torch.nn.functional.pad(lo[..., 1:] * col_scale[..., :-1], (1, 0))
         if other is not None:
             dg, up, lo = dg + other.diag, up + other.upper, lo + other.lower
         return tridiagonal_solve(-h * lo, 1.0 - h * dg, -h * up, rhs)
@@ -293,28 +295,30 @@ class _Grid:
         """Risk, drift, diffusion, moments and observed densities of a state at time ``t`` (see :class:`_Statistics`);
         ``side``: which side of a schedule's jump at ``t`` (+1 after, -1 before)."""
         dyn, xi, n = self.dyn, self.xi, self.xi.numel()
-        q = dyn.q(integral, t)
-        both = dyn.state(m[:, None] + s[:, None] * self.points, q)  # cell centres, then interior faces
-        c = CoordinateState(dyn.lam, dyn.bstar, both.beta[:, :n], both.rho[:, :n], both.q[:, :n], dyn.param_scale)
+        q = dyn.q(integral[:, None, None], t)  # (G, T, 1)
+        both = dyn.state(m[..., None] + s[..., None] * self.points, q)  # cell centres, then interior faces
+        c = CoordinateState(dyn.lam, dyn.bstar, both.beta[..., :n], both.rho[..., :n], both.q[..., :n], dyn.param_scale)
         qw = quadrature_weights(mass)
         # E7 densities from the registry (the same definitions as the measurement), times pi_tau
-        observed = torch.stack([_RISK.density(c), _CURVATURE.density(c)]) * dyn.weight
-        totals = (observed * qw).sum(dim=(-2, -1))
+        observed = torch.stack([_RISK.density(c), _CURVATURE.density(c)]) * dyn.weight  # (2, G, T, N)
+        totals = (observed * qw).sum(dim=(-2, -1))  # (2, G)
         risk = totals[0] + _RISK.offset(dyn.noise_std)
         dens = observed[0] * mass
-        tail_share = (dens[:, :2].sum() + dens[:, -2:].sum()) / dens.sum().clamp_min(1e-300)
+        ends = dens[..., :2].sum(dim=(-2, -1)) + dens[..., -2:].sum(dim=(-2, -1))
+        tail_share = ends / dens.sum(dim=(-2, -1)).clamp_min(1e-300)
         if self.step_limit is not None:
             factor, dim = self.step_limit  # past gamma lam rho / d > factor one discrete step is unstable
             limit = factor * dim / dyn.coef.gamma(t, side)
-            unstable = dim * ((c.lam * c.rho > limit).to(mass.dtype) * mass * dyn.weight).sum()
+            unstable = dim * ((c.lam * c.rho > limit).to(mass.dtype) * mass * dyn.weight).sum(dim=(-2, -1))
         else:
-            unstable = torch.zeros((), dtype=mass.dtype, device=mass.device)
-        a = dyn.drift(both.beta, risk, t, side)
-        a_c = a[:, :n]
+            unstable = torch.zeros_like(risk)
+        a = dyn.drift(both.beta, risk[:, None, None], t, side)
+        a_c = a[..., :n]
         wa = qw * a_c
         e_xi, e_xi2, e_a, e_xia = qw @ xi, qw @ (xi * xi), wa.sum(-1), wa @ xi
         var_xi = (e_xi2 - e_xi**2).clamp_min(self.h * self.h / 12.0)  # at least a uniform cell's variance
-        return _Statistics(risk, a, dyn.diffusion(risk, t, side)[:, 0], e_xi, var_xi, e_a, e_xia - e_xi * e_a, observed,
+        diffusion = dyn.diffusion(risk[:, None, None], t, side)[..., 0].expand_as(e_xi)
+        return _Statistics(risk, a, diffusion, e_xi, var_xi, e_a, e_xia - e_xi * e_a, observed,
                            torch.stack([risk, totals[1]]), tail_share, unstable)
 
     def plan(self, st: _Statistics, m: Tensor, s: Tensor, h: float) -> tuple[Tensor, Tensor]:
@@ -349,9 +353,9 @@ class _Grid:
     def assemble(self, st: _Statistics, s: Tensor, vm: Tensor, vs: Tensor) -> _Operator:
         """SG operator of the state ``st`` on the grid of spread ``s`` moving with velocity ``(vm, vs)``."""
         n, h = self.xi.numel(), self.h
-        a_f = st.a[:, n:]
-        vel = (a_f - vm[:, None] - vs[:, None] * self.inner) / s[:, None]  # drift in xi at interior faces (ALE)
-        dxi = torch.clamp(st.diffusion / (s * s), min=1e-300)[:, None]  # diffusion in xi
+        a_f = st.a[..., n:]
+        vel = (a_f - vm[..., None] - vs[..., None] * self.inner) / s[..., None]  # drift in xi at interior faces (ALE)
+        dxi = torch.clamp(st.diffusion / (s * s), min=1e-300)[..., None]  # diffusion in xi
         pe = vel * h / dxi
         # flux J_{j+1/2} = cp_j mass_j - cm_j mass_{j+1}, cp = coef B(-pe), cm = coef B(pe); one Bernoulli
         # evaluation through B(-z) = B(z) + z, so B(-pe) = B(|pe|) + max(pe, 0) and B(pe) = B(|pe|) - min(pe, 0)
@@ -478,31 +482,54 @@ def refine_grid(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: FokkerPlanck
     ``tol - tol_used`` (``tol_used``: the part of ``tol`` already taken by another error source); returns
     the finest solve with ``error_estimate`` and ``levels`` set, warning if a cap stops it first.
     """
+    (fine,) = refine_grid_batch(dynamics, t_out, [coarse], tol=tol, step_tol=step_tol, max_cells=max_cells,
+                                max_evaluations=max_evaluations, estimate_floor=estimate_floor, tol_used=tol_used, **opts)
+    return fine
+
+
+def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[FokkerPlanckSolution], *, tol: float,
+                      step_tol: float | None, max_cells: int, max_evaluations: int, estimate_floor: float,
+                      tol_used: float = 0.0, **opts) -> list[FokkerPlanckSolution]:
+    """:func:`refine_grid` for every member of a batch (``coarse``: their level-0 solves, one per member).
+
+    Each level is one batched solve (:func:`solve_batch_on_grid`) of the members whose estimate is still above
+    ``tol - tol_used``; a member leaves as soon as its own estimate meets it, so the easy members of a
+    learning-rate sweep are not refined for the hard ones.  The caps apply to each member's own solves.
+    """
     half_width = opts["half_width"]
     n_prior = min(cells_for_tolerance(tol, half_width), max_cells)
     allowed = tol - tol_used
-    level, spent = 1, coarse.nfe
-    fine = solve_on_grid(dynamics, t_out, *grid_level(tol, half_width, step_tol, level, max_cells), **opts)
-    spent += fine.nfe
-    while True:
-        estimate = _richardson_estimate(fine, coarse, estimate_floor)
-        # A predicted divergence is believed only from the a priori resolution on (a grid far too coarse
-        # can blow up spuriously, and two such grids may agree).
-        n_cells = fine.xi.numel()
-        unconfirmed = fine.diverged_at is not None and n_cells < n_prior
-        if (estimate <= allowed and not unconfirmed) or 2 * n_cells > max_cells or spent + 2 * fine.nfe > max_evaluations:
-            break
+    coarse, groups = list(coarse), len(coarse)
+    result: list[FokkerPlanckSolution | None] = [None] * groups
+    pending = list(range(groups))
+    spent = [c.nfe for c in coarse]
+    level = 0
+    while pending:
         level += 1
-        coarse, fine = fine, solve_on_grid(dynamics, t_out, *grid_level(tol, half_width, step_tol, level, max_cells), **opts)
-        spent += fine.nfe
-    if estimate > allowed:
-        warnings.warn(f"Fokker-Planck solve: estimated relative error {estimate:.2g} of the grid exceeds "
-                      f"{allowed:.2g} (tol={tol:g}) with {n_cells} cells and {spent} operator evaluations "
-                      f"(max_cells={max_cells}, max_evaluations={max_evaluations}); raise them or relax tol",
-                      RuntimeWarning, stacklevel=3)
-    fine.error_estimate = estimate
-    fine.levels = level
-    return fine
+        sub = dynamics if len(pending) == groups else dynamics.with_coefficients(dynamics.coef.select(pending))
+        fines = solve_batch_on_grid(sub, t_out, *grid_level(tol, half_width, step_tol, level, max_cells), **opts)
+        still = []
+        for g, fine in zip(pending, fines):
+            spent[g] += fine.nfe
+            estimate = _richardson_estimate(fine, coarse[g], estimate_floor)
+            # A predicted divergence is believed only from the a priori resolution on (a grid far too coarse
+            # can blow up spuriously, and two such grids may agree).
+            n_cells = fine.xi.numel()
+            unconfirmed = fine.diverged_at is not None and n_cells < n_prior
+            fine.error_estimate, fine.levels = estimate, level
+            if (estimate <= allowed and not unconfirmed) or 2 * n_cells > max_cells or spent[g] + 2 * fine.nfe > max_evaluations:
+                result[g] = fine
+                if estimate > allowed:
+                    who = f" (member {g} of a batch of {groups})" if groups > 1 else ""
+                    warnings.warn(f"Fokker-Planck solve{who}: estimated relative error {estimate:.2g} of the grid exceeds "
+                                  f"{allowed:.2g} (tol={tol:g}) with {n_cells} cells and {spent[g]} operator evaluations "
+                                  f"(max_cells={max_cells}, max_evaluations={max_evaluations}); raise them or relax tol",
+                                  RuntimeWarning, stacklevel=4)
+            else:
+                coarse[g] = fine
+                still.append(g)
+        pending = still
+    return result  # type: ignore[return-value]
 
 
 def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, base_s: FokkerPlanckSolution,
@@ -586,8 +613,26 @@ def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step
     without error control (see :func:`_integrate_mprk22`).  ``budget``: charged one unit per operator
     evaluation (:class:`Budget`).  ``on_step(t)``: called after every accepted step (progress).
     """
+    (sol,) = solve_batch_on_grid(dynamics, t_out, n_cells, step_tol, half_width=half_width, t0=t0,
+                                 blowup_factor=blowup_factor, tail_limit=tail_limit, dim=dim, max_steps=max_steps,
+                                 schedule=schedule, budget=budget, on_step=on_step)
+    return sol
+
+
+def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *,
+                        half_width: float = 12.0, t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05,
+                        dim: int | None = None, max_steps: int = 200_000, schedule: list[float] | None = None,
+                        budget: Budget | None = None, on_step=None) -> list[FokkerPlanckSolution]:
+    """:func:`solve_on_grid` for every member of a batch of coefficients at once (one solution per member).
+
+    ``dynamics`` with a :class:`~sde_optim.theory.dynamics.CoefficientBatch` of ``G`` members (or plain: ``G = 1``)
+    is solved as one system with a leading group dimension: every operation is batched over the members, the
+    time steps are shared (accepted when every member's local error is below ``step_tol``), and a member that
+    diverges leaves the batch (its state frozen, as for one solve), so the others go on at their own pace.
+    """
     types = dynamics.types
     dtype, dev = types.lam.dtype, types.lam.device
+    groups = dynamics.groups or 1
     t_end = float(t_out[-1])
     if t_end > 0:
         t0 = min(t0, 0.5 * t_end)
@@ -601,38 +646,47 @@ def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step
     r0 = dynamics.risk(c0, dynamics.weight)
     a0 = dynamics.drift(c0.beta, r0, 0.0)
     d0 = dynamics.diffusion(r0, 0.0)
-    m0 = (x0 + a0 * t0)[:, 0]
-    s0 = torch.sqrt(2.0 * d0 * t0)[:, 0]
+    m0 = (x0 + a0 * t0)[..., 0].expand(groups, n_types)
+    s0 = torch.sqrt(2.0 * d0 * t0)[..., 0].expand(groups, n_types)
     s0 = torch.where(s0 > 0, s0, torch.full_like(s0, 1e-8))
-    g0 = _gaussian_cells(grid.faces).expand(n_types, n_cells).clone()
+    g0 = _gaussian_cells(grid.faces).expand(groups, n_types, n_cells).clone()
     threshold = blowup_factor * max(float(r0), 1e-300)
-    state0 = (g0, m0, s0, (dynamics.coef.noise(0.0) * r0 * t0).reshape(()))
+    state0 = (g0, m0.clone(), s0.clone(), (_per_group(dynamics.coef.noise(0.0)) * r0 * t0).reshape(-1).expand(groups).clone())
     later = t_out[t_out > t0]
     if later.numel():
-        traj, nfe, tail_div, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps, tail_limit,
-                                                       schedule, budget or Budget(), on_step)
+        traj, nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
+                                                        tail_limit, schedule, budget or Budget(), on_step)
     else:
-        traj, nfe, tail_div = tuple(z[:0] for z in (g0[None], m0[None], s0[None], r0.reshape(1))), 0, None
-        taken = []
-    mass, m, s, integral = traj
+        traj, nfe, tail_divs, taken = tuple(z[:0] for z in (g0[None], m0[None], s0[None], state0[3][None])), 0, [None] * groups, []
     n_before = t_out.numel() - later.numel()
-    if n_before:  # times <= t0 take the exact (delta) initial law
-        pad = lambda z, first: torch.cat([first.expand(n_before, *first.shape), z])  # noqa: E731
-        mass = pad(mass, g0)
-        m = pad(m, x0[:, 0])
-        s = pad(s, torch.full_like(s0, 1e-12))
-        integral = pad(integral, torch.zeros((), dtype=dtype, device=dev))
-    sol = FokkerPlanckSolution(t_out, grid.xi, grid.h, mass, m, s, integral, torch.empty(0), dynamics, None, nfe,
-                               float(torch.maximum(mass[..., 0], mass[..., -1]).max()), schedule=taken)
-    c, w = sol.points()
-    risk = risk_of(c, w, dynamics.noise_std)
-    sol.risk = risk
-    bad = (~torch.isfinite(risk)) | (risk > threshold)
-    if bool(bad.any()):
-        sol.diverged_at = float(t_out[int(bad.nonzero()[0, 0])])
-    if tail_div is not None and (sol.diverged_at is None or tail_div < sol.diverged_at):
-        sol.diverged_at = tail_div
-    return sol
+    sols = []
+    for g in range(groups):
+        mass, m, s, integral = (z[:, g] for z in traj)
+        if n_before:  # times <= t0 take the exact (delta) initial law
+            pad = lambda z, first: torch.cat([first.expand(n_before, *first.shape), z])  # noqa: E731
+            mass = pad(mass, g0[g])
+            m = pad(m, x0[:, 0])
+            s = pad(s, torch.full_like(s0[g], 1e-12))
+            integral = pad(integral, torch.zeros((), dtype=dtype, device=dev))
+        member = dynamics.member(g) if dynamics.groups is not None else dynamics
+        sol = FokkerPlanckSolution(t_out, grid.xi, grid.h, mass, m, s, integral, torch.empty(0), member, None, nfe,
+                                   float(torch.maximum(mass[..., 0], mass[..., -1]).max()), schedule=taken)
+        c, w = sol.points()
+        risk = risk_of(c, w, dynamics.noise_std)
+        sol.risk = risk
+        bad = (~torch.isfinite(risk)) | (risk > threshold)
+        if bool(bad.any()):
+            sol.diverged_at = float(t_out[int(bad.nonzero()[0, 0])])
+        tail_div = tail_divs[g]
+        if tail_div is not None and (sol.diverged_at is None or tail_div < sol.diverged_at):
+            sol.diverged_at = tail_div
+        sols.append(sol)
+    return sols
+
+
+def _per_group(value):
+    """A coefficient as a per-group factor: a float as it is, a batch's ``(G, 1, 1)`` as ``(G,)``."""
+    return value.reshape(-1) if isinstance(value, Tensor) else value
 
 
 def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: float, threshold: float, max_steps: int,
@@ -647,90 +701,126 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     conservative by construction), second order.  The grid moves with one velocity over the step
     (:meth:`_Grid.plan`), used by both stages, so ``y1`` and ``y_{n+1}`` live on the same grid and their
     difference is the local error of the law; ``int R`` uses Heun's method with the same stages.
-    The step is accepted when the weighted total variation ``sum_tau pi_tau |y1 - y_{n+1}|_1``, the change
-    of ``R`` and ``C`` it implies and the relative error of ``int R`` are below ``step_tol`` (and no single
-    type's law moved by more than ``_MAX_TYPE_TV`` in total variation).
+    The step is accepted when, for every member of the batch, the weighted total variation
+    ``sum_tau pi_tau |y1 - y_{n+1}|_1``, the change of ``R`` and ``C`` it implies and the relative error of
+    ``int R`` are below ``step_tol`` (and no single type's law moved by more than ``_MAX_TYPE_TV`` in total
+    variation).  State shapes: mass ``(G, T, N)``, ``m, s`` ``(G, T)``, ``int R`` ``(G,)``.
 
-    ``schedule``: replay these step sizes instead (no error control): two solves on the same steps have the
-    same time-discretization error to first order, so their difference isolates what else differs (the
-    types).  Returns the trajectory, the operator evaluations, the tail-divergence time and the steps taken.
+    A member that diverges (``R`` past ``threshold``, the tail or step limit, or no step resolving it) is frozen
+    and leaves the batch; the rest go on.  ``schedule``: replay these step sizes instead (no error control): two
+    solves on the same steps have the same time-discretization error to first order, so their difference
+    isolates what else differs (the types).  Returns the trajectory ``(n, G, ...)``, the operator evaluations,
+    each member's tail-divergence time (or None) and the steps taken.
     """
     mass, m, s, integral = state0
+    frozen = [z.clone() for z in state0]  # every member's latest state (a diverged member's stays here)
+    groups = mass.shape[0]
+    alive = list(range(groups))
+    tail_div: list[float | None] = [None] * groups
     taken: list[float] = []
     replay = iter(schedule) if schedule is not None else None
-    coef = grid.dyn.coef
-    weight = grid.dyn.weight[:, 0]
+    dyn_all = grid.dyn
+    weight = dyn_all.weight[:, 0]
     t = t0
     dt = t0
-    outs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    outs: list[tuple[Tensor, ...]] = []
     nfe = 0
     steps = 0
-    diverged = False
-    tail_div = None
     budget = budget or Budget()
     st0 = grid.statistics(mass, m, s, integral, t)
     nfe += 1
     wanted = times.tolist()
-    stops = sorted(set(wanted) | {b for b in coef.breakpoints if t0 < b < wanted[-1]})  # schedule jumps too
-    for t_target in stops:
-        while t < t_target * (1 - 1e-13) and not diverged:
-            steps += 1
-            if steps > max_steps:
-                raise RuntimeError(f"Fokker-Planck solve exceeded max_steps={max_steps} at t={t:.4g}")
-            h = min(dt, t_target - t) if replay is None else min(next(replay, t_target - t), t_target - t)
-            vm, vs = grid.plan(st0, m, s, h)
-            m1, s1 = m + h * vm, s + h * vs
-            op0 = grid.assemble(st0, s, vm, vs)
-            y1 = op0.implicit_solve(h, mass).clamp_min(0.0)
-            rate0 = coef.noise(t, 1) * st0.risk  # integrand of I = int nu R (E4)
-            i1 = integral + h * rate0
-            st1 = grid.statistics(y1, m1, s1, i1, t + h, -1)
-            nfe += 1
-            budget.spend(2)
-            op1 = grid.assemble(st1, s1, vm, vs)
-            ratio = torch.where(y1 > 0, mass / torch.where(y1 > 0, y1, torch.ones_like(y1)), torch.ones_like(y1))
-            y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min(0.0)
-            i2 = integral + 0.5 * h * (rate0 + coef.noise(t + h, -1) * st1.risk)
-            tv = (y2 - y1).abs().sum(-1)
-            errs = (
-                float((weight * tv).sum()),
-                st1.observable_error(y2 - y1),
-                float((i2 - i1).abs() / max(float(i2), 1e-300)) if float(i2) > 0 else 0.0,
-            )
-            err = max(errs) if all(map(math.isfinite, errs)) else math.inf
-            if float(tv.max()) > _MAX_TYPE_TV:
-                err = max(err, step_tol * float(tv.max()) / _MAX_TYPE_TV)
-            if err > step_tol and replay is None:
-                if h < 1e-9 * max(t, 1e-3):
-                    # No step resolves the law any more (the observables are carried by cells tens of e-folds
-                    # out: the onset of blow-up, seen on coarse grids).  Stop and call it a divergence.
-                    diverged = True
-                    tail_div = t_target
-                    break
-                dt = h * max(0.2, 0.9 * math.sqrt(step_tol / err))
-                continue
-            t += h
-            taken.append(h)
-            if on_step is not None:
-                on_step(t)
-            mass, m, s, integral = y2, m1, s1, i2
-            st0 = grid.statistics(mass, m, s, integral, t, 1)
-            nfe += 1
-            if not bool(torch.isfinite(st0.risk)) or float(st0.risk) > threshold:
-                diverged = True
-            elif float(st0.tail_share) > tail_limit or float(st0.unstable) >= 1.0:
-                diverged = True
-                tail_div = t_target  # first stop at or after the tail / step limit took over
-            grow = min(2.0, max(0.2, 0.9 * math.sqrt(step_tol / err))) if err > 0 else 2.0
-            if h == dt or grow < 1:
-                dt = h * grow
-        if t_target in wanted or diverged:
-            if diverged and tail_div is not None and t_target not in wanted:
-                tail_div = min((x for x in wanted if x >= t_target), default=wanted[-1])
-            while len(outs) < len(wanted) and (wanted[len(outs)] <= t_target * (1 + 1e-13) or diverged):
-                outs.append((mass, m, s, integral))  # after a divergence: the frozen state (R > threshold)
-        if len(outs) == len(wanted):
-            break
+    stops = sorted(set(wanted) | {b for b in dyn_all.coef.breakpoints if t0 < b < wanted[-1]})  # schedule jumps too
+
+    def next_wanted(x: float) -> float:
+        return min((w for w in wanted if w >= x * (1 - 1e-13)), default=wanted[-1])
+
+    def drop(bad: list[int], t_target: float, tail: list[bool]) -> None:
+        """Freeze the members at positions ``bad`` of the batch (their current state) and take them out."""
+        nonlocal mass, m, s, integral, st0, alive
+        for pos, is_tail in zip(bad, tail):
+            g = alive[pos]
+            for full, cur in zip(frozen, (mass, m, s, integral)):
+                full[g] = cur[pos]
+            if is_tail:
+                tail_div[g] = next_wanted(t_target)  # first output time at or after the tail / step limit took over
+        keep = [i for i in range(len(alive)) if i not in set(bad)]
+        alive = [alive[i] for i in keep]
+        if not alive:
+            return
+        idx = torch.tensor(keep, device=mass.device)
+        mass, m, s, integral = mass[idx], m[idx], s[idx], integral[idx]
+        if dyn_all.groups is not None:
+            grid.dyn = dyn_all.with_coefficients(dyn_all.coef.select(alive))
+            if grid.step_limit is not None:
+                grid.step_limit = (grid.dyn.coef.stability_factor(), grid.step_limit[1])
+        st0 = grid.statistics(mass, m, s, integral, t, 1)
+
+    try:
+        for t_target in stops:
+            while alive and t < t_target * (1 - 1e-13):
+                steps += 1
+                if steps > max_steps:
+                    raise RuntimeError(f"Fokker-Planck solve exceeded max_steps={max_steps} at t={t:.4g}")
+                h = min(dt, t_target - t) if replay is None else min(next(replay, t_target - t), t_target - t)
+                coef = grid.dyn.coef
+                vm, vs = grid.plan(st0, m, s, h)
+                m1, s1 = m + h * vm, s + h * vs
+                op0 = grid.assemble(st0, s, vm, vs)
+                y1 = op0.implicit_solve(h, mass).clamp_min(0.0)
+                rate0 = _per_group(coef.noise(t, 1)) * st0.risk  # integrand of I = int nu R (E4)
+                i1 = integral + h * rate0
+                st1 = grid.statistics(y1, m1, s1, i1, t + h, -1)
+                nfe += 1
+                budget.spend(2)
+                op1 = grid.assemble(st1, s1, vm, vs)
+                ratio = torch.where(y1 > 0, mass / torch.where(y1 > 0, y1, torch.ones_like(y1)), torch.ones_like(y1))
+                y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min(0.0)
+                i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
+                tv = (y2 - y1).abs().sum(-1)  # (G, T)
+                rel_i = torch.where(i2 > 0, (i2 - i1).abs() / i2.clamp_min(1e-300), torch.zeros_like(i2))
+                errs = torch.stack([(weight * tv).sum(-1), st1.observable_error(y2 - y1), rel_i]).amax(0)  # (G,)
+                errs = torch.where(torch.isfinite(errs), errs, torch.full_like(errs, math.inf))
+                errs = torch.maximum(errs, step_tol * tv.amax(-1) / _MAX_TYPE_TV * (tv.amax(-1) > _MAX_TYPE_TV))
+                err_g = errs.tolist()
+                err = max(err_g)
+                if err > step_tol and replay is None:
+                    if h < 1e-9 * max(t, 1e-3):
+                        # No step resolves these members' laws any more (the observables are carried by cells tens of
+                        # e-folds out: the onset of blow-up, seen on coarse grids).  Stop them: a divergence.
+                        bad = [i for i, e in enumerate(err_g) if e > step_tol]
+                        drop(bad, t_target, [True] * len(bad))
+                        dt = t0
+                        continue
+                    dt = h * max(0.2, 0.9 * math.sqrt(step_tol / err))
+                    continue
+                t += h
+                taken.append(h)
+                if on_step is not None:
+                    on_step(t)
+                mass, m, s, integral = y2, m1, s1, i2
+                st0 = grid.statistics(mass, m, s, integral, t, 1)
+                nfe += 1
+                risk_bad = ~torch.isfinite(st0.risk) | (st0.risk > threshold)
+                tail_bad = (st0.tail_share > tail_limit) | (st0.unstable >= 1.0)
+                flags = torch.stack([risk_bad, tail_bad & ~risk_bad]).tolist()
+                bad = [i for i in range(len(alive)) if flags[0][i] or flags[1][i]]
+                if bad:
+                    drop(bad, t_target, [flags[1][i] for i in bad])
+                grow = min(2.0, max(0.2, 0.9 * math.sqrt(step_tol / err))) if err > 0 else 2.0
+                if h == dt or grow < 1:
+                    dt = h * grow
+            if t_target in wanted or not alive:
+                if alive:
+                    idx = torch.tensor(alive, device=mass.device)
+                    for full, cur in zip(frozen, (mass, m, s, integral)):
+                        full[idx] = cur
+                while len(outs) < len(wanted) and (wanted[len(outs)] <= t_target * (1 + 1e-13) or not alive):
+                    outs.append(tuple(z.clone() for z in frozen))  # a diverged member: its frozen state (R > threshold)
+            if len(outs) == len(wanted):
+                break
+    finally:
+        grid.dyn = dyn_all
     return tuple(torch.stack(z) for z in zip(*outs)), nfe, tail_div, taken
 
 

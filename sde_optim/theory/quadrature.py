@@ -376,8 +376,9 @@ class TypeSolve:
 
     Attributes:
         result: the solver's own result (returned to the caller for the finest types).
-        curves: ``(2, n, T)`` weighted contributions of each type to the excess risk and the curvature (E7).
-        diverged_at: the solve's divergence time, or None.
+        curves: ``(2, n, T)`` weighted contributions of each type to the excess risk and the curvature (E7);
+            ``(G, 2, n, T)`` for a batched solve of ``G`` members (a sweep).
+        diverged_at: the solve's divergence time, or None (a list, one per member, for a batched solve).
     """
 
     result: object
@@ -429,20 +430,10 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
         fine = solve(types)
         first = first or (fine, types)
         solves += 1
-        _, per_node = quad.compare(fine.curves, owner)  # (2, n, nodes)
-        total = fine.curves.sum(-1) + offset  # (2, n)
-        valid = torch.isfinite(total).all(0) & (total[0] >= floor * total[0, 0])
-        ends = [x for x in (coarse.diverged_at, fine.diverged_at) if x is not None]
-        if ends:
-            valid &= t < min(ends)
-        rel = per_node.abs() / total.abs().clamp_min(1e-300)[..., None]
-        rel = torch.where(valid[None, :, None], rel, torch.zeros_like(rel))
-        estimate = float(rel.sum(-1).amax()) if bool(valid.any()) else 0.0
-        if (coarse.diverged_at is None) != (fine.diverged_at is None):
-            estimate = math.inf  # the types decide whether it diverges: unresolved
+        _, per_node = quad.compare(fine.curves, owner)  # ([G,] 2, n, nodes)
+        estimate, indicator = _type_estimate(per_node, fine, coarse, t, offset, floor)
         if estimate <= tol or solves + 1 >= max_solves:
             break
-        indicator = rel.amax(dim=(0, 1)) if bool(valid.any()) else torch.ones(quad.size, dtype=rel.dtype)
         before = list(quad.cut)
         if not _mark_and_refine(quad, indicator, tol):
             break
@@ -452,6 +443,36 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
             break
         types, owner, coarse = nxt, nxt_owner, fine
     return TypeCheck(fine, types, estimate, solves + 1, quad.size, coarsest, first)
+
+
+def _type_estimate(per_node: Tensor, fine: TypeSolve, coarse: TypeSolve, t: Tensor, offset: Tensor,
+                   floor: float) -> tuple[float, Tensor]:
+    """The type error estimate and the per-node indicator of :func:`solve_with_type_control`.
+
+    ``per_node`` ``(2, n, nodes)``: fine minus coarse contribution of each node to ``R`` and ``C``; relative to the
+    curves, summed over nodes and maximized over the valid output times.  A batched solve (a sweep: curves
+    ``(G, 2, n, T)``, ``diverged_at`` one entry per member) takes the largest estimate and indicator over members.
+    """
+    batched = fine.curves.ndim == 4
+    curves, nodes = (fine.curves, per_node) if batched else (fine.curves[None], per_node[None])
+    ends_f = fine.diverged_at if batched else [fine.diverged_at]
+    ends_c = coarse.diverged_at if batched else [coarse.diverged_at]
+    estimate, indicator = 0.0, torch.zeros(nodes.shape[-1], dtype=nodes.dtype, device=nodes.device)
+    for g in range(curves.shape[0]):
+        total = curves[g].sum(-1) + offset  # (2, n)
+        valid = torch.isfinite(total).all(0) & (total[0] >= floor * total[0, 0])
+        ends = [x for x in (ends_c[g], ends_f[g]) if x is not None]
+        if ends:
+            valid &= t < min(ends)
+        rel = nodes[g].abs() / total.abs().clamp_min(1e-300)[..., None]
+        rel = torch.where(valid[None, :, None], rel, torch.zeros_like(rel))
+        any_valid = bool(valid.any())
+        member = float(rel.sum(-1).amax()) if any_valid else 0.0
+        if (ends_c[g] is None) != (ends_f[g] is None):
+            member = math.inf  # the types decide whether it diverges: unresolved
+        estimate = max(estimate, member)
+        indicator = torch.maximum(indicator, rel.amax(dim=(0, 1)) if any_valid else torch.ones_like(indicator))
+    return estimate, indicator
 
 
 def _mark_and_refine(quad: TypeQuadrature, indicator: Tensor, tol: float) -> bool:

@@ -17,7 +17,7 @@ A new method is a subclass with ``name``, ``defaults`` and :meth:`Solver.solve`,
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -26,14 +26,15 @@ from torch import Tensor
 from .._validation import check_int
 from ..divergence import first_divergence
 from ..observables import OBSERVABLES, Observable
-from .dynamics import Coefficients, MeanFieldDynamics
+from .dynamics import CoefficientBatch, Coefficients, MeanFieldDynamics
 from .fokker_planck import (
     Budget,
     FokkerPlanckSolution,
     grid_level,
     refine_grid,
+    refine_grid_batch,
     refine_grid_on_subset,
-    solve_on_grid,
+    solve_batch_on_grid,
 )
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
@@ -52,7 +53,8 @@ class Problem:
 
     Attributes:
         columns: ``(d, 4)`` float64 rows ``(lambda_i, beta*_i, u0_i, v0_i)``.
-        coef: the mean-field coefficients (:class:`~sde_optim.theory.dynamics.Coefficients`).
+        coef: the mean-field coefficients (:class:`~sde_optim.theory.dynamics.Coefficients`), or a
+            :class:`~sde_optim.theory.dynamics.CoefficientBatch` of several (a sweep, :meth:`Solver.solve_batch`).
         noise_std: label noise; param_scale: ``J^T J`` of the parametrization; dim: ``d``.
         t: output times ``(n,)`` in ``dtype``; observables: what to return.
         tol: accuracy target of ``R`` and ``C``; max_types: cap on quadrature types.
@@ -62,7 +64,7 @@ class Problem:
     """
 
     columns: Tensor
-    coef: Coefficients
+    coef: Coefficients | CoefficientBatch
     noise_std: float
     param_scale: float
     dim: int
@@ -74,6 +76,15 @@ class Problem:
     dtype: torch.dtype
     budget: Budget = field(default_factory=Budget)
     on_step: Any = None
+
+    @property
+    def members(self) -> int:
+        """How many SGD configurations this problem holds (1 unless ``coef`` is a batch)."""
+        return len(self.coef) if isinstance(self.coef, CoefficientBatch) else 1
+
+    def member(self, g: int) -> "Problem":
+        """The problem of member ``g`` of a batch (itself when there is no batch)."""
+        return replace(self, coef=self.coef.members[g]) if isinstance(self.coef, CoefficientBatch) else self
 
     def dynamics(self, types: CoordinateTypes) -> MeanFieldDynamics:
         """The mean-field dynamics of ``types`` (in ``dtype``) under these coefficients."""
@@ -128,6 +139,11 @@ class Solver:
     def solve(self, problem: Problem) -> Solution:
         raise NotImplementedError
 
+    def solve_batch(self, problem: Problem) -> list[Solution]:
+        """One solution per member of ``problem.coef`` (a sweep); solved one after the other unless the method
+        batches them (the PDE does)."""
+        return [self.solve(problem.member(g)) for g in range(problem.members)]
+
 
 def _outputs(c, w, problem: Problem, risk: Tensor, noise: bool = True) -> tuple[dict[str, Tensor], Tensor]:
     """The requested E7 curves and the E8 local rate of a set of weighted points."""
@@ -153,8 +169,15 @@ class PDESolver(Solver):
                     types=None)
 
     def solve(self, problem: Problem) -> Solution:
+        return self.solve_batch(problem)[0] if problem.members == 1 else _batch_error(self.name)
+
+    def solve_batch(self, problem: Problem) -> list[Solution]:
+        """Every member of a sweep in one batched system (:func:`solve_batch_on_grid`): the type check on the
+        largest estimate over members, the grid check per member (:func:`refine_grid_batch`).  A batch refines
+        the grid on the final types (no subset combination, :func:`refine_grid_on_subset`)."""
         o = self.options
         tol = problem.tol
+        batched = isinstance(problem.coef, CoefficientBatch)
         grid_opts = dict(half_width=o["half_width"], t0=o["t0"], blowup_factor=problem.blowup_factor,
                          tail_limit=o["tail_limit"], dim=problem.dim if o["step_stability"] else None,
                          max_steps=o["max_steps"], budget=problem.budget, on_step=problem.on_step)
@@ -167,14 +190,26 @@ class PDESolver(Solver):
         def solve(types: CoordinateTypes) -> TypeSolve:
             # every type solve replays the first one's time steps: their differences are then the types' alone
             nonlocal schedule
-            sol = solve_on_grid(problem.dynamics(types), problem.t, n, st, schedule=schedule, **grid_opts)
-            schedule = sol.schedule if schedule is None else schedule
-            return TypeSolve(sol, sol.type_curves(), sol.diverged_at)
+            sols = solve_batch_on_grid(problem.dynamics(types), problem.t, n, st, schedule=schedule, **grid_opts)
+            schedule = sols[0].schedule if schedule is None else schedule
+            if not batched:
+                return TypeSolve(sols[0], sols[0].type_curves(), sols[0].diverged_at)
+            return TypeSolve(sols, torch.stack([x.type_curves() for x in sols]), [x.diverged_at for x in sols])
 
         check = problem.controlled(solve) if o["types"] is None else TypeCheck(solve(o["types"]), o["types"], 0.0, 1, 0)
-        terms = [(1.0, check.solve.result)]
+        level0 = check.solve.result if batched else [check.solve.result]
+        terms = [[(1.0, sol)] for sol in level0]
         if o["num_cells"] is None and o["refine"]:
-            terms = self._refine(problem, check, grid_opts, st)
+            if batched:
+                fines = refine_grid_batch(problem.dynamics(check.types), problem.t, level0,
+                                          **self._grid_check(problem, check, grid_opts))
+                terms = [[(1.0, sol)] for sol in fines]
+            else:
+                terms = [self._refine(problem, check, grid_opts, st)]
+        return [self._solution(problem.member(g), member, check) for g, member in enumerate(terms)]
+
+    def _solution(self, problem: Problem, terms: list, check: TypeCheck) -> Solution:
+        """The curves, E8 rate and diagnostics of one member from its solve(s) ``terms`` (``[(coefficient, solve)]``)."""
         outs = [(a, _outputs(*sol.points(), problem, sol.risk)) for a, sol in terms]
         curves = {k: sum(a * out[0][k] for a, out in outs) for k in outs[0][1][0]}
         rate = sum(a * out[1] for a, out in outs)
@@ -184,16 +219,20 @@ class PDESolver(Solver):
                     tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
                     error_estimates={"grid": grid, "types": check.estimate},
                     error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
-        if o["types"] is not None:
+        if self.options["types"] is not None:
             info["types_fixed"] = True
         return Solution(curves, rate, head.diverged_at, {}, info, check.types)
 
-    def _refine(self, problem: Problem, check: TypeCheck, grid_opts: dict, st: float):
-        """The grid check on the final types, or on a subset combined with them (:func:`refine_grid_on_subset`)."""
+    def _grid_check(self, problem: Problem, check: TypeCheck, grid_opts: dict) -> dict:
+        """Keywords of the grid check (:func:`refine_grid`) after the type check ``check``."""
         o = self.options
-        grid = dict(tol=problem.tol, step_tol=o["step_tol"], tol_used=min(check.estimate, 0.5 * problem.tol),
+        return dict(tol=problem.tol, step_tol=o["step_tol"], tol_used=min(check.estimate, 0.5 * problem.tol),
                     max_cells=o["max_cells"], max_evaluations=o["max_evaluations"], estimate_floor=o["estimate_floor"],
                     **grid_opts)
+
+    def _refine(self, problem: Problem, check: TypeCheck, grid_opts: dict, st: float):
+        """The grid check on the final types, or on a subset combined with them (:func:`refine_grid_on_subset`)."""
+        grid = self._grid_check(problem, check, grid_opts)
         level0 = check.solve.result
         if check.first is not None and check.first[1].num_types < check.types.num_types:
             (first, types_s), (coarsest, types_c) = check.first, check.coarsest
@@ -202,6 +241,10 @@ class PDESolver(Solver):
             if found is not None:
                 return [(1.0, found[0]), (1.0, level0), (-1.0, first.result)]
         return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
+
+
+def _batch_error(name: str):
+    raise TypeError(f"method {name!r}: a problem with a batch of coefficients is solved by solve_batch, not solve")
 
 
 def _type_info(check: TypeCheck) -> dict[str, Any]:
