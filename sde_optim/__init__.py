@@ -5,7 +5,7 @@ from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES, CoordinateState, Observable, measure
 from .optim import SVAG, EmpiricalNoise, HomogenizedSGD, NonFiniteUpdateError, StructuredNoise, svag_weights
 from .teacher import TeacherProblem, TeacherSpec
-from .theory import CriticalLR, Prediction, critical_lr, predict
+from .theory import BestLR, CriticalLR, Prediction, best_lr, critical_lr, predict, predict_sweep
 
 __all__ = [
     "DiagonalLinearNetwork",
@@ -22,9 +22,12 @@ __all__ = [
     "EmpiricalNoise",
     "NonFiniteUpdateError",
     "predict",
+    "predict_sweep",
     "Prediction",
     "critical_lr",
     "CriticalLR",
+    "best_lr",
+    "BestLR",
 ]
 
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
-"""``sde-optim``: predict, compare and find the stability edge from the command line.
+"""``sde-optim``: predict, compare, find the stability edge and the best learning rate from the command line.
 
     sde-optim predict --dim 4096 --lr 0.5 --horizon 8 --csv pred.csv --png pred.png
     sde-optim compare --dim 2048 --lr 0.5 --horizon 6 --seeds 4 --logdir runs/compare
     sde-optim critical-lr --dim 4096 --batch-size 1 --horizon 10
+    sde-optim best-lr --dim 2048 --noise-std 0.3 --horizon 2
     sde-optim compare --dim 4096 --lr 0.05 --momentum 0.9 --schedule cosine --weight-decay 1e-4
 
 All sizes are in THEORY's conventions: features x ~ N(0, lambda / d) with mean(lambda) = 1,
@@ -37,7 +38,7 @@ from .plotting import comparison_figure, mask_divergence, save_figure
 from .simulation import train_homogenized, train_sgd
 from .teacher import TeacherProblem, TeacherSpec
 from .optim.schedules import SCHEDULES, check_schedule
-from .theory import SGDConfig, critical_lr, predict, solve_fokker_planck
+from .theory import SGDConfig, best_lr, critical_lr, predict, solve_fokker_planck
 from .theory.describe import named_sgd
 
 __all__ = [
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sde-optim`` parser with its three subcommands."""
     ap = argparse.ArgumentParser(prog="sde-optim", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{predict,compare,critical-lr}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{predict,compare,critical-lr,best-lr}")
 
     p = sub.add_parser("predict", help="predict risk/curvature curves; print a table, write CSV/figure",
                        formatter_class=HelpFormatter)
@@ -336,6 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_sgd_arguments(k)
     _add_solver_args(k, critical_lr)
     k.set_defaults(run=_cmd_critical_lr, parser=k)
+
+    b = sub.add_parser("best-lr", help="learning rate with the least predicted risk at the end of the horizon",
+                       formatter_class=HelpFormatter)
+    _add_problem_args(b)
+    b.add_argument("--critical", type=float_in(0, strict=True), default=None,
+                   help="critical lr bounding the search (default: computed, as critical-lr)")
+    b.add_argument("--lower", type=float_in(0, 1, strict=True), default=_default(best_lr, "lower"),
+                   help="smallest lr searched, as a fraction of the critical lr")
+    b.add_argument("--upper", type=float_in(0, 1, strict=True), default=_default(best_lr, "upper"),
+                   help="largest lr searched, as a fraction of the critical lr (at most 1)")
+    b.add_argument("--sweep-size", type=int_in(3), default=_default(best_lr, "sweep_size"),
+                   help="learning rates per batched sweep (two sweeps)")
+    b.add_argument("--lr", type=float_in(0, strict=True), default=1.0,
+                   help="with --schedule: the schedule's peak lr that the result scales (its shape is kept)")
+    add_sgd_arguments(b)
+    _add_solver_args(b, best_lr)
+    b.set_defaults(run=_cmd_best_lr, parser=b)
     return ap
 
 
@@ -379,7 +397,7 @@ def _setup(args: argparse.Namespace) -> tuple[TeacherProblem, DiagonalLinearNetw
 def _solver_kwargs(args: argparse.Namespace) -> dict:
     """``tol``, ``max_types`` and ``solver_options`` for predict/critical_lr from the flags."""
     options = {key: getattr(args, key) for key in ("max_cells", "max_evaluations") if getattr(args, key) is not None}
-    return {"tol": args.tol, "max_types": args.max_types, **({"solver_options": options} if options else {})}
+    return {"tol": args.tol, "max_types": args.max_types, **({"options": options} if options else {})}
 
 
 def _title(args: argparse.Namespace, sgd: SGDConfig) -> str:
@@ -512,6 +530,21 @@ def _cmd_critical_lr(args: argparse.Namespace) -> None:
     if res.decay is not None:
         print(f"largest lr for which the risk decays to zero: {res.decay:.6g}")
     print(f"({res.evaluations} PDE solves, bracket width {res.rel_tol:g})")
+
+
+def _cmd_best_lr(args: argparse.Namespace) -> None:
+    if args.lower >= args.upper:
+        raise ValueError(f"--lower ({args.lower:g}) must be below --upper ({args.upper:g})")
+    problem, model, steps, sgd = _setup(args)
+    with progress(None, "best-lr (critical lr, then two batched PDE sweeps)"):
+        res = best_lr(problem, model, sgd=sgd, steps=steps, critical=args.critical, lower=args.lower, upper=args.upper,
+                      sweep_size=args.sweep_size, **_solver_kwargs(args))
+    print(f"best lr for {steps} steps (t = {args.horizon:g}): {res.lr:.6g}, predicted risk {res.risk:.6g} "
+          f"(located to {100 * res.tolerance:.2g} %)")
+    print(f"critical lr (risk bounded over the horizon): {res.critical:.6g}; best / critical = {res.lr / res.critical:.3g}")
+    print(f"{'lr':>12} {'predicted R(end)':>17}")
+    for lr, r in zip(res.candidates.tolist(), res.final_risk.tolist()):
+        print(f"{lr:12.5g} {r:17.6g}" + ("  <- best" if lr == res.lr else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -96,6 +96,18 @@ def test_cli_critical_lr_answers_and_names_its_work_bound(capsys):
     assert "--max-solves" in err and "Traceback" not in err
 
 
+def test_cli_best_lr_prints_the_least_predicted_risk(capsys):
+    argv = ["best-lr", "--dim", "128", "--noise-std", "0.3", "--horizon", "2", "--critical", "20", "--upper", "0.3",
+            "--sweep-size", "4", "--tol", "0.01"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    best = float(out.split("best lr for")[1].split(":")[1].split(",")[0])
+    table = [line.split() for line in out.splitlines() if line.strip() and line.split()[0][0].isdigit()]
+    risks = {float(row[0]): float(row[1]) for row in table}
+    assert len(risks) == 4 and min(risks, key=risks.get) == pytest.approx(best, rel=1e-4)
+    assert "<- best" in out and "critical lr" in out
+
+
 def test_cli_turns_solver_warnings_into_messages(capsys):
     """A grid capped below the tolerance warns as a one-line message naming the flags (no source path)."""
     cli_main(["predict", "--dim", "64", "--horizon", "1", "--tol", "1e-5", "--max-cells", "16"])
@@ -130,6 +142,10 @@ def test_cli_version(capsys):
         (["critical-lr", "--max-evaluations", "0"], ["--max-evaluations"]),
         (["critical-lr", "--max-solves", "0"], ["--max-solves"]),
         (["critical-lr", "--rel-tol", "0"], ["--rel-tol"]),
+        (["best-lr", "--upper", "1.5"], ["--upper"]),
+        (["best-lr", "--lower", "0.5", "--upper", "0.2"], ["--lower", "--upper"]),
+        (["best-lr", "--sweep-size", "2"], ["--sweep-size"]),
+        (["best-lr", "--critical", "-1"], ["--critical"]),
         (["compare", "--seeds", "0"], ["--seeds"]),
         (["compare", "--seeds", "1000"], ["--seeds"]),
         (["compare", "--dim", "4096", "--horizon", "1000"], ["--horizon", "--dim"]),  # 4e6 real SGD steps per run

@@ -2,7 +2,8 @@
 linear networks (THEORY.md §3-§7).
 
 Entry points: :func:`predict` (E7 curves, E8 local rate, divergence step) and
-:func:`critical_lr` (:mod:`.stability`), for the SGD described by :class:`SGDConfig`
+:func:`critical_lr` (:mod:`.stability`), :func:`predict_sweep` (many learning rates in one solve) and
+:func:`best_lr` (:mod:`.tuning`), for the SGD described by :class:`SGDConfig`
 (schedules, momentum, weight decay; :func:`describe_sgd` reads it off a live optimizer);
 the methods behind them are the :data:`SOLVERS` (:mod:`.solvers`): the Fokker-Planck PDE
 (:func:`solve_fokker_planck`, E6), particles (:func:`simulate_particles`, E4-E5), the ODE limits
@@ -19,14 +20,15 @@ from .dynamics import Coefficients, MeanFieldDynamics, SGDConfig, effective_step
 from .fokker_planck import FokkerPlanckSolution, WorkLimitError, solve_fokker_planck
 from .odes import gradient_flow, gradient_flow_closed_form, isotropic_linear_risk, linear_least_squares
 from .particles import ParticleSolution, simulate_particles
-from .predict import METHODS, Prediction, predict
+from .predict import METHODS, Prediction, predict, predict_sweep
 from .quadrature import coordinate_types
 from .solvers import SOLVERS
 from .stability import CriticalLR, critical_lr
+from .tuning import BestLR, best_lr
 from .types import CoordinateTypes
 
 __all__ = [
-    "predict", "Prediction", "critical_lr", "CriticalLR", "METHODS", "SOLVERS",
+    "predict", "predict_sweep", "Prediction", "critical_lr", "CriticalLR", "best_lr", "BestLR", "METHODS", "SOLVERS",
     "SGDConfig", "Coefficients", "describe_sgd", "named_sgd", "effective_step", "WorkLimitError",
     "solve_fokker_planck", "FokkerPlanckSolution", "MeanFieldDynamics",
     "simulate_particles", "ParticleSolution",

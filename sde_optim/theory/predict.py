@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from dataclasses import replace
+from itertools import product
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,12 +22,12 @@ from ..divergence import BLOWUP_FACTOR, check_blowup_factor
 from ..models import DiagonalLinearNetwork
 from ..observables import measure, resolve_observables
 from ..teacher import TeacherProblem
-from .dynamics import ScheduleLike, SGDConfig
+from .dynamics import CoefficientBatch, ScheduleLike, SGDConfig
 from .fokker_planck import Budget
 from .quadrature import coordinate_columns
 from .solvers import SOLVERS, Problem
 
-__all__ = ["Prediction", "predict", "METHODS"]
+__all__ = ["Prediction", "predict", "predict_sweep", "METHODS"]
 
 METHODS = tuple(SOLVERS)
 
@@ -215,6 +217,79 @@ def predict(
         setup.on_step = bar
         sol = SOLVERS[method](**options).solve(setup)
     return _finish(sol, setup, k, info)
+
+
+def predict_sweep(
+    problem: TeacherProblem,
+    model: DiagonalLinearNetwork,
+    *,
+    lr: float | Sequence[float],
+    batch_size: int | Sequence[int] | None = None,
+    steps: int,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    noise_scale: float = 1.0,
+    sgd: SGDConfig | None = None,
+    method: str = "pde",
+    observables: str | Iterable[str] | None = None,
+    num_points: int = 201,
+    tol: float = 1e-3,
+    max_types: int = 4096,
+    blowup_factor: float = BLOWUP_FACTOR,
+    dtype: torch.dtype = torch.float64,
+    options: dict[str, Any] | None = None,
+    max_evaluations: int = 200_000,
+    max_seconds: float | None = None,
+) -> list[Prediction]:
+    """:func:`predict` at several learning rates and batch sizes, solved as one system (issue 12).
+
+    One :class:`Prediction` per pair of ``itertools.product(lr, batch_size)`` (learning rate major), each as
+    :func:`predict` would return it for that pair, with the same ``tol`` semantics: the PDE solves every member in
+    one batched Fokker-Planck system (:class:`~sde_optim.theory.dynamics.CoefficientBatch`), its type check on the
+    largest estimate over the members and its grid check per member; a member that diverges leaves the batch.
+    Other methods solve the members one after the other.
+
+    ``lr`` is a number or a sequence of numbers (> 0) -- not a per-step schedule: that is :func:`predict`'s
+    ``lr=[...]``, which is why the sweep has its own function.  With ``sgd`` (an
+    :class:`~sde_optim.theory.dynamics.SGDConfig`) the sweep scales its learning-rate schedule so that its peak is
+    each ``lr`` (the schedule's shape, momentum, weight decay kept) and ``batch_size``, if given, replaces its batch
+    size (``None``: the ``sgd``'s, or 1).
+    ``max_evaluations`` and ``max_seconds`` bound the whole sweep.  Other arguments: as :func:`predict`.
+    """
+    lrs = [check_float("lr", x, minimum=0.0, strict=True) for x in _as_list(lr)]
+    batches = [None] if batch_size is None else [check_int("batch_size", b, minimum=1) for b in _as_list(batch_size)]
+    if not lrs or not batches:
+        raise ValueError("predict_sweep needs at least one lr and one batch_size")
+    steps = check_int("steps", steps, minimum=1)
+    if sgd is None:
+        sgd = SGDConfig(lr=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                        noise_scale=noise_scale)
+    elif not isinstance(sgd, SGDConfig):
+        raise TypeError(f"sgd must be an SGDConfig, got {type(sgd).__name__}")
+    shape = sgd.with_lr_scaled(1.0 / float(sgd.lr_schedule(steps).max()))  # peak 1
+    configs = [shape.with_lr_scaled(a) if b is None else replace(shape.with_lr_scaled(a), batch_size=b)
+               for a, b in product(lrs, batches)]
+    prepared = [_prepare(problem, model, lr=None, batch_size=1, steps=steps, momentum=0.0, dampening=0.0, nesterov=False,
+                         weight_decay=0.0, noise_scale=1.0, sgd=c, method=method, observables=observables,
+                         num_points=num_points, tol=tol, max_types=max_types, blowup_factor=blowup_factor, dtype=dtype,
+                         max_evaluations=max_evaluations, max_seconds=max_seconds) for c in configs]
+    if prepared[0][3] is not None:  # at a global minimizer: nothing moves, whatever the SGD
+        return [fixed for *_, fixed in prepared]
+    setup = replace(prepared[0][0], coef=CoefficientBatch([p[0].coef for p in prepared], dtype, problem.beta_star.device))
+    solver = SOLVERS[prepared[0][2]["solver"]]
+    options = dict(options or {})
+    if solver.name != method:  # noise 0: the PDE is the gradient-flow ODE
+        options = {key: v for key, v in options.items() if key in solver.defaults}
+    sols = solver(**options).solve_batch(setup)
+    return [_finish(sol, member, k, info) for sol, (member, k, info, _) in zip(sols, prepared)]
+
+
+def _as_list(x) -> list:
+    if isinstance(x, Tensor):
+        return x.reshape(-1).tolist()
+    return list(x) if isinstance(x, (list, tuple, range)) else [x]
 
 
 def _prepare(problem, model, *, lr, batch_size, steps, momentum, dampening, nesterov, weight_decay, noise_scale, sgd,
