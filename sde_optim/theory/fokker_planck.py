@@ -173,10 +173,11 @@ class FokkerPlanckSolution:
         return torch.stack([(_RISK.density(c) * w).sum(-1), (_CURVATURE.density(c) * w).sum(-1)])
 
 
-def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -> Tensor:
+def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, ends_zero: bool = False) -> Tensor:
     """Batched tridiagonal solve; rows ``j``: ``lower[j] y[j-1] + diag[j] y[j] + upper[j] y[j+1] = rhs[j]``.
 
-    All arguments ``(..., N)`` (``lower[..., 0]``, ``upper[..., -1]`` ignored).  On CPU: one LAPACK
+    All arguments ``(..., N)`` (``lower[..., 0]``, ``upper[..., -1]`` ignored; ``ends_zero=True`` promises they are
+    zero already, which saves two copies).  On CPU: one LAPACK
     ``gtsv`` call on the block-diagonal system of size ``T N``; elsewhere a dense batched solve.
     """
     if diag.device.type == "cpu" and diag.dtype in (torch.float64, torch.float32):
@@ -184,9 +185,11 @@ def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -
 
         # The batch as one block-diagonal system of size T*N (no coupling across rows): one LAPACK call.
         gtsv = lapack.dgtsv if diag.dtype == torch.float64 else lapack.sgtsv
-        lo, up = lower.clone(), upper.clone()
-        lo[..., 0] = 0.0
-        up[..., -1] = 0.0
+        lo, up = lower, upper
+        if not ends_zero:
+            lo, up = lower.clone(), upper.clone()
+            lo[..., 0] = 0.0
+            up[..., -1] = 0.0
         res = gtsv(lo.reshape(-1)[1:].numpy(), diag.reshape(-1).numpy(), up.reshape(-1)[:-1].numpy(),
                    rhs.reshape(-1).numpy())
         if res[-1] != 0:
@@ -220,7 +223,8 @@ class _Statistics:
     """What one state ``(mass, m, s, int R)`` of every group and type determines (``(G, T, ...)``; ``G`` members of a
     :class:`~sde_optim.theory.dynamics.CoefficientBatch`, 1 for one SGD).
 
-    ``risk`` ``(G,)``; ``a``: drift at the cell centres then the interior faces ``(G, T, 2N - 1)``; ``diffusion``
+    Fields other than ``risk``, ``a``, ``diffusion``, ``observed`` and ``observed_total`` are None when computed with
+    ``full=False``.  ``risk`` ``(G,)``; ``a``: drift at the cell centres then the interior faces ``(G, T, 2N - 1)``; ``diffusion``
     ``D`` ``(G, T)``; ``e_xi, var_xi, e_a, cov_xi_a`` ``(G, T)`` the discrete moments of ``xi`` and ``a``
     (fourth-order weights); ``observed`` ``(2, G, T, N)`` the weighted risk and curvature densities (E7) per cell
     and ``observed_total`` ``(2, G)`` their totals ``R`` (with ``sigma^2/2``) and ``C``; ``tail_share`` ``(G,)`` the
@@ -268,7 +272,7 @@ class _Operator:
             lo = torch.nn.functional.pad(lo[..., 1:] * col_scale[..., :-1], (1, 0))
         if other is not None:
             dg, up, lo = dg + other.diag, up + other.upper, lo + other.lower
-        return tridiagonal_solve(-h * lo, 1.0 - h * dg, -h * up, rhs)
+        return tridiagonal_solve(-h * lo, 1.0 - h * dg, -h * up, rhs, ends_zero=True)  # the operator's ends are 0
 
 
 class _Grid:
@@ -291,9 +295,11 @@ class _Grid:
         self.points = torch.cat([self.xi, self.inner])
         self.step_limit = step_limit
 
-    def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int = 1) -> _Statistics:
+    def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int = 1,
+                   full: bool = True) -> _Statistics:
         """Risk, drift, diffusion, moments and observed densities of a state at time ``t`` (see :class:`_Statistics`);
-        ``side``: which side of a schedule's jump at ``t`` (+1 after, -1 before)."""
+        ``side``: which side of a schedule's jump at ``t`` (+1 after, -1 before).  ``full=False`` (an intermediate
+        stage, whose state only needs its operator and error) leaves out the moments, tail share and step limit."""
         dyn, xi, n = self.dyn, self.xi, self.xi.numel()
         q = dyn.q(integral[:, None, None], t)  # (G, T, 1)
         both = dyn.state(m[..., None] + s[..., None] * self.points, q)  # cell centres, then interior faces
@@ -303,6 +309,11 @@ class _Grid:
         observed = torch.stack([_RISK.density(c), _CURVATURE.density(c)]) * dyn.weight  # (2, G, T, N)
         totals = (observed * qw).sum(dim=(-2, -1))  # (2, G)
         risk = totals[0] + _RISK.offset(dyn.noise_std)
+        diffusion = dyn.diffusion(risk[:, None, None], t, side)[..., 0].expand_as(m)
+        a = dyn.drift(both.beta, risk[:, None, None], t, side)
+        if not full:
+            return _Statistics(risk, a, diffusion, None, None, None, None, observed, torch.stack([risk, totals[1]]),
+                               None, None)
         dens = observed[0] * mass
         ends = dens[..., :2].sum(dim=(-2, -1)) + dens[..., -2:].sum(dim=(-2, -1))
         tail_share = ends / dens.sum(dim=(-2, -1)).clamp_min(1e-300)
@@ -312,12 +323,10 @@ class _Grid:
             unstable = dim * ((c.lam * c.rho > limit).to(mass.dtype) * mass * dyn.weight).sum(dim=(-2, -1))
         else:
             unstable = torch.zeros_like(risk)
-        a = dyn.drift(both.beta, risk[:, None, None], t, side)
         a_c = a[..., :n]
         wa = qw * a_c
         e_xi, e_xi2, e_a, e_xia = qw @ xi, qw @ (xi * xi), wa.sum(-1), wa @ xi
         var_xi = (e_xi2 - e_xi**2).clamp_min(self.h * self.h / 12.0)  # at least a uniform cell's variance
-        diffusion = dyn.diffusion(risk[:, None, None], t, side)[..., 0].expand_as(e_xi)
         return _Statistics(risk, a, diffusion, e_xi, var_xi, e_a, e_xia - e_xi * e_a, observed,
                            torch.stack([risk, totals[1]]), tail_share, unstable)
 
@@ -407,8 +416,9 @@ def solve_fokker_planck(
     is solved on two consecutive levels of :func:`grid_level` (``N/2`` cells with local step tolerance
     ``4 s`` and ``N`` cells with ``s``); the relative difference of ``R`` and ``C`` between the two, divided
     by 3 (Richardson: both errors are second order, and the finer solve has half the cell width and
-    half the step), is the error estimate of the finer solve.  While it exceeds ``tol`` the next level
-    is solved (up to ``max_cells``, with a warning if that is not enough).  The spatial error
+    half the step), is the error estimate of the finer solve.  While it exceeds ``tol`` the error is split
+    into its space and time parts and the larger one is refined (:func:`refine_grid_batch`; up to
+    ``max_cells``, with a warning if that is not enough).  The spatial error
     constant is problem dependent: measured against a 4096-cell solve it is about ``0.08 h^2``
     (``h`` = cell width in standard deviations) on THEORY §6 at ``gamma = 0.5`` but ``10 h^2``
     at ``gamma = 8`` (0.8x the decay-critical step), where the noise feeds back on ``R``
@@ -492,44 +502,133 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                       tol_used: float = 0.0, **opts) -> list[FokkerPlanckSolution]:
     """:func:`refine_grid` for every member of a batch (``coarse``: their level-0 solves, one per member).
 
-    Each level is one batched solve (:func:`solve_batch_on_grid`) of the members whose estimate is still above
-    ``tol - tol_used``; a member leaves as soon as its own estimate meets it, so the easy members of a
-    learning-rate sweep are not refined for the hard ones.  The caps apply to each member's own solves.
+    **Level 1** (cells x 2, step tolerance / 4) is solved for every member, as one batch; the Richardson estimate
+    of the pair (:func:`_richardson_estimate`) is its error.  A member whose estimate is above ``tol - tol_used``
+    then has its error **split by source**: one more solve with level 1's cells on level 0's time steps (replayed,
+    :func:`solve_on_grid`'s ``schedule``) differs from level 0 only in space and from level 1 only in time, so
+    ``X`` (space) and ``Tm`` (time) are estimated separately: ``Tm`` as a difference / 3 (second order in time),
+    ``X`` as the difference itself (first order: near the critical lr the cells converge at order 1.1-1.4 only,
+    measured on THEORY §6, where / 3 understated the error 2-4x).
+    From there each refinement halves the cells (replaying the current time steps: a change in space only,
+    whose pair estimate replaces ``X``) or divides the step tolerance by 4 (a change in time only, replacing
+    ``Tm``), whichever source is larger, until ``X + Tm`` meets the tolerance.  From the second pair of a source
+    on, its difference is divided by the observed reduction ``r - 1`` (:func:`_reduction`), so the order the
+    pairs show is used, between one and two.  Near the critical learning rate
+    the error is in space (the law's steep walls) and the time steps stay coarse; at small ``lr`` it is in time
+    and the cells stay few (measured: docs/benchmarks.md).  The estimate reported is ``X + Tm``.
+
+    ``X`` measured on other time steps than the current solve's is measured again before the solve is accepted
+    (a twin with half the cells on the same steps): the two errors interact, and carrying ``X`` across a 16x
+    change of the steps understated the error 4x near the critical lr (THEORY §6, ``lr = 2``, ``tol = 2e-2``).
+
+    Members are solved together whenever they need the same next solve; a member leaves as soon as its own
+    estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``) apply to each member's own
+    solves; a member stopped by one keeps its last solve, with a warning giving its estimate.
     """
     half_width = opts["half_width"]
     n_prior = min(cells_for_tolerance(tol, half_width), max_cells)
     allowed = tol - tol_used
     coarse, groups = list(coarse), len(coarse)
     result: list[FokkerPlanckSolution | None] = [None] * groups
-    pending = list(range(groups))
     spent = [c.nfe for c in coarse]
-    level = 0
-    while pending:
-        level += 1
-        sub = dynamics if len(pending) == groups else dynamics.with_coefficients(dynamics.coef.select(pending))
-        fines = solve_batch_on_grid(sub, t_out, *grid_level(tol, half_width, step_tol, level, max_cells), **opts)
-        still = []
-        for g, fine in zip(pending, fines):
-            spent[g] += fine.nfe
-            estimate = _richardson_estimate(fine, coarse[g], estimate_floor)
-            # A predicted divergence is believed only from the a priori resolution on (a grid far too coarse
-            # can blow up spuriously, and two such grids may agree).
-            n_cells = fine.xi.numel()
-            unconfirmed = fine.diverged_at is not None and n_cells < n_prior
-            fine.error_estimate, fine.levels = estimate, level
-            if (estimate <= allowed and not unconfirmed) or 2 * n_cells > max_cells or spent[g] + 2 * fine.nfe > max_evaluations:
-                result[g] = fine
-                if estimate > allowed:
-                    who = f" (member {g} of a batch of {groups})" if groups > 1 else ""
-                    warnings.warn(f"Fokker-Planck solve{who}: estimated relative error {estimate:.2g} of the grid exceeds "
-                                  f"{allowed:.2g} (tol={tol:g}) with {n_cells} cells and {spent[g]} operator evaluations "
-                                  f"(max_cells={max_cells}, max_evaluations={max_evaluations}); raise them or relax tol",
-                                  RuntimeWarning, stacklevel=4)
-            else:
-                coarse[g] = fine
-                still.append(g)
-        pending = still
+    solves = [1] * groups
+
+    def solve(members: list[int], n_cells: int, st: float, schedule: list[float] | None) -> list[FokkerPlanckSolution]:
+        sub = dynamics if len(members) == groups else dynamics.with_coefficients(dynamics.coef.select(members))
+        if dynamics.groups is None:
+            sub = dynamics
+        sols = solve_batch_on_grid(sub, t_out, n_cells, st, schedule=schedule, **opts)
+        for g, sol in zip(members, sols):
+            spent[g] += sol.nfe
+            solves[g] += 1
+        return sols
+
+    def finish(g: int, sol: FokkerPlanckSolution, estimate: float) -> None:
+        sol.error_estimate, sol.levels = estimate, solves[g] - 1
+        result[g] = sol
+        if estimate > allowed:
+            who = f" (member {g} of a batch of {groups})" if groups > 1 else ""
+            warnings.warn(f"Fokker-Planck solve{who}: estimated relative error {estimate:.2g} of the grid exceeds "
+                          f"{allowed:.2g} (tol={tol:g}) with {sol.xi.numel()} cells and {spent[g]} operator evaluations "
+                          f"(max_cells={max_cells}, max_evaluations={max_evaluations}); raise them or relax tol",
+                          RuntimeWarning, stacklevel=4)
+
+    def unconfirmed(sol: FokkerPlanckSolution) -> bool:
+        # A predicted divergence is believed only from the a priori resolution on (a grid far too coarse
+        # can blow up spuriously, and two such grids may agree).
+        return sol.diverged_at is not None and sol.xi.numel() < n_prior
+
+    n1, st1 = grid_level(tol, half_width, step_tol, 1, max_cells)
+    fine = dict(zip(range(groups), solve(list(range(groups)), n1, st1, None)))
+    state: dict[int, list] = {}  # member -> [current solve, cells, step tolerance, X, Tm]
+    split: list[int] = []
+    for g, sol in fine.items():
+        estimate = _richardson_estimate(sol, coarse[g], estimate_floor)
+        if (estimate <= allowed and not unconfirmed(sol)) or spent[g] + 2 * sol.nfe > max_evaluations:
+            finish(g, sol, estimate)
+        else:
+            split.append(g)
+    if split:  # level 1's cells on level 0's steps: space and time apart
+        n0, st0 = grid_level(tol, half_width, step_tol, 0, max_cells)
+        for g, mid in zip(split, solve(split, n1, st0, _replayable(coarse[split[0]]))):
+            space = 3.0 * _richardson_estimate(mid, coarse[g], estimate_floor)  # raw differences (estimate x 3)
+            time = 3.0 * _richardson_estimate(fine[g], mid, estimate_floor)
+            # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
+            # time: second order (MPRK22 with the local error kept near the step tolerance)
+            state[g] = [fine[g], n1, st1, space, time / 3.0, space, time, True]
+    while state:
+        plans: dict[tuple, list[int]] = {}
+        for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh) in list(state.items()):
+            if spent[g] + 2 * sol.nfe > max_evaluations:
+                finish(g, sol, x_err + t_err)
+                del state[g]
+                continue
+            if x_err + t_err <= allowed and not unconfirmed(sol):
+                if x_fresh:
+                    finish(g, sol, x_err + t_err)
+                    del state[g]
+                else:  # X was measured on other time steps: measure it again on these (half the cells, same steps)
+                    plans.setdefault(("recheck", n_cells // 2, st, id(_replayable(sol))), []).append(g)
+                continue
+            space = x_err >= t_err or unconfirmed(sol)
+            if space and 2 * n_cells > max_cells:
+                space = False if t_err > allowed / 2 else None
+            if space is None:
+                finish(g, sol, x_err + t_err)  # the space error needs more cells than max_cells
+                del state[g]
+                continue
+            key = ("space", 2 * n_cells, st, id(_replayable(sol))) if space else ("time", n_cells, st / 4.0, None)
+            plans.setdefault(key, []).append(g)
+        for (kind, n_cells, st, _), members in plans.items():
+            schedule = None if kind == "time" else _replayable(state[members[0]][0])
+            for g, new in zip(members, solve(members, n_cells, st, schedule)):
+                sol, n_old, st_old, x_err, t_err, raw_x, raw_t, _ = state[g]
+                raw = 3.0 * _richardson_estimate(new, sol, estimate_floor)
+                if kind == "space":
+                    state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True]
+                elif kind == "time":
+                    state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False]
+                else:  # recheck: the current solve stays; X from it and its half-cell twin on the same steps
+                    state[g] = [sol, n_old, st_old, raw / _reduction(2.0 * raw, raw), t_err, raw, raw_t, True]
     return result  # type: ignore[return-value]
+
+
+def _replayable(sol: FokkerPlanckSolution) -> list[float] | None:
+    """``sol``'s time steps to replay on another grid, or None (adaptive steps) when it diverged: its steps end at the
+    divergence, and a replay past them would cover the rest of the horizon in single steps."""
+    return sol.schedule if sol.diverged_at is None else None
+
+
+def _reduction(previous: float, latest: float) -> float:
+    """``r - 1`` for the Richardson estimate ``latest / (r - 1)`` of the finer solve of a pair, where ``r`` is how much
+    the differences of consecutive pairs shrank (``previous / latest``, the observed order: ``r = 2^p``), kept in
+    ``[2, 4]``: at most second order (``/ 3``, the assumption of a single pair), and a slower convergence counted as
+    first order (``/ 1``) rather than trusted further.  Measured near the critical lr on THEORY §6: the space
+    differences shrink about 2.6x per halving of the cells (order ~1.4), so ``/ 3`` would understate the error
+    about 1.8x."""
+    if not (math.isfinite(previous) and math.isfinite(latest)) or latest <= 0:
+        return 3.0
+    return min(4.0, max(2.0, previous / latest)) - 1.0
 
 
 def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, base_s: FokkerPlanckSolution,
@@ -770,7 +869,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 y1 = op0.implicit_solve(h, mass).clamp_min(0.0)
                 rate0 = _per_group(coef.noise(t, 1)) * st0.risk  # integrand of I = int nu R (E4)
                 i1 = integral + h * rate0
-                st1 = grid.statistics(y1, m1, s1, i1, t + h, -1)
+                st1 = grid.statistics(y1, m1, s1, i1, t + h, -1, full=False)
                 nfe += 1
                 budget.spend(2)
                 op1 = grid.assemble(st1, s1, vm, vs)
