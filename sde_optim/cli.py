@@ -34,11 +34,11 @@ from tqdm import tqdm
 from . import __version__
 from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES, relative_error
-from .plotting import comparison_figure, mask_divergence, save_figure
+from .plotting import comparison_figure, mask_divergence, save_figure, sweep_figure
 from .simulation import train_homogenized, train_sgd
 from .teacher import TeacherProblem, TeacherSpec
 from .optim.schedules import SCHEDULES, check_schedule
-from .theory import SGDConfig, best_lr, critical_lr, predict, solve_fokker_planck
+from .theory import SGDConfig, best_lr, critical_lr, predict, predict_sweep, solve_fokker_planck
 from .theory.describe import named_sgd
 
 __all__ = [
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict risk/curvature curves; print a table, write CSV/figure",
                        formatter_class=HelpFormatter)
     _add_problem_args(p)
-    p.add_argument("--lr", type=float_in(0, strict=True), default=0.5, help="SGD step size")
+    p.add_argument("--lr", type=_lr_list, default=[0.5],
+                   help="SGD step size; several, comma-separated, are predicted in one batched solve (predict_sweep)")
     p.add_argument("--method", choices=["pde", "particles", "ode", "gradient_flow"], default="pde",
                    help="prediction method (sde_optim.predict)")
     p.add_argument("--observables", type=_observable_names, default=["risk", "curvature"],
@@ -400,14 +401,17 @@ def _solver_kwargs(args: argparse.Namespace) -> dict:
     return {"tol": args.tol, "max_types": args.max_types, **({"options": options} if options else {})}
 
 
-def _title(args: argparse.Namespace, sgd: SGDConfig) -> str:
+def _title(args: argparse.Namespace, sgd: SGDConfig, lr_text: str | None = None) -> str:
     extras = sgd.options() + ([f"{args.schedule} schedule"] if args.schedule != "constant" else [])
-    return (f"d={args.dim}, lr={args.lr:g}, B={args.batch_size}, " + "".join(e + ", " for e in extras)
+    return (f"d={args.dim}, lr={lr_text or format(args.lr, 'g')}, B={args.batch_size}, " + "".join(e + ", " for e in extras)
             + f"density={args.density:g}, {args.spectrum} spectrum, sigma={args.noise_std:g}, "
             f"{args.init} init alpha={args.alpha:g}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    if len(args.lr) > 1:
+        return _cmd_predict_sweep(args)
+    args.lr = args.lr[0]
     problem, model, steps, sgd = _setup(args)
     names = args.observables
     with progress(None, f"predict ({args.method})"):
@@ -415,7 +419,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                        **_solver_kwargs(args))
     _print_table(pred, names, args.rows)
     if args.csv:
-        _write_csv(args.csv, pred, names)
+        _write_csv(args.csv, [pred], names)
         print(f"wrote {args.csv}")
     if args.png:
         label = ("PDE" if args.method == "pde" else args.method.replace("_", " ")) + " prediction"
@@ -423,6 +427,36 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                                 title=f"{label}: {_title(args, sgd)}", dim=args.dim,
                                 divergence_step=pred.divergence_step, prediction_label=label)
         print("wrote " + ", ".join(save_figure(fig, args.png)))
+
+
+def _cmd_predict_sweep(args: argparse.Namespace) -> None:
+    """``predict --lr a,b,...``: every lr in one batched solve; a table per lr, one CSV, one figure."""
+    lrs, args.lr = args.lr, max(args.lr)
+    problem, model, steps, sgd = _setup(args)  # the schedule's shape at the largest lr; each lr scales its peak
+    names = args.observables
+    with progress(None, f"predict ({args.method}) at {len(lrs)} learning rates"):
+        preds = predict_sweep(problem, model, sgd=sgd, lr=lrs, steps=steps, method=args.method, observables=names,
+                              **_solver_kwargs(args))
+    for lr, pred in zip(lrs, preds):
+        print(f"lr = {lr:g}")
+        _print_table(pred, names, args.rows)
+    if args.csv:
+        _write_csv(args.csv, preds, names, lrs)
+        print(f"wrote {args.csv}")
+    if args.png:
+        curves = {f"lr = {lr:g}": {n: (p.steps.tolist(), p.curves[n].tolist()) for n in names} for lr, p in zip(lrs, preds)}
+        label = "PDE" if args.method == "pde" else args.method.replace("_", " ")
+        title = f"{label} predictions: " + _title(args, sgd, lr_text=",".join(f"{x:g}" for x in lrs))
+        print("wrote " + ", ".join(save_figure(sweep_figure(curves, title=title, dim=args.dim), args.png)))
+
+
+def _lr_list(text: str) -> list[float]:
+    """``--lr 0.5`` or ``--lr 0.1,0.2,0.5``: positive, finite, distinct step sizes."""
+    check = float_in(0, strict=True)
+    values = [check(x.strip()) for x in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"learning rates must be distinct; got {text!r}")
+    return values
 
 
 def _print_table(pred, names: Sequence[str], rows: int) -> None:
@@ -438,13 +472,17 @@ def _print_table(pred, names: Sequence[str], rows: int) -> None:
         print(f"estimated relative error of the prediction: {estimate:.2g}")
 
 
-def _write_csv(path: str, pred, names: Sequence[str]) -> None:
+def _write_csv(path: str, preds: Sequence, names: Sequence[str], lrs: Sequence[float] | None = None) -> None:
+    """One row per output step of each prediction; with several (a sweep, learning rates ``lrs``) a first column
+    ``lr`` tells them apart."""
+    sweep = lrs is not None
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "t", *names, "local_rate"])
-        for i in range(len(pred.steps)):
-            w.writerow([int(pred.steps[i]), float(pred.t[i]), *(float(pred.curves[n][i]) for n in names),
-                        float(pred.local_rate[i])])
+        w.writerow(["lr"] * sweep + ["step", "t", *names, "local_rate"])
+        for k, pred in enumerate(preds):
+            for i in range(len(pred.steps)):
+                w.writerow(([lrs[k]] if sweep else []) + [int(pred.steps[i]), float(pred.t[i]),
+                           *(float(pred.curves[n][i]) for n in names), float(pred.local_rate[i])])
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:

@@ -85,6 +85,31 @@ def comparison_figure(
     return fig
 
 
+def sweep_figure(curves: Mapping[str, Mapping[str, Series]], *, title: str = "", xlabel: str = "SGD steps k",
+                 dim: int | None = None, ncols: int | None = None) -> Figure:
+    """One panel per observable, one predicted line per member of a sweep (``predict_sweep``).
+
+    ``curves`` is ``{label: {observable: (steps, values)}}``, e.g. ``{"lr = 0.5": {"risk": ...}, ...}``; the
+    observables of the first label are drawn, in order.
+    """
+    names = list(next(iter(curves.values())))
+    rows, cols = grid_shape(len(names), ncols)
+    fig, axes = plt.subplots(rows, cols, figsize=(_PANEL_SIZE[0] * cols, _PANEL_SIZE[1] * rows + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax, name in zip(axes.flat, names):
+        positive = True
+        for label, obs in curves.items():
+            steps, values = obs[name]
+            y = np.asarray(values, dtype=float)
+            positive &= bool(np.all(y[np.isfinite(y)] > 0))
+            ax.plot(np.asarray(steps, dtype=float), y, lw=1.4, label=label)
+        _label_axes(ax, name, dim, xlabel, None, log=positive)
+    for ax in list(axes.flat)[len(names):]:
+        fig.delaxes(ax)
+    finish_figure(fig, title)
+    return fig
+
+
 def grid_shape(count: int, ncols: int | None = None) -> tuple[int, int]:
     """``(rows, cols)`` for ``count`` panels: ``ncols`` if given, else 2 x 2 for 4 panels and otherwise the
     first of 3, 4, 2 columns that fills every row (8 panels: 2 x 4), falling back to ``min(count, 3)``."""

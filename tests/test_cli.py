@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import csv
 import io
 import math
 import os
@@ -94,6 +95,26 @@ def test_cli_critical_lr_answers_and_names_its_work_bound(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--max-solves" in err and "Traceback" not in err
+
+
+def test_cli_predict_several_learning_rates_in_one_solve(tmp_path, capsys):
+    path, png = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    argv = ["predict", "--dim", "128", "--horizon", "2", "--lr", "0.5,2", "--tol", "3e-3", "--csv", str(path),
+            "--png", str(png)]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "lr = 0.5" in out and "lr = 2" in out
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["lr"] for r in rows} == {"0.5", "2.0"}
+    last = {r["lr"]: float(r["risk"]) for r in rows}  # the last row of each lr: the end of the horizon
+    assert cli_main(["predict", "--dim", "128", "--horizon", "2", "--lr", "2", "--tol", "3e-3", "--rows", "2"]) == 0
+    alone = float(capsys.readouterr().out.splitlines()[-2].split()[2])  # the last table row's risk
+    assert last["2.0"] == pytest.approx(alone, rel=6e-3)  # each within tol (3e-3) of the exact curve
+    _check_figure_files(png)
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--lr", "0.5,0.5"])
+    assert "--lr" in capsys.readouterr().err
 
 
 def test_cli_best_lr_prints_the_least_predicted_risk(capsys):
