@@ -121,8 +121,6 @@ def section_memory(args):
 def section_paired(args):
     """E11 without the finite-d gap of SGD itself: momentum SGD against plain SGD at the same lr_eff on the same
     samples (the same generator and batch shapes: common random numbers), so the seed noise cancels."""
-    from sde_optim.simulation import simulate_sgd
-
     rows = []
     for d in args.memory_dims:
         problem = TeacherProblem.sparse(d, 0.1, noise_std=0.0, seed=0)

@@ -284,8 +284,9 @@ def sgd_config(args: argparse.Namespace, steps: int) -> SGDConfig:
     """The SGD the flags describe over ``steps`` steps: a ``torch.optim.SGD`` with the flags' hyper-parameters and
     the named scheduler, read by :func:`~sde_optim.theory.describe_sgd` (the path TheoryMonitor takes), so the
     predicted schedule is the one torch runs. ``ValueError`` naming the flag for a bad combination."""
+    lr = max(args.lr) if isinstance(args.lr, list) else args.lr  # predict --lr a,b,...: the template at the largest
     try:
-        return named_sgd(steps, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
+        return named_sgd(steps, lr=lr, batch_size=args.batch_size, momentum=args.momentum,
                          dampening=args.dampening, nesterov=args.nesterov, weight_decay=args.weight_decay,
                          schedule=args.schedule)
     except ValueError as exc:

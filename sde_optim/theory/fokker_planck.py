@@ -518,7 +518,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     and the cells stay few (measured: docs/benchmarks.md).  The estimate reported is ``X + Tm``.
 
     ``X`` measured on other time steps than the current solve's is measured again before the solve is accepted
-    (a twin with half the cells on the same steps): the two errors interact, and carrying ``X`` across a 16x
+    (twins with 1/2 and 1/4 of the cells on the same steps: the difference to the first at the order the three
+    show): the two errors interact, and carrying ``X`` across a 16x
     change of the steps understated the error 4x near the critical lr (THEORY §6, ``lr = 2``, ``tol = 2e-2``).
 
     Members are solved together whenever they need the same next solve; a member leaves as soon as its own
@@ -575,7 +576,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             time = 3.0 * _richardson_estimate(fine[g], mid, estimate_floor)
             # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
             # time: second order (MPRK22 with the local error kept near the step tolerance)
-            state[g] = [fine[g], n1, st1, space, time / 3.0, space, time, True]
+            state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True]
     while state:
         plans: dict[tuple, list[int]] = {}
         for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh) in list(state.items()):
@@ -587,8 +588,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                 if x_fresh:
                     finish(g, sol, x_err + t_err)
                     del state[g]
-                else:  # X was measured on other time steps: measure it again on these (half the cells, same steps)
-                    plans.setdefault(("recheck", n_cells // 2, st, id(_replayable(sol))), []).append(g)
+                else:  # X was measured on other time steps: measure it again on these (fewer cells, same steps)
+                    plans.setdefault(("recheck", n_cells, st, id(_replayable(sol))), []).append(g)
                 continue
             space = x_err >= t_err or unconfirmed(sol)
             if space and 2 * n_cells > max_cells:
@@ -601,15 +602,21 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             plans.setdefault(key, []).append(g)
         for (kind, n_cells, st, _), members in plans.items():
             schedule = None if kind == "time" else _replayable(state[members[0]][0])
+            if kind == "recheck":  # X again on the current steps: twins with 1/2 and 1/4 of the cells, the order observed
+                halves = solve(members, n_cells // 2, st, schedule)
+                for g, half, quarter in zip(members, halves, solve(members, n_cells // 4, st, schedule)):
+                    sol = state[g][0]
+                    raw = 3.0 * _richardson_estimate(sol, half, estimate_floor)
+                    state[g][3] = raw / _reduction(3.0 * _richardson_estimate(half, quarter, estimate_floor), raw)
+                    state[g][5], state[g][7] = raw, True
+                continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
-                sol, n_old, st_old, x_err, t_err, raw_x, raw_t, _ = state[g]
+                sol, _, _, x_err, t_err, raw_x, raw_t, _ = state[g]
                 raw = 3.0 * _richardson_estimate(new, sol, estimate_floor)
                 if kind == "space":
                     state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True]
-                elif kind == "time":
+                else:
                     state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False]
-                else:  # recheck: the current solve stays; X from it and its half-cell twin on the same steps
-                    state[g] = [sol, n_old, st_old, raw / _reduction(2.0 * raw, raw), t_err, raw, raw_t, True]
     return result  # type: ignore[return-value]
 
 
@@ -622,12 +629,12 @@ def _replayable(sol: FokkerPlanckSolution) -> list[float] | None:
 def _reduction(previous: float, latest: float) -> float:
     """``r - 1`` for the Richardson estimate ``latest / (r - 1)`` of the finer solve of a pair, where ``r`` is how much
     the differences of consecutive pairs shrank (``previous / latest``, the observed order: ``r = 2^p``), kept in
-    ``[2, 4]``: at most second order (``/ 3``, the assumption of a single pair), and a slower convergence counted as
-    first order (``/ 1``) rather than trusted further.  Measured near the critical lr on THEORY §6: the space
+    ``[2, 4]``: at most second order (``/ 3``, the assumption of a single pair), and a slower convergence, or an
+    unresolved pair (a divergence in one solve only), counted as first order (``/ 1``) rather than trusted further.  Measured near the critical lr on THEORY §6: the space
     differences shrink about 2.6x per halving of the cells (order ~1.4), so ``/ 3`` would understate the error
     about 1.8x."""
-    if not (math.isfinite(previous) and math.isfinite(latest)) or latest <= 0:
-        return 3.0
+    if not math.isfinite(previous) or not math.isfinite(latest) or latest <= 0:
+        return 1.0  # no order to see (an unresolved pair, or no difference left): first order
     return min(4.0, max(2.0, previous / latest)) - 1.0
 
 
