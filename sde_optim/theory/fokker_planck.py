@@ -522,6 +522,9 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     show): the two errors interact, and carrying ``X`` across a 16x
     change of the steps understated the error 4x near the critical lr (THEORY §6, ``lr = 2``, ``tol = 2e-2``).
 
+    A refinement that does not halve its source's difference (the pairs are not yet in their asymptotic range, e.g.
+    a time step refined on too few cells to resolve the law) hands the next refinement to the other source.
+
     Members are solved together whenever they need the same next solve; a member leaves as soon as its own
     estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``) apply to each member's own
     solves; a member stopped by one keeps its last solve, with a warning giving its estimate.
@@ -576,10 +579,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             time = 3.0 * _richardson_estimate(fine[g], mid, estimate_floor)
             # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
             # time: second order (MPRK22 with the local error kept near the step tolerance)
-            state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True]
+            state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None]
     while state:
         plans: dict[tuple, list[int]] = {}
-        for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh) in list(state.items()):
+        for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh, stalled) in list(state.items()):
             if spent[g] + 2 * sol.nfe > max_evaluations:
                 finish(g, sol, x_err + t_err)
                 del state[g]
@@ -592,6 +595,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     plans.setdefault(("recheck", n_cells, st, id(_replayable(sol))), []).append(g)
                 continue
             space = x_err >= t_err or unconfirmed(sol)
+            if stalled is not None:  # the last refinement did not halve its source's difference: refine the other
+                space = stalled == "time"
             if space and 2 * n_cells > max_cells:
                 space = False if t_err > allowed / 2 else None
             if space is None:
@@ -611,12 +616,13 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     state[g][5], state[g][7] = raw, True
                 continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
-                sol, _, _, x_err, t_err, raw_x, raw_t, _ = state[g]
+                sol, _, _, x_err, t_err, raw_x, raw_t, _, _ = state[g]
                 raw = 3.0 * _richardson_estimate(new, sol, estimate_floor)
+                stalled = kind if not raw * 2.0 <= (raw_x if kind == "space" else raw_t) else None
                 if kind == "space":
-                    state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True]
+                    state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True, stalled]
                 else:
-                    state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False]
+                    state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False, stalled]
     return result  # type: ignore[return-value]
 
 
