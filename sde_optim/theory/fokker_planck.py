@@ -700,10 +700,17 @@ def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolu
     """Estimated relative error of ``fine``: ``max |fine - coarse| / (3 |fine|)`` over R and C (second order).
 
     Taken over output times before the divergence, with ``R >= floor * R(0)``.  If only one of the two
-    diverged, or they diverged at different output times, the divergence itself is unresolved: ``inf``.
+    diverged, or they diverged at different output times, the divergence itself is unresolved: ``inf``; so is a risk
+    below ``sigma^2 / 2`` in either (a negative excess risk: the fourth-order weights of a law collapsed into a few
+    cells, seen in a best_lr sweep before the stall rule of :func:`refine_grid_batch`).
     """
     if fine.diverged_at != coarse.diverged_at:  # one diverged, or both at different output times
         return math.inf
+    floor_risk = _RISK.offset(fine.dynamics.noise_std)
+    for sol in (fine, coarse):  # R below sigma^2/2 (a negative excess risk) is impossible: an unresolved law
+        risk = sol.risk[torch.isfinite(sol.risk)]
+        if risk.numel() and bool((risk < floor_risk - 1e-9 * max(floor_risk, float(risk.abs().max()))).any()):
+            return math.inf
     a, b = _observed_curves(fine), _observed_curves(coarse)
     ok = torch.isfinite(a).all(0) & torch.isfinite(b).all(0) & (fine.risk >= floor * fine.risk[0])
     for div in (fine.diverged_at, coarse.diverged_at):
