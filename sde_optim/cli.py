@@ -246,6 +246,15 @@ def _add_solver_args(p: argparse.ArgumentParser, fn: Callable) -> None:
                         f"{_default(solve_fokker_planck, 'max_evaluations')})" + (unused if fn is critical_lr else ""))
 
 
+def _add_lr_search_args(p: argparse.ArgumentParser, fn: Callable) -> None:
+    """What a search over the learning rate (critical-lr, best-lr) shares: ``--lr`` (the schedule's peak whose shape
+    is scaled), the SGD flags and the PDE accuracy flags of ``fn``."""
+    p.add_argument("--lr", type=float_in(0, strict=True), default=1.0,
+                   help="with --schedule: the schedule's peak lr that the result scales (its shape is kept)")
+    add_sgd_arguments(p)
+    _add_solver_args(p, fn)
+
+
 class ExampleHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The examples' help: the module docstring as written, and every flag's default after its help."""
 
@@ -334,10 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative width of the final bisection bracket")
     k.add_argument("--max-solves", type=positive_int, default=_default(critical_lr, "max_evaluations"),
                    help="cap on the PDE solves of the search")
-    k.add_argument("--lr", type=float_in(0, strict=True), default=1.0,
-                   help="with --schedule: the schedule's peak lr that the result scales (its shape is kept)")
-    add_sgd_arguments(k)
-    _add_solver_args(k, critical_lr)
+    _add_lr_search_args(k, critical_lr)
     k.set_defaults(run=_cmd_critical_lr, parser=k)
 
     b = sub.add_parser("best-lr", help="learning rate with the least predicted risk at the end of the horizon",
@@ -351,10 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest lr searched, as a fraction of the critical lr (at most 1)")
     b.add_argument("--sweep-size", type=int_in(3), default=_default(best_lr, "sweep_size"),
                    help="learning rates per batched sweep (two sweeps)")
-    b.add_argument("--lr", type=float_in(0, strict=True), default=1.0,
-                   help="with --schedule: the schedule's peak lr that the result scales (its shape is kept)")
-    add_sgd_arguments(b)
-    _add_solver_args(b, best_lr)
+    _add_lr_search_args(b, best_lr)
     b.set_defaults(run=_cmd_best_lr, parser=b)
     return ap
 
