@@ -539,8 +539,6 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
 
     def solve(members: list[int], n_cells: int, st: float, schedule: list[float] | None) -> list[FokkerPlanckSolution]:
         sub = dynamics if len(members) == groups else dynamics.with_coefficients(dynamics.coef.select(members))
-        if dynamics.groups is None:
-            sub = dynamics
         sols = solve_batch_on_grid(sub, t_out, n_cells, st, schedule=schedule, **opts)
         for g, sol in zip(members, sols):
             spent[g] += sol.nfe
@@ -575,8 +573,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     if split:  # level 1's cells on level 0's steps: space and time apart
         n0, st0 = grid_level(tol, half_width, step_tol, 0, max_cells)
         for g, mid in zip(split, solve(split, n1, st0, _replayable(coarse[split[0]]))):
-            space = 3.0 * _richardson_estimate(mid, coarse[g], estimate_floor)  # raw differences (estimate x 3)
-            time = 3.0 * _richardson_estimate(fine[g], mid, estimate_floor)
+            space = _pair_difference(mid, coarse[g], estimate_floor)
+            time = _pair_difference(fine[g], mid, estimate_floor)
             # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
             # time: second order (MPRK22 with the local error kept near the step tolerance)
             state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None]
@@ -611,13 +609,13 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                 halves = solve(members, n_cells // 2, st, schedule)
                 for g, half, quarter in zip(members, halves, solve(members, n_cells // 4, st, schedule)):
                     sol = state[g][0]
-                    raw = 3.0 * _richardson_estimate(sol, half, estimate_floor)
-                    state[g][3] = raw / _reduction(3.0 * _richardson_estimate(half, quarter, estimate_floor), raw)
+                    raw = _pair_difference(sol, half, estimate_floor)
+                    state[g][3] = raw / _reduction(_pair_difference(half, quarter, estimate_floor), raw)
                     state[g][5], state[g][7] = raw, True
                 continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
                 sol, _, _, x_err, t_err, raw_x, raw_t, _, _ = state[g]
-                raw = 3.0 * _richardson_estimate(new, sol, estimate_floor)
+                raw = _pair_difference(new, sol, estimate_floor)
                 stalled = kind if not raw * 2.0 <= (raw_x if kind == "space" else raw_t) else None
                 if kind == "space":
                     state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True, stalled]
@@ -691,13 +689,22 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
 
 
 def _observed_curves(sol: "FokkerPlanckSolution") -> Tensor:
-    """``(2, n)``: ``R`` and ``C`` (E7) at the output times."""
-    c, w = sol.points()
-    return torch.stack([sol.risk, (_CURVATURE.density(c) * w).sum(dim=(-2, -1))])
+    """``(2, n)``: ``R`` and ``C`` (E7) at the output times, computed once per solution (the grid check compares a
+    solve with up to three others, and ``points()`` builds the state at every output time)."""
+    curves = sol.__dict__.get("_observed")
+    if curves is None:
+        c, w = sol.points()
+        curves = sol.__dict__["_observed"] = torch.stack([sol.risk, (_CURVATURE.density(c) * w).sum(dim=(-2, -1))])
+    return curves
 
 
 def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
-    """Estimated relative error of ``fine``: ``max |fine - coarse| / (3 |fine|)`` over R and C (second order).
+    """Estimated relative error of ``fine``: :func:`_pair_difference` / 3 (second order, half the cell width and step)."""
+    return _pair_difference(fine, coarse, floor) / 3.0
+
+
+def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
+    """The largest relative difference ``max |fine - coarse| / |fine|`` of R and C between two solves.
 
     Taken over output times before the divergence, with ``R >= floor * R(0)``.  If only one of the two
     diverged, or they diverged at different output times, the divergence itself is unresolved: ``inf``; so is a risk
@@ -719,7 +726,7 @@ def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolu
     if not bool(ok.any()):
         return 0.0
     rel = ((a - b).abs() / a.abs().clamp_min(1e-300))[:, ok]
-    return float(rel.max()) / 3.0
+    return float(rel.max())
 
 
 def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *, half_width: float = 12.0,
