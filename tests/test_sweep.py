@@ -9,7 +9,7 @@ import torch
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem, best_lr, predict, predict_sweep
 from sde_optim.theory.dynamics import CoefficientBatch, MeanFieldDynamics, SGDConfig
-from sde_optim.theory.fokker_planck import solve_batch_on_grid, solve_on_grid
+from sde_optim.theory.fokker_planck import solve_batch_on_grid, solve_on_grid, tridiagonal_solve
 from sde_optim.theory.quadrature import coordinate_types
 
 F64 = torch.float64
@@ -125,3 +125,24 @@ def test_a_sweep_near_the_critical_lr_stays_above_the_noise_floor():
         risk = pred.curves["risk"]
         assert bool((risk[torch.isfinite(risk)] >= 0.5 * 0.2**2).all())
         assert pred.info["error_estimate"] <= 1e-2
+
+
+def test_one_members_nan_does_not_reach_the_others_in_the_tridiagonal_solve():
+    """The batched solve must keep members apart: as one block-diagonal LAPACK call, elimination carried a member's
+    nan across the zero couplings of the block ends (0 * nan = nan) into every member, and a sweep whose largest lr
+    overflowed returned nan curves (estimate inf) for all twelve members (best_lr's coarse sweep, found with the
+    stretched cells of the grid)."""
+    gen = torch.Generator().manual_seed(0)
+    g, t, n = 3, 2, 6
+    off = torch.rand(g, t, n, generator=gen, dtype=F64)
+    lower, upper = -off, -torch.roll(off, 1, -1)
+    lower[..., 0] = 0.0
+    upper[..., -1] = 0.0
+    diag = 3.0 + torch.rand(g, t, n, generator=gen, dtype=F64)
+    rhs = torch.rand(g, t, n, generator=gen, dtype=F64)
+    alone = [tridiagonal_solve(lower[k:k + 1], diag[k:k + 1], upper[k:k + 1], rhs[k:k + 1], ends_zero=True) for k in range(g)]
+    diag[1, 0, 2] = float("nan")
+    out = tridiagonal_solve(lower, diag, upper, rhs, ends_zero=True)
+    assert bool(torch.isnan(out[1]).any())
+    for k in (0, 2):
+        assert torch.equal(out[k], alone[k][0])

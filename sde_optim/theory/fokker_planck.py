@@ -11,8 +11,9 @@ E5, or ``psi = log|beta|`` for balanced types, THEORY §3) solves
 
 Numerics (see THEORY §4, "A measured warning about grids"):
 
-* **Co-moving grid per type.** ``x = m_tau(t) + s_tau(t) xi`` on a fixed uniform grid
-  ``xi in [-L, L]`` with ``N`` cells.  In ``xi`` the equation is the same Fokker-Planck
+* **Co-moving grid per type.** ``x = m_tau(t) + s_tau(t) g(xi)`` on a fixed uniform grid
+  ``xi in [-L, L]`` with ``N`` cells, stretched by ``g = sinh(alpha xi) / alpha`` (cells grow like
+  ``cosh(alpha xi)`` towards a window of 20 standard deviations, :class:`_Grid`).  In ``xi`` the equation is the same Fokker-Planck
   equation with drift ``(a - m' - s' xi)/s`` and diffusion ``D/s^2`` (an ALE change of
   variables, exact for any grid motion), so the grid may move however is convenient: over each
   time step it moves with one velocity, onto the law's mean and spread predicted for the end
@@ -74,17 +75,35 @@ __all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "solve_on_grid", "solv
            "grid_level", "cells_for_tolerance", "MeanFieldDynamics", "Budget", "WorkLimitError"]
 
 
+STRETCH = 0.5  # alpha of the cell map g(xi) = sinh(alpha xi) / alpha (see _Grid)
+
+
+def _stretch(xi: Tensor) -> Tensor:
+    """The cell map ``g(xi) = sinh(alpha xi) / alpha`` (``alpha`` = :data:`STRETCH`; ``xi`` itself for 0)."""
+    return xi if STRETCH == 0 else torch.sinh(STRETCH * xi) / STRETCH
+
+
+def reference_half_width(half_width: float) -> float:
+    """The uniform reference grid's half-width ``L`` whose image ``g(L)`` is the window ``half_width`` (std units)."""
+    return half_width if STRETCH == 0 else math.asinh(STRETCH * half_width) / STRETCH
+
+
 def cells_for_tolerance(tol: float, half_width: float) -> int:
     """Number of cells for a target relative accuracy ``tol`` of the observables.
 
-    The scheme is second order in ``h = 2L/N`` (in units of the type's standard deviation).
-    Measured on THEORY §6 (``sigma = 0``, ``gamma = 0.5``, ``t <= 20``) against ``N = 384``:
-    largest relative risk/curvature error 1.15e-2, 5.7e-3, 2.0e-3, 1.4e-3 at ``N = 48, 64, 96,
-    128`` (``L = 9``), i.e. about ``0.08 h^2``; with ``sigma = 0.3, B = 4, gamma = 2`` about
-    ``0.015 h^2``.  So ``h = sqrt(tol / 0.1)``.  Clamped to ``[32, 1024]``.
+    Measured on the uniform grid of earlier versions (cells ``h = 2L/N`` wide in units of the type's standard
+    deviation, ``L`` its half-width; THEORY §6, ``sigma = 0``, ``gamma = 0.5``, ``t <= 20``, against ``N = 384``):
+    largest relative risk/curvature error 1.15e-2, 5.7e-3, 2.0e-3, 1.4e-3 at ``N = 48, 64, 96, 128`` (``L = 9``),
+    i.e. about ``0.08 h^2``; with ``sigma = 0.3, B = 4, gamma = 2`` about ``0.015 h^2``.  So ``h = sqrt(tol / 0.1)``
+    and ``N = 2 L / h`` with ``L = 0.6 half_width``: the uniform grid's count at the default window (12 of 20 std),
+    kept for the stretched cells (:class:`_Grid`), which are then twice as fine at the centre.  Fewer cells (the
+    stretched grid's own ``2 L_ref / h``) were tried: the combination technique of the continuous-types path
+    (:func:`refine_grid_on_subset`) measures the types' effect on level 0 (``N / 4`` cells), whose cells at the
+    window's edge were then 7 std wide, and its estimate no longer fell with the level (a log-uniform spectrum at
+    ``d = 2048`` refined to 1088 cells and 6 minutes instead of 136 cells in 5 s).  Clamped to ``[32, 1024]``.
     """
     h = math.sqrt(tol / 0.1)
-    return int(min(1024, max(32, math.ceil(2 * half_width / h))))
+    return int(min(1024, max(32, math.ceil(2 * 0.6 * half_width / h))))
 
 
 class WorkLimitError(RuntimeError):
@@ -190,11 +209,18 @@ def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, e
             lo, up = lower.clone(), upper.clone()
             lo[..., 0] = 0.0
             up[..., -1] = 0.0
-        res = gtsv(lo.reshape(-1)[1:].numpy(), diag.reshape(-1).numpy(), up.reshape(-1)[:-1].numpy(),
-                   rhs.reshape(-1).numpy())
-        if res[-1] != 0:
-            raise RuntimeError(f"tridiagonal solve failed (LAPACK info={res[-1]})")
-        return torch.from_numpy(res[3]).reshape(rhs.shape)
+        def solve(lo: Tensor, dg: Tensor, up: Tensor, rhs: Tensor) -> Tensor:
+            res = gtsv(lo.reshape(-1)[1:].numpy(), dg.reshape(-1).numpy(), up.reshape(-1)[:-1].numpy(),
+                       rhs.reshape(-1).numpy())
+            if res[-1] != 0:
+                raise RuntimeError(f"tridiagonal solve failed (LAPACK info={res[-1]})")
+            return torch.from_numpy(res[3]).reshape(rhs.shape)
+
+        if diag.ndim < 3 or diag.shape[0] == 1:
+            return solve(lo, diag, up, rhs)
+        # One call per leading (group) index: elimination multiplies across the zero couplings of the block
+        # ends, and 0 * nan = nan, so one member's non-finite entries would poison every other member.
+        return torch.stack([solve(*z) for z in zip(lo, diag, up, rhs)])
     a = torch.diag_embed(diag) + torch.diag_embed(upper[..., :-1], 1) + torch.diag_embed(lower[..., 1:], -1)
     return torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)
 
@@ -278,21 +304,38 @@ class _Operator:
 class _Grid:
     """Reference grid ``xi`` per type, its motion, and the assembly of the SG operator (E6 in co-moving coordinates).
 
-    The grid of type ``tau`` is ``x = m_tau + s_tau xi``.  Over a step of length ``h`` it moves with a constant
+    The grid of type ``tau`` is ``x = m_tau + s_tau g``.  Over a step of length ``h`` it moves with a constant
     velocity ``(vm, vs)`` chosen by :meth:`plan`; the transport uses that same velocity (ALE), so the
     discretization is consistent for any grid motion and the motion only has to keep the law centred and
     resolved, not to be accurate.
+
+    **Stretched cells.**  ``g = sinh(alpha xi) / alpha`` (``alpha`` = :data:`STRETCH`) of a uniform reference grid
+    ``xi in [-L, L]``: cells ``h`` wide (std units) at the centre, ``h cosh(alpha xi)`` further out, and a window
+    ``g(L)`` (``half_width``, 20 std) wider than the uniform 12 of earlier versions, with the same number of cells.  Measured
+    (d = 4096, exact types, against a uniform 2880-cell solve over 36 std; ``benchmarks`` notes in
+    docs/benchmarks.md): at equal cells the largest risk error fell 2-4x on THEORY §6 at lr 4 and 8, the noisy
+    isotropic and two-level settings (1.2x larger, 1.6e-4, at lr 0.5), because (i) a support type collapsing onto
+    ``phi*`` is a narrow peak trailed by a far tail, whose std overstates the peak's width, and (ii) the uniform
+    window of 12 std cut that tail: mass piled in the end cells and the risk was 0.6 % off at every ``N`` (THEORY §6,
+    lr 4), an error no refinement of the cells could see.  The SG flux and the fourth-order quadrature carry over:
+    the flux uses centre-to-centre gaps and cell widths, the quadrature is uniform in ``xi`` (the cell masses are
+    ``int p dx`` over cells uniform in ``xi``, and ``x(xi)`` is smooth).
     """
 
     def __init__(self, dynamics: MeanFieldDynamics, n_cells: int, half_width: float,
                  step_limit: tuple[float, int] | None = None) -> None:
         dtype, dev = dynamics.lam.dtype, dynamics.lam.device
         self.dyn = dynamics
-        self.h = 2.0 * half_width / n_cells
-        self.faces = torch.linspace(-half_width, half_width, n_cells + 1, dtype=dtype, device=dev)
-        self.xi = 0.5 * (self.faces[1:] + self.faces[:-1])
+        ref_l = reference_half_width(half_width)
+        self.h = 2.0 * ref_l / n_cells
+        ref = torch.linspace(-ref_l, ref_l, 2 * n_cells + 1, dtype=dtype, device=dev)  # faces and centres
+        g = _stretch(ref)
+        self.faces = g[::2]
+        self.xi = g[1::2]  # cell centres (images of the uniform reference centres)
         self.inner = self.faces[1:-1]
         self.points = torch.cat([self.xi, self.inner])
+        self.width = self.faces[1:] - self.faces[:-1]  # (N,)
+        self.gap = self.xi[1:] - self.xi[:-1]  # centre-to-centre distance across each interior face, (N-1,)
         self.step_limit = step_limit
 
     def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int = 1,
@@ -326,7 +369,7 @@ class _Grid:
         a_c = a[..., :n]
         wa = qw * a_c
         e_xi, e_xi2, e_a, e_xia = qw @ xi, qw @ (xi * xi), wa.sum(-1), wa @ xi
-        var_xi = (e_xi2 - e_xi**2).clamp_min(self.h * self.h / 12.0)  # at least a uniform cell's variance
+        var_xi = (e_xi2 - e_xi**2).clamp_min(float(self.width.min()) ** 2 / 12.0)  # at least a uniform cell's variance
         return _Statistics(risk, a, diffusion, e_xi, var_xi, e_a, e_xia - e_xi * e_a, observed,
                            torch.stack([risk, totals[1]]), tail_share, unstable)
 
@@ -361,18 +404,18 @@ class _Grid:
 
     def assemble(self, st: _Statistics, s: Tensor, vm: Tensor, vs: Tensor) -> _Operator:
         """SG operator of the state ``st`` on the grid of spread ``s`` moving with velocity ``(vm, vs)``."""
-        n, h = self.xi.numel(), self.h
+        n = self.xi.numel()
         a_f = st.a[..., n:]
         vel = (a_f - vm[..., None] - vs[..., None] * self.inner) / s[..., None]  # drift in xi at interior faces (ALE)
         dxi = torch.clamp(st.diffusion / (s * s), min=1e-300)[..., None]  # diffusion in xi
-        pe = vel * h / dxi
-        # flux J_{j+1/2} = cp_j mass_j - cm_j mass_{j+1}, cp = coef B(-pe), cm = coef B(pe); one Bernoulli
-        # evaluation through B(-z) = B(z) + z, so B(-pe) = B(|pe|) + max(pe, 0) and B(pe) = B(|pe|) - min(pe, 0)
-        # (sums of non-negative terms: no cancellation)
-        coef = dxi / (h * h)
+        pe = vel * self.gap / dxi
+        # flux J_{j+1/2} = cp_j mass_j - cm_j mass_{j+1}, cp = D B(-pe) / (gap width_j), cm = D B(pe) / (gap width_j+1);
+        # one Bernoulli evaluation through B(-z) = B(z) + z, so B(-pe) = B(|pe|) + max(pe, 0) and
+        # B(pe) = B(|pe|) - min(pe, 0) (sums of non-negative terms: no cancellation)
+        coef = dxi / self.gap
         small = _bernoulli_abs(pe)
-        cp = coef * (small + pe.clamp_min(0.0))
-        cm = coef * (small - pe.clamp_max(0.0))
+        cp = coef * (small + pe.clamp_min(0.0)) / self.width[:-1]
+        cm = coef * (small - pe.clamp_max(0.0)) / self.width[1:]
         pad = torch.nn.functional.pad
         return _Operator(-(pad(cp, (0, 1)) + pad(cm, (1, 0))), pad(cm, (0, 1)), pad(cp, (1, 0)))
 
@@ -397,7 +440,7 @@ def solve_fokker_planck(
     *,
     num_cells: int | None = None,
     tol: float = 1e-3,
-    half_width: float = 12.0,
+    half_width: float = 20.0,
     t0: float = 1e-4,
     step_tol: float | None = None,
     blowup_factor: float = 1e4,
@@ -429,7 +472,8 @@ def solve_fokker_planck(
         num_cells: cells per type ``N``; if given, one solve on that grid (no refinement).
         tol: target relative accuracy of ``R`` and ``C`` (sets the first ``N``, the refinement
             test and, unless given, ``step_tol``).
-        half_width: grid half-width ``L`` in units of the type's standard deviation.
+        half_width: half-width of the co-moving window in units of the type's standard deviation (the
+            stretched cells of :class:`_Grid` reach it).
         t0: start time of the analytic Gaussian short-time solution.
         step_tol: local error tolerance of the adaptive implicit steps (weighted total-variation
             distance per step and relative change of ``R`` and ``C``); default ``tol``.
@@ -517,6 +561,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     the error is in space (the law's steep walls) and the time steps stay coarse; at small ``lr`` it is in time
     and the cells stay few (measured: docs/benchmarks.md).  The estimate reported is ``X + Tm``.
 
+    ``Tm`` measured on other cells than the current solve's is measured again before the solve is accepted (a twin
+    on the same cells with 4x the step tolerance, difference / 3): a ``Tm`` taken on level 1's cells, before the
+    space refinement resolved the law, understated the time error 4x (THEORY §6, ``lr = 2``, ``tol = 2e-2``, on the
+    stretched cells: estimate 1.6 % at 512 cells for a true 6.1 %, the steps of level 0 replayed throughout).
     ``X`` measured on other time steps than the current solve's is measured again before the solve is accepted
     (twins with 1/2 and 1/4 of the cells on the same steps: the difference to the first at the order the three
     show): the two errors interact, and carrying ``X`` across a 16x
@@ -577,20 +625,22 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             time = _pair_difference(fine[g], mid, estimate_floor)
             # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
             # time: second order (MPRK22 with the local error kept near the step tolerance)
-            state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None]
+            state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None, n1]
     while state:
         plans: dict[tuple, list[int]] = {}
-        for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh, stalled) in list(state.items()):
+        for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh, stalled, t_cells) in list(state.items()):
             if spent[g] + 2 * sol.nfe > max_evaluations:
                 finish(g, sol, x_err + t_err)
                 del state[g]
                 continue
             if x_err + t_err <= allowed and not unconfirmed(sol):
-                if x_fresh:
+                if not x_fresh:  # X was measured on other time steps: measure it again on these (fewer cells, same steps)
+                    plans.setdefault(("recheck", n_cells, st, id(_replayable(sol))), []).append(g)
+                elif t_cells != n_cells:  # Tm was measured on other cells: again on these (step tolerance x 4)
+                    plans.setdefault(("retime", n_cells, 4.0 * st, None), []).append(g)
+                else:
                     finish(g, sol, x_err + t_err)
                     del state[g]
-                else:  # X was measured on other time steps: measure it again on these (fewer cells, same steps)
-                    plans.setdefault(("recheck", n_cells, st, id(_replayable(sol))), []).append(g)
                 continue
             space = x_err >= t_err or unconfirmed(sol)
             if stalled is not None:  # the last refinement did not halve its source's difference: refine the other
@@ -613,14 +663,19 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     state[g][3] = raw / _reduction(_pair_difference(half, quarter, estimate_floor), raw)
                     state[g][5], state[g][7] = raw, True
                 continue
+            if kind == "retime":  # Tm again on the current cells: a twin with 4x the step tolerance (second order)
+                for g, twin in zip(members, solve(members, n_cells, st, None)):
+                    raw = _pair_difference(state[g][0], twin, estimate_floor)
+                    state[g][4], state[g][6], state[g][9] = raw / 3.0, raw, n_cells
+                continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
-                sol, _, _, x_err, t_err, raw_x, raw_t, _, _ = state[g]
+                sol, _, _, x_err, t_err, raw_x, raw_t, _, _, t_cells = state[g]
                 raw = _pair_difference(new, sol, estimate_floor)
                 stalled = kind if not raw * 2.0 <= (raw_x if kind == "space" else raw_t) else None
                 if kind == "space":
-                    state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True, stalled]
+                    state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True, stalled, t_cells]
                 else:
-                    state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False, stalled]
+                    state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False, stalled, n_cells]
     return result  # type: ignore[return-value]
 
 
@@ -729,7 +784,7 @@ def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution
     return float(rel.max())
 
 
-def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *, half_width: float = 12.0,
+def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *, half_width: float = 20.0,
                   t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05, dim: int | None = None,
                   max_steps: int = 200_000, schedule: list[float] | None = None,
                   budget: Budget | None = None, on_step=None) -> FokkerPlanckSolution:
@@ -746,7 +801,7 @@ def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step
 
 
 def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *,
-                        half_width: float = 12.0, t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05,
+                        half_width: float = 20.0, t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05,
                         dim: int | None = None, max_steps: int = 200_000, schedule: list[float] | None = None,
                         budget: Budget | None = None, on_step=None) -> list[FokkerPlanckSolution]:
     """:func:`solve_on_grid` for every member of a batch of coefficients at once (one solution per member).
@@ -852,6 +907,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     outs: list[tuple[Tensor, ...]] = []
     nfe = 0
     steps = 0
+    mark = (t0, 0)  # (t, steps) at the last crawl check
     budget = budget or Budget()
     st0 = grid.statistics(mass, m, s, integral, t)
     nfe += 1
@@ -931,6 +987,13 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 tail_bad = (st0.tail_share > tail_limit) | (st0.unstable >= 1.0)
                 flags = torch.stack([risk_bad, tail_bad & ~risk_bad]).tolist()
                 bad = [i for i in range(len(alive)) if flags[0][i] or flags[1][i]]
+                if replay is None and steps - mark[1] >= _CRAWL_STEPS:
+                    if t - mark[0] < _CRAWL_ADVANCE * max(t, 1e-3) and not bad:
+                        # Steps accepted but vanishing (a blow-up approached in ever smaller steps, seen on grids far
+                        # too coarse): the members that limit the step diverge here, the rest go on.
+                        bad = [i for i, e in enumerate(err_g) if e >= 0.5 * err]
+                        flags[1] = [True] * len(alive)
+                    mark = (t, steps)
                 if bad:
                     drop(bad, t_target, [flags[1][i] for i in bad])
                 grow = min(2.0, max(0.2, 0.9 * math.sqrt(step_tol / err))) if err > 0 else 2.0
@@ -951,3 +1014,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
 
 
 _MAX_TYPE_TV = 0.25  # largest total-variation change of any one type's law in one step
+# A solve that advances less than _CRAWL_ADVANCE x t in _CRAWL_STEPS accepted steps is crawling into a blow-up
+# (THEORY §6 at 2x the critical lr on 8 cells: 20 000 steps of ~3e-11 at t = 1.2e-3); a sound solve takes steps of
+# 1e-3 to 1e-1 of t, i.e. advances t by 40 % or more in 500 steps.
+_CRAWL_STEPS, _CRAWL_ADVANCE = 500, 1e-3

@@ -165,7 +165,7 @@ class PDESolver(Solver):
 
     name = "pde"
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
-                    estimate_floor=1e-3, half_width=12.0, t0=1e-4, step_tol=None, tail_limit=0.05, max_steps=200_000,
+                    estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05, max_steps=200_000,
                     types=None)
 
     def solve(self, problem: Problem) -> Solution:
