@@ -188,6 +188,21 @@ def test_the_default_window_holds_the_tail_of_a_collapsing_law():
     assert off(solve_on_grid(dyn, t, 640, 1e-4, half_width=12.0)) > 4e-3
 
 
+def test_a_state_far_out_on_the_grid_stays_finite():
+    """A 20-std window on a wide law reaches phi or psi of several hundred, where beta = e^x overflowed: inf * 0 = nan
+    went into the risk and the operator, and a prediction at 0.7x the critical lr "diverged" (a two-level spectrum
+    with the pm parametrization, d = 4096, lr 13, where SGD stays bounded in 4 of 4 runs).  States are evaluated
+    at |x| <= 300: beta, rho, the drift and the E7 densities must be finite out to |x| = 1e4."""
+    for init in ("balanced", "unbalanced"):
+        problem, model = section6(noise_std=0.2, init=init)
+        dyn = MeanFieldDynamics(coordinate_types(problem, model), 4.0, 1, 0.2)
+        x = torch.tensor([-1e4, -800.0, -300.0, 0.0, 300.0, 800.0, 1e4], dtype=F64).expand(dyn.lam.shape[0], 7)
+        c = dyn.state(x, dyn.q0)
+        risk = torch.tensor(0.1, dtype=F64)
+        for value in (c.beta, c.rho, dyn.drift(c.beta, risk), OBSERVABLES["risk"].density(c), OBSERVABLES["curvature"].density(c)):
+            assert bool(torch.isfinite(value).all())
+
+
 def getattr_curve(sol, k: int) -> torch.Tensor:
     """R (k = 0) or C (k = 1) of a Fokker-Planck solution at its output times."""
     from sde_optim.theory.fokker_planck import _observed_curves

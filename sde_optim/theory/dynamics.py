@@ -430,6 +430,9 @@ class CoefficientBatch:
         return self._col([c.stability_factor() for c in self.members])
 
 
+_X_MAX = 300.0  # largest |phi| or |psi| a state is evaluated at (see MeanFieldDynamics.state)
+
+
 class MeanFieldDynamics:
     """Drift, diffusion and imbalance of E4-E6 (with E10-E12) for a set of types: used by every solver.
 
@@ -506,7 +509,12 @@ class MeanFieldDynamics:
         return self.q0 * torch.exp(-decay)
 
     def state(self, x: Tensor, q: Tensor) -> CoordinateState:
-        """CoordinateState at coordinates ``x`` (shape ``(T, K)``) given ``q`` (``(T, 1)``)."""
+        """CoordinateState at coordinates ``x`` (shape ``(T, K)``) given ``q`` (``(T, 1)``).
+
+        ``x`` is clamped to ``|x| <= 300`` (``|beta| <= e^300``, so ``beta^2`` and the drift stay finite): a grid
+        cell further out holds no mass unless the run diverges, and an overflow there put ``inf * 0 = nan`` into
+        the risk and the operator (a 20-std window on a wide law, at 0.7x the critical lr)."""
+        x = x.clamp(-_X_MAX, _X_MAX)
         if self.only == KIND_PHI:
             beta, rho = phi_to_state(q, x)
             return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
