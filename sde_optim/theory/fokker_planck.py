@@ -145,7 +145,8 @@ class FokkerPlanckSolution:
 
     Attributes:
         t: output times, shape ``(n,)``.
-        xi: cell centres of the reference grid, shape ``(N,)``; ``h`` its spacing.
+        xi: cell centres ``g(xi_j)`` in the law's std units (the stretched map of :class:`_Grid`), shape ``(N,)``;
+            ``h`` the spacing of the uniform reference grid ``xi_j``.
         mass: cell masses ``p dx`` per type, shape ``(n, T, N)`` (each type sums to 1).
         center, scale: ``m_tau(t)``, ``s_tau(t)``, shape ``(n, T)``.
         integral_r: the noise integral ``I(t) = int_0^t nu R`` of E4 (:class:`MeanFieldDynamics`), shape ``(n,)``.
