@@ -611,7 +611,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
 
     n1, st1 = grid_level(tol, half_width, step_tol, 1, max_cells)
     fine = dict(zip(range(groups), solve(list(range(groups)), n1, st1, None)))
-    state: dict[int, list] = {}  # member -> [current solve, cells, step tolerance, X, Tm]
+    state: dict[int, _CheckState] = {}  # member -> where its split check stands
     split: list[int] = []
     for g, sol in fine.items():
         estimate = _richardson_estimate(sol, coarse[g], estimate_floor)
@@ -626,26 +626,27 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             time = _pair_difference(fine[g], mid, estimate_floor)
             # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
             # time: second order (MPRK22 with the local error kept near the step tolerance)
-            state[g] = [fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None, n1]
+            state[g] = _CheckState(fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None, n1)
     while state:
         plans: dict[tuple, list[int]] = {}
-        for g, (sol, n_cells, st, x_err, t_err, _, _, x_fresh, stalled, t_cells) in list(state.items()):
+        for g, c in list(state.items()):
+            sol, n_cells, st, x_err, t_err = c.sol, c.cells, c.step_tol, c.x_err, c.t_err
             if spent[g] + 2 * sol.nfe > max_evaluations:
                 finish(g, sol, x_err + t_err)
                 del state[g]
                 continue
             if x_err + t_err <= allowed and not unconfirmed(sol):
-                if not x_fresh:  # X was measured on other time steps: measure it again on these (fewer cells, same steps)
+                if not c.x_fresh:  # X was measured on other time steps: measure it again on these (fewer cells, same steps)
                     plans.setdefault(("recheck", n_cells, st, id(_replayable(sol))), []).append(g)
-                elif t_cells != n_cells:  # Tm was measured on other cells: again on these (step tolerance x 4)
+                elif c.t_cells != n_cells:  # Tm was measured on other cells: again on these (step tolerance x 4)
                     plans.setdefault(("retime", n_cells, 4.0 * st, None), []).append(g)
                 else:
                     finish(g, sol, x_err + t_err)
                     del state[g]
                 continue
             space = x_err >= t_err or unconfirmed(sol)
-            if stalled is not None:  # the last refinement did not halve its source's difference: refine the other
-                space = stalled == "time"
+            if c.stalled is not None:  # the last refinement did not halve its source's difference: refine the other
+                space = c.stalled == "time"
             if space and 2 * n_cells > max_cells:
                 space = False if t_err > allowed / 2 else None
             if space is None:
@@ -655,29 +656,49 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             key = ("space", 2 * n_cells, st, id(_replayable(sol))) if space else ("time", n_cells, st / 4.0, None)
             plans.setdefault(key, []).append(g)
         for (kind, n_cells, st, _), members in plans.items():
-            schedule = None if kind == "time" else _replayable(state[members[0]][0])
+            schedule = None if kind == "time" else _replayable(state[members[0]].sol)
             if kind == "recheck":  # X again on the current steps: twins with 1/2 and 1/4 of the cells, the order observed
                 halves = solve(members, n_cells // 2, st, schedule)
                 for g, half, quarter in zip(members, halves, solve(members, n_cells // 4, st, schedule)):
-                    sol = state[g][0]
-                    raw = _pair_difference(sol, half, estimate_floor)
-                    state[g][3] = raw / _reduction(_pair_difference(half, quarter, estimate_floor), raw)
-                    state[g][5], state[g][7] = raw, True
+                    c = state[g]
+                    raw = _pair_difference(c.sol, half, estimate_floor)
+                    c.x_err = raw / _reduction(_pair_difference(half, quarter, estimate_floor), raw)
+                    c.raw_x, c.x_fresh = raw, True
                 continue
             if kind == "retime":  # Tm again on the current cells: a twin with 4x the step tolerance (second order)
                 for g, twin in zip(members, solve(members, n_cells, st, None)):
-                    raw = _pair_difference(state[g][0], twin, estimate_floor)
-                    state[g][4], state[g][6], state[g][9] = raw / 3.0, raw, n_cells
+                    c = state[g]
+                    raw = _pair_difference(c.sol, twin, estimate_floor)
+                    c.t_err, c.raw_t, c.t_cells = raw / 3.0, raw, n_cells
                 continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
-                sol, _, _, x_err, t_err, raw_x, raw_t, _, _, t_cells = state[g]
-                raw = _pair_difference(new, sol, estimate_floor)
-                stalled = kind if not raw * 2.0 <= (raw_x if kind == "space" else raw_t) else None
+                c = state[g]
+                raw = _pair_difference(new, c.sol, estimate_floor)
+                c.stalled = kind if not raw * 2.0 <= (c.raw_x if kind == "space" else c.raw_t) else None
+                c.sol, c.cells, c.step_tol = new, n_cells, st
                 if kind == "space":
-                    state[g] = [new, n_cells, st, raw / _reduction(raw_x, raw), t_err, raw, raw_t, True, stalled, t_cells]
+                    c.x_err, c.raw_x, c.x_fresh = raw / _reduction(c.raw_x, raw), raw, True
                 else:
-                    state[g] = [new, n_cells, st, x_err, raw / _reduction(raw_t, raw), raw_x, raw, False, stalled, n_cells]
+                    c.t_err, c.raw_t, c.x_fresh, c.t_cells = raw / _reduction(c.raw_t, raw), raw, False, n_cells
     return result  # type: ignore[return-value]
+
+
+@dataclass
+class _CheckState:
+    """Where one member's split grid check stands (:func:`refine_grid_batch`): its current solve, cells and step
+    tolerance; the space and time estimates ``X``, ``Tm`` and the raw pair differences they came from; whether ``X``
+    was measured on the current steps; the source whose last refinement stalled; the cells ``Tm`` was measured on."""
+
+    sol: FokkerPlanckSolution
+    cells: int
+    step_tol: float
+    x_err: float
+    t_err: float
+    raw_x: float
+    raw_t: float
+    x_fresh: bool
+    stalled: str | None
+    t_cells: int
 
 
 def _replayable(sol: FokkerPlanckSolution) -> list[float] | None:
