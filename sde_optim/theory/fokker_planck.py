@@ -82,6 +82,25 @@ def _stretch(xi: Tensor) -> Tensor:
     return xi if STRETCH == 0 else torch.sinh(STRETCH * xi) / STRETCH
 
 
+# The window widens with the cells: WINDOW_GROWTH std per doubling above WINDOW_BASE_CELLS (see grid_window).
+WINDOW_GROWTH, WINDOW_BASE_CELLS = 3.0, 60
+
+
+def grid_window(n_cells: int, half_width: float) -> float:
+    """Half-width (std units) of the window of a grid of ``n_cells`` cells: ``half_width`` up to
+    :data:`WINDOW_BASE_CELLS` cells, then :data:`WINDOW_GROWTH` more per doubling (26 at 240 cells, 35 at 1920).
+
+    So the window's truncation error falls with the cells, and every pair of solves the grid check compares
+    (``N`` and ``2 N`` cells, :func:`refine_grid_batch`) sees it: a fixed window's error does not fall with
+    refinement, so no pair of grids could measure it.  Measured at ``d = 4096`` (same central cells and steps, 20
+    against 30 and 45 std): THEORY §6 at lr 4 and 8, 5.3e-4 and 1.8e-4 (an error the check did not see, half the
+    default tol; the share of ``R`` in the end cells was 3-60x smaller, so it is no estimate of it), lr 0.5 1e-5,
+    two-level-noisy 1e-7; 3 std more cut it ~2x near the critical lr.  The price: the stretched cells are up to 20 %
+    wider at the centre at equal ``N`` (``L = asinh(alpha W)/alpha`` grows like ``2 log W``).
+    """
+    return half_width + WINDOW_GROWTH * max(0.0, math.log2(n_cells / WINDOW_BASE_CELLS))
+
+
 def reference_half_width(half_width: float) -> float:
     """The uniform reference grid's half-width ``L`` whose image ``g(L)`` is the window ``half_width`` (std units)."""
     return half_width if STRETCH == 0 else math.asinh(STRETCH * half_width) / STRETCH
@@ -317,7 +336,9 @@ class _Grid:
 
     **Stretched cells.**  ``g = sinh(alpha xi) / alpha`` (``alpha`` = :data:`STRETCH`) of a uniform reference grid
     ``xi in [-L, L]``: cells ``h`` wide (std units) at the centre, ``h cosh(alpha xi)`` further out, and a window
-    ``g(L)`` (``half_width``, 20 std) wider than the uniform 12 of earlier versions, with the same number of cells.  Measured
+    ``g(L)`` (``half_width``, 20 std) wider than the uniform 12 of earlier versions, with the same number of cells.
+    ``n_cells`` over ``half_width`` sets ``h``; a finer grid's window is wider (:func:`grid_window`: 35 std at 1920
+    cells), which adds cells at that ``h`` (``xi.numel() >= n_cells``; 19 % more at 1920).  Measured
     (d = 4096, exact types, against a uniform 2880-cell solve over 36 std; ``benchmarks`` notes in
     docs/benchmarks.md): at equal cells the largest risk error fell 2-4x on THEORY §6 at lr 4 and 8, the noisy
     isotropic and two-level settings (1.2x larger, 1.6e-4, at lr 0.5), because (i) a support type collapsing onto
@@ -332,7 +353,10 @@ class _Grid:
                  step_limit: tuple[float, int] | None = None) -> None:
         dtype, dev = dynamics.lam.dtype, dynamics.lam.device
         self.dyn = dynamics
-        ref_l = reference_half_width(half_width)
+        self.window = grid_window(n_cells, half_width)
+        ref_l = reference_half_width(self.window)
+        # the spacing of n_cells over half_width: the window's widening adds cells, the centre stays as fine
+        n_cells = max(n_cells, round(n_cells * ref_l / reference_half_width(half_width)))
         self.h = 2.0 * ref_l / n_cells
         ref = torch.linspace(-ref_l, ref_l, 2 * n_cells + 1, dtype=dtype, device=dev)  # faces and centres
         g = _stretch(ref)
@@ -476,11 +500,13 @@ def solve_fokker_planck(
     serves both.
 
     Args:
-        num_cells: cells per type ``N``; if given, one solve on that grid (no refinement).
+        num_cells: cells per type ``N``; if given, one solve on that grid (no refinement).  ``N`` sets the spacing
+            at the centre; a window widened past ``half_width`` (:func:`grid_window`) adds cells at that spacing.
         tol: target relative accuracy of ``R`` and ``C`` (sets the first ``N``, the refinement
             test and, unless given, ``step_tol``).
         half_width: half-width of the co-moving window in units of the type's standard deviation (the
-            stretched cells of :class:`_Grid` reach it).
+            stretched cells of :class:`_Grid` reach it) on grids of up to 60 cells; finer grids widen it
+            (:func:`grid_window`), so the grid check's estimate covers the window's truncation.
         t0: start time of the analytic Gaussian short-time solution.
         step_tol: local error tolerance of the adaptive implicit steps (weighted total-variation
             distance per step and relative change of ``R`` and ``C``); default ``tol``.
@@ -857,7 +883,7 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     m0 = (x0 + a0 * t0)[..., 0].expand(groups, n_types)
     s0 = torch.sqrt(2.0 * d0 * t0)[..., 0].expand(groups, n_types)
     s0 = torch.where(s0 > 0, s0, torch.full_like(s0, 1e-8))
-    g0 = _gaussian_cells(grid.faces).expand(groups, n_types, n_cells).clone()
+    g0 = _gaussian_cells(grid.faces).expand(groups, n_types, grid.xi.numel()).clone()
     threshold = blowup_factor * max(float(r0), 1e-300)
     state0 = (g0, m0.clone(), s0.clone(), (_per_group(dynamics.coef.noise(0.0)) * r0 * t0).reshape(-1).expand(groups).clone())
     later = t_out[t_out > t0]
