@@ -163,6 +163,23 @@ def test_a_type_error_that_cannot_meet_tol_warns_with_the_estimate():
     assert math.isfinite(pred.info["error_estimates"]["types"])
 
 
+def test_a_capped_quadrature_falls_back_to_the_coordinates_when_they_fit():
+    # tol far below what max_types quadrature types reach, but the d coordinates themselves fit under max_types:
+    # the answer is the exact per-coordinate solve (type error 0), not a warning.
+    d = 512
+    problem, model = log_uniform_dense(d, seed=8)
+    t = torch.linspace(0, 2.0, 9, dtype=F64)
+    solve = _fixed_grid_solver(problem, model, 0.5, 1, t)
+    cols = coordinate_columns(problem, model)
+    check = solve_with_type_control(cols, solve, t, tol=1e-7, max_types=d, noise_std=0.0)
+    exact = solve(exact_types(cols, max_types=d))
+    assert check.types.exact and check.types.num_types == d and check.estimate == 0.0
+    assert torch.equal(check.solve.curves, exact.curves)
+    assert check.first is not None and check.first[1].num_types < d  # the quadrature ran first (its solves kept)
+    capped = solve_with_type_control(cols, solve, t, tol=1e-7, max_types=d - 1, noise_std=0.0)
+    assert not capped.types.exact and capped.estimate > 1e-7  # the coordinates do not fit: the caller warns
+
+
 def test_exact_types_need_no_quadrature():
     problem = TeacherProblem.sparse(1000, 0.1, spectrum="two-level", seed=0)
     model = DiagonalLinearNetwork(1000, alpha=0.1, dtype=F64)

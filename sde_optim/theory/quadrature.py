@@ -413,7 +413,9 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
     nodes and is refined until the estimated relative error of ``R`` and ``C`` -- the sum over nodes of
     ``|fine - coarse|``, relative to the curves and maximized over the output times ``t`` with
     ``R >= floor R(0)`` before any divergence -- is at most ``tol``, or until the next solve would exceed
-    ``max_types`` types or ``max_solves`` solves (the caller warns with the estimate).
+    ``max_types`` types or ``max_solves`` solves.  If a cap stops it above ``tol``, the exact types (one per
+    distinct row, estimate 0) are solved instead when there are at most ``max_types`` of them; otherwise the caller
+    warns with the estimate.
     """
     exact = exact_types(columns, max_types=exact_limit)
     if exact is not None:
@@ -442,6 +444,10 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
             quad.cut = before
             break
         types, owner, coarse = nxt, nxt_owner, fine
+    if estimate > tol:  # a cap stopped the quadrature: the coordinates themselves, if they fit under max_types
+        exact = exact_types(columns, max_types=max_types)
+        if exact is not None:
+            return TypeCheck(solve(exact), exact, 0.0, solves + 2, exact.num_types, coarsest, first)
     return TypeCheck(fine, types, estimate, solves + 1, quad.size, coarsest, first)
 
 
