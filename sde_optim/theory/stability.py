@@ -103,7 +103,8 @@ def critical_lr(
     estimate (:func:`e8_estimate`, divided by the momentum factor of E11) centres a bracket that is widened
     by factors of 2 until it contains the transition, then bisected (geometrically) until
     ``hi / lo <= 1 + rel_tol``.  With ``noise_std = 0`` a second bisection finds the largest
-    ``lr`` whose risk decays (``R(T) <= decay_fraction R(0)`` and ``dR/dt < 0`` at ``T``).
+    ``lr`` whose risk decays (``R(T) <= decay_fraction R(0)`` and ``dR/dt < 0`` at ``T``), bracketed by the
+    first search's solves when one of them decays (THEORY §6 at ``d = 16384``: 15 solves instead of 17).
     Boundedness is assumed monotone in ``lr``; decay holds on a window of ``lr`` (too small makes
     no progress within the horizon), so its upper edge is searched below the stability limit and
     ``decay`` is ``None`` when no ``lr`` in ``[bounded / 256, bounded]`` decays within the horizon.
@@ -131,17 +132,20 @@ def critical_lr(
     batch0 = float(shape.batch_schedule(1)[0])
     est = e8_estimate(problem, model, batch0) / (float(model.lr_scale) * shape.momentum_factor)
     count = [0]
+    seen: dict[float, Prediction] = {}  # every solve so far, by lr
 
     def run(lr: float) -> Prediction:
         count[0] += 1
         if count[0] > max_evaluations:
             raise RuntimeError(f"critical_lr needed more than max_evaluations={max_evaluations} PDE solves; raise "
                                "max_evaluations or rel_tol")
-        return predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde", observables=("risk",),
-                       num_points=num_points, tol=tol, blowup_factor=blowup_factor, options=options, **predict_kwargs)
+        seen[lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
+                           observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
+                           options=options, **predict_kwargs)
+        return seen[lr]
 
-    first = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol, blowup_factor, options,
-                         predict_kwargs)
+    first = seen[est] = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol, blowup_factor,
+                                     options, predict_kwargs)
     count[0] += 1
 
     def bounded(p: Prediction) -> bool:
@@ -180,7 +184,12 @@ def critical_lr(
 
     def search_decay(limit: float) -> float | None:
         # decay holds on a window of lr (too small: no progress within the horizon; too large: noise
-        # floor), so look below the stability limit for a decaying lr, then bisect its upper edge.
+        # floor), so look below the stability limit for a decaying lr, then bisect its upper edge.  The
+        # stability search's solves already say where R decays: start from the largest that does, if any.
+        decaying = [x for x, p in seen.items() if x <= limit and decays(p)]
+        if decaying:
+            lo = max(decaying)
+            return bisect(decays, lo, min(x for x in seen if x > lo))  # none above lo decays: the edge is inside
         hi = limit
         for _ in range(8):
             lo = hi / 2.0
