@@ -522,7 +522,8 @@ def solve_fokker_planck(
             single coordinate, whose 2x2 Hessian block has top eigenvalue ``(lam/d) rho``
             near ``beta = beta*``; the continuous drift confines it, a discrete step does not).
         refine: run the a posteriori check and refinement above (ignored with ``num_cells``).
-        max_cells: largest ``N`` the refinement may reach.
+        max_cells: largest ``N`` the refinement may reach (``N`` as in ``num_cells``: a widened window adds
+            its cells on top).
         max_evaluations: operator-evaluation budget of the refinement (each level costs about twice
             the previous one; the next level is skipped, with a warning, if it would exceed it).
         estimate_floor: the error estimate covers output times with ``R >= estimate_floor * R(0)``
