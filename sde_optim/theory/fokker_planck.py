@@ -898,10 +898,10 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     if later.numel():
         traj, nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
                                                         tail_limit, schedule, budget or Budget(), on_step)
-    else:
-        empty = torch.zeros(0, groups, 2, n_types, dtype=dtype, device=dev)
-        traj, nfe, tail_divs, taken = tuple(z[:0] for z in (g0[None], m0[None], s0[None], state0[3][None])) + (empty,), 0, \
-            [None] * groups, []
+    else:  # no output time after t0: an empty trajectory (state and per-type curves)
+        curves0 = torch.zeros(groups, 2, n_types, dtype=dtype, device=dev)
+        traj = tuple(z[None][:0] for z in (*state0, curves0))
+        nfe, tail_divs, taken = 0, [None] * groups, []
     n_before = t_out.numel() - later.numel()
     sols = []
     for g in range(groups):
