@@ -196,15 +196,23 @@ class FokkerPlanckSolution:
     schedule: list[float] = field(default_factory=list)
     curves: Tensor | None = None
 
-    def points(self) -> tuple[CoordinateState, Tensor]:
+    def points(self, times: slice = slice(None)) -> tuple[CoordinateState, Tensor]:
         """CoordinateState at all cell centres, fields ``(n, T, N)``, and quadrature weights ``pi * w(mass)``.
 
-        ``w`` are the fourth-order weights of :func:`quadrature_weights`.
+        ``w`` are the fourth-order weights of :func:`quadrature_weights`.  ``times``: only these output times
+        (``n`` of them; a caller bounds its temporaries by taking the times in chunks, :meth:`chunks`).
         """
         dyn = self.dynamics
-        x = self.center[..., None] + self.scale[..., None] * self.xi
-        q = torch.stack([dyn.q(i, float(t)) for i, t in zip(self.integral_r, self.t)])  # (n, T, 1)
-        return dyn.state(x, q), quadrature_weights(self.mass) * dyn.weight  # every output time in one call
+        x = self.center[times, :, None] + self.scale[times, :, None] * self.xi
+        q = torch.stack([dyn.q(i, float(t)) for i, t in zip(self.integral_r[times], self.t[times])])  # (n, T, 1)
+        return dyn.state(x, q), quadrature_weights(self.mass[times]) * dyn.weight  # the times in one call
+
+    def chunks(self, points: int = 1 << 18) -> list[slice]:
+        """Output times in consecutive slices of about ``points`` cell centres each (at least one time per slice):
+        the observables of a many-type law at every output time, formed at once, took ``n T N`` (40 M on 1591
+        types) per temporary, and their passes ran from memory instead of cache."""
+        per = max(1, points // max(1, self.mass[0].numel()))
+        return [slice(i, i + per) for i in range(0, self.t.numel(), per)]
 
     def type_curves(self) -> Tensor:
         """``(2, n, T)``: each type's weighted contribution to the excess risk and to the curvature (E7)."""

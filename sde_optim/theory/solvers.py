@@ -145,11 +145,20 @@ class Solver:
         return [self.solve(problem.member(g)) for g in range(problem.members)]
 
 
-def _outputs(c, w, problem: Problem, risk: Tensor, noise: bool = True) -> tuple[dict[str, Tensor], Tensor]:
-    """The requested E7 curves and the E8 local rate of a set of weighted points."""
-    gamma, nu = problem.rates()
+def _outputs(c, w, problem: Problem, risk: Tensor, noise: bool = True,
+             rates: tuple[Tensor, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """The requested E7 curves and the E8 local rate of a set of weighted points (``rates``: ``problem.rates()`` at
+    the points' output times, default all of them)."""
+    gamma, nu = problem.rates() if rates is None else rates
     curves = observable_values(c, w, problem.observables, problem.noise_std)
     return curves, e8_local_rate(c, w, risk, gamma, nu if noise else torch.zeros_like(nu))
+
+
+def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`_outputs` of a grid solve, the output times in chunks (:meth:`FokkerPlanckSolution.chunks`)."""
+    gamma, nu = problem.rates()
+    parts = [_outputs(*sol.points(sl), problem, sol.risk[sl], rates=(gamma[sl], nu[sl])) for sl in sol.chunks()]
+    return {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}, torch.cat([p[1] for p in parts])
 
 
 class PDESolver(Solver):
@@ -210,7 +219,7 @@ class PDESolver(Solver):
 
     def _solution(self, problem: Problem, terms: list, check: TypeCheck) -> Solution:
         """The curves, E8 rate and diagnostics of one member from its solve(s) ``terms`` (``[(coefficient, solve)]``)."""
-        outs = [(a, _outputs(*sol.points(), problem, sol.risk)) for a, sol in terms]
+        outs = [(a, _grid_outputs(sol, problem)) for a, sol in terms]
         curves = {k: sum(a * out[0][k] for a, out in outs) for k in outs[0][1][0]}
         rate = sum(a * out[1] for a, out in outs)
         head: FokkerPlanckSolution = terms[0][1]
