@@ -218,3 +218,45 @@ def test_the_tree_never_splits_a_feature_that_takes_one_value():
     model = DiagonalLinearNetwork.from_state(cols[:, 2], cols[:, 3])
     pred = predict(problem, model, lr=0.5, batch_size=2, steps=2 * d, num_points=9)
     assert bool(torch.isfinite(pred.curves["risk"]).all())
+
+
+def test_a_node_that_cannot_split_is_charged_only_with_the_latest_change_of_R():
+    """The types are coupled through R(t): when other nodes are refined, an exact node's contribution moves
+    although nothing about it is approximate. Its indicator was its change since the solve where it first
+    appeared, for ever: one strong coordinate of a steep power law (i^-1.5, d = 4096) held the estimate at
+    2e-3 > tol/2 through 12 rounds while every other node was split up to the 4096-type cap (523 s; 28 s now).
+    Now it is the change since the previous solve, and a node left unsplit keeps its own quadrature error."""
+    d = 2048
+    g = torch.Generator().manual_seed(5)
+    lam = 10.0 ** (2.0 * torch.rand(d, generator=g, dtype=F64))
+    bstar = torch.randn(d, generator=g, dtype=F64).abs() + 0.1
+    bstar[0] = -1.0  # the only coordinate of its class (sign of beta*): a root that cannot split
+    cols = torch.stack([lam / lam.mean(), bstar, torch.full((d,), 0.1, dtype=F64), torch.zeros(d, dtype=F64)], 1)
+    quad = TypeQuadrature(TypeTree(cols), 16)
+    leaf = next(n for n in quad.cut if 0 in quad.tree.members[n].tolist())
+    assert quad.tree.children(leaf) is None
+    other = next(n for n in quad.cut if n != leaf and quad.tree.children(n) is not None)
+
+    def curves(types, owner, drift, error):
+        """Synthetic per-type contributions (2 observables x 1 time x K types): the weights, the leaf moved by
+        ``drift`` (a change of R), the children of ``other`` off their parent by ``error`` in total."""
+        c = types.weight.clone()
+        c[owner == leaf] += drift
+        mine = torch.isin(owner, torch.tensor(quad.tree.children(other)))
+        if error:
+            c[mine] += error / int(mine.sum())
+        return c.expand(2, 1, -1).clone()
+
+    types, owner = quad.coarse_types()
+    quad.record_coarse(curves(types, owner, 0.0, 0.0), owner)
+    types, owner = quad.fine_types()
+    _, diffs = quad.compare(curves(types, owner, 1e-3, 4e-4), owner)  # R moved the leaf between solves 1 and 2
+    at = {n: diffs[0, 0, k] for k, n in enumerate(quad.cut)}
+    assert float(at[leaf]) == pytest.approx(1e-3) and float(at[other]) == pytest.approx(4e-4)
+    marked = torch.tensor([1.0 if n not in (leaf, other) else 0.0 for n in quad.cut], dtype=F64)
+    assert quad.refine(marked, fraction=0.1)  # split someone else; the leaf and `other` stay in the cut
+    types, owner = quad.fine_types()
+    _, diffs = quad.compare(curves(types, owner, 1e-3, 4e-4), owner)  # R no longer moves
+    at = {n: diffs[0, 0, k] for k, n in enumerate(quad.cut)}
+    assert abs(float(at[leaf])) < 1e-15  # was 1e-3: the change since solve 1, not since the previous solve
+    assert float(at[other]) == pytest.approx(4e-4)  # unrefined: its quadrature error stays
