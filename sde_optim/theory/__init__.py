@@ -20,7 +20,7 @@ from .dynamics import Coefficients, MeanFieldDynamics, SGDConfig, effective_step
 from .fokker_planck import FokkerPlanckSolution, WorkLimitError, solve_fokker_planck
 from .odes import gradient_flow, gradient_flow_closed_form, isotropic_linear_risk, linear_least_squares
 from .particles import ParticleSolution, simulate_particles
-from .predict import METHODS, Prediction, predict, predict_sweep
+from .predict import METHODS, FiniteDimensionWarning, Prediction, predict, predict_sweep
 from .quadrature import coordinate_types
 from .solvers import SOLVERS
 from .stability import CriticalLR, critical_lr
@@ -29,7 +29,7 @@ from .types import CoordinateTypes
 
 __all__ = [
     "predict", "predict_sweep", "Prediction", "critical_lr", "CriticalLR", "best_lr", "BestLR", "METHODS", "SOLVERS",
-    "SGDConfig", "Coefficients", "describe_sgd", "named_sgd", "effective_step", "WorkLimitError",
+    "SGDConfig", "Coefficients", "describe_sgd", "named_sgd", "effective_step", "WorkLimitError", "FiniteDimensionWarning",
     "solve_fokker_planck", "FokkerPlanckSolution", "MeanFieldDynamics",
     "simulate_particles", "ParticleSolution",
     "gradient_flow", "gradient_flow_closed_form", "linear_least_squares", "isotropic_linear_risk",

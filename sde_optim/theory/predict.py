@@ -42,7 +42,15 @@ class Prediction:
         divergence_step: first predicted step with ``R > blowup_factor R(0)``, else ``None``.
         stderr: Monte Carlo standard errors of the curves (``"particles"`` only), else empty.
         info: method, the SGD description, dim, noise_std, the error estimate of each source
-            (``error_estimates``) and their sum (``error_estimate``), types, solver diagnostics.
+            (``error_estimates``) and their sum (``error_estimate``), types, solver diagnostics, and
+            ``finite_d`` (``"pde"``, ``"gradient_flow"``): the largest finite-``d`` indicators over the descent
+            window (:func:`~sde_optim.theory.statistics.finite_d_indicators`; a ``FiniteDimensionWarning`` when
+            they are large).
+        scatter: ``"risk"``, ``"curvature"`` -> ``(n,)``: how far one SGD run at this ``d`` is expected to stray
+            from the curves, as a relative standard deviation (its coordinates' independent fluctuations: the
+            spread within each type's law over ``d``; checked against 64 SGD seeds in docs/benchmarks.md);
+            ``curves * scatter`` is a one-sigma band for single runs.  ``"pde"`` and ``"gradient_flow"`` (0: no
+            noise) only, else empty.
     """
 
     steps: Tensor
@@ -52,6 +60,7 @@ class Prediction:
     divergence_step: int | None
     stderr: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    scatter: dict[str, Tensor] = field(default_factory=dict)
 
     def at_step(self, k: int | float | Tensor) -> dict[str, Tensor | float]:
         """Curves linearly interpolated at SGD step(s) ``k`` (scalar -> floats, tensor -> tensors).
@@ -80,6 +89,7 @@ class Prediction:
         return {
             "steps": self.steps, "t": self.t, "curves": dict(self.curves), "local_rate": self.local_rate,
             "divergence_step": self.divergence_step, "stderr": dict(self.stderr), "info": dict(self.info),
+            "scatter": dict(self.scatter),
         }
 
     def save(self, path) -> None:
@@ -99,7 +109,8 @@ class Prediction:
         missing = {"steps", "t", "curves", "local_rate", "divergence_step"} - set(d if isinstance(d, dict) else ())
         if missing:
             raise ValueError(f"{path} is not a prediction file (missing {sorted(missing)})")
-        return cls(d["steps"], d["t"], d["curves"], d["local_rate"], d["divergence_step"], d.get("stderr", {}), d.get("info", {}))
+        return cls(d["steps"], d["t"], d["curves"], d["local_rate"], d["divergence_step"], d.get("stderr", {}), d.get("info", {}),
+                   d.get("scatter", {}))
 
 
 def _check_model(problem, model) -> None:
@@ -346,14 +357,48 @@ def _prepare(problem, model, *, lr, batch_size, steps, momentum, dampening, nest
 def _finish(sol, setup: Problem, k: Tensor, info: dict[str, Any]) -> Prediction:
     """The :class:`Prediction` of a solver's :class:`~.solvers.Solution` (curves ``nan`` after a divergence)."""
     info = {**info, **sol.info}
-    curves, rate, t = dict(sol.curves), sol.local_rate, setup.t
+    _warn_finite_d(info.get("finite_d"), setup.dim)
+    curves, rate, t, scatter = dict(sol.curves), sol.local_rate, setup.t, dict(sol.scatter)
     divergence_step = None
     if sol.diverged_at is not None:
         divergence_step = int(round(sol.diverged_at * setup.dim))
         after = t >= sol.diverged_at
         curves = {n: torch.where(after, torch.full_like(v, float("nan")), v) for n, v in curves.items()}
         rate = torch.where(after, torch.full_like(rate, float("nan")), rate)
-    return Prediction(k, t, curves, rate, divergence_step, dict(sol.stderr), info)
+        scatter = {n: torch.where(after, torch.full_like(v, float("nan")), v) for n, v in scatter.items()}
+    return Prediction(k, t, curves, rate, divergence_step, dict(sol.stderr), info, scatter)
+
+
+class FiniteDimensionWarning(RuntimeWarning):
+    """The problem is too far from the ``d -> infinity`` limit for the prediction to describe SGD closely."""
+
+
+# Above these, :func:`_warn_finite_d` warns: a coordinate's drift off by ~10 % per unit time, or one run's observable
+# expected to deviate from the curve by a quarter of it.
+FINITE_D_STEP, FINITE_D_SCATTER = 0.1, 0.25
+
+
+def _warn_finite_d(finite_d: dict[str, float] | None, dim: int) -> None:
+    """Warn when :func:`~.statistics.finite_d_indicators` (largest over the descent window) say the limit leaves out a
+    large effect: the coordinates that carry ``R`` or ``C`` take steps that are not small against their own curvature
+    (E3 is the small-step limit), or a few coordinates carry them, so one run scatters widely (THEORY §1)."""
+    if not finite_d:
+        return
+    step = max(finite_d["risk_step"], finite_d["curvature_step"])
+    scatter = max(finite_d["risk_scatter"], finite_d["curvature_scatter"])
+    if step <= FINITE_D_STEP and scatter <= FINITE_D_SCATTER:
+        return
+    causes = []
+    if step > FINITE_D_STEP:
+        causes.append(f"the coordinates that carry the risk and curvature take steps gamma lambda rho / d = {step:.2g} of "
+                      f"their own curvature scale (the SDE is the limit of small steps: their drift is off by about "
+                      f"that fraction)")
+    if scatter > FINITE_D_SCATTER:
+        causes.append(f"a few coordinates carry the risk or curvature, so one run is expected to scatter by "
+                      f"{scatter:.0%} around the curves")
+    warnings.warn(f"predict: at d = {dim} SGD is not close to the d -> infinity limit this prediction solves: "
+                  f"{'; and '.join(causes)} (info['finite_d']; warned above step {FINITE_D_STEP:g} or scatter "
+                  f"{FINITE_D_SCATTER:g})", FiniteDimensionWarning, stacklevel=4)
 
 
 def _merge_options(options, solver_options, legacy) -> dict[str, Any]:

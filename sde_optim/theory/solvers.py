@@ -39,7 +39,7 @@ from .fokker_planck import (
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
 from .quadrature import TypeCheck, TypeSolve, solve_with_type_control
-from .statistics import e8_local_rate, observable_values
+from .statistics import e8_local_rate, finite_d_indicators, observable_values
 from .types import CoordinateTypes, exact_types
 
 __all__ = ["Problem", "Solution", "Solver", "SOLVERS", "LINEAR_OBSERVABLES"]
@@ -113,7 +113,8 @@ class Problem:
 @dataclass
 class Solution:
     """One solver's answer: ``curves`` (observable -> ``(n,)``), ``local_rate`` ``(n,)`` (E8), ``diverged_at``
-    (time or None), ``stderr`` (Monte Carlo methods), ``info`` (diagnostics, error estimates, types)."""
+    (time or None), ``stderr`` (Monte Carlo methods), ``info`` (diagnostics, error estimates, types), ``scatter``
+    (``"risk"``, ``"curvature"`` -> ``(n,)``: one SGD run's relative spread around the curves at this ``d``)."""
 
     curves: dict[str, Tensor]
     local_rate: Tensor
@@ -121,6 +122,7 @@ class Solution:
     stderr: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     types: CoordinateTypes | None = None  # the (final) types solved with, for a caller that reuses them
+    scatter: dict[str, Tensor] = field(default_factory=dict)  # one run's relative spread (finite_d_indicators)
 
 
 class Solver:
@@ -154,11 +156,21 @@ def _outputs(c, w, problem: Problem, risk: Tensor, noise: bool = True,
     return curves, e8_local_rate(c, w, risk, gamma, nu if noise else torch.zeros_like(nu))
 
 
-def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem) -> tuple[dict[str, Tensor], Tensor]:
-    """:func:`_outputs` of a grid solve, the output times in chunks (:meth:`FokkerPlanckSolution.chunks`)."""
+def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
+                  finite_d: bool = False) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor] | None]:
+    """:func:`_outputs` of a grid solve, the output times in chunks (:meth:`FokkerPlanckSolution.chunks`), and with
+    ``finite_d`` its :func:`~.statistics.finite_d_indicators` (else None)."""
     gamma, nu = problem.rates()
-    parts = [_outputs(*sol.points(sl), problem, sol.risk[sl], rates=(gamma[sl], nu[sl])) for sl in sol.chunks()]
-    return {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}, torch.cat([p[1] for p in parts])
+    curves, rates, extra = [], [], []
+    for sl in sol.chunks():
+        c, w = sol.points(sl)
+        out = _outputs(c, w, problem, sol.risk[sl], rates=(gamma[sl], nu[sl]))
+        curves.append(out[0])
+        rates.append(out[1])
+        if finite_d:
+            extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std))
+    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+    return cat(curves), torch.cat(rates), cat(extra) if finite_d else None
 
 
 class PDESolver(Solver):
@@ -219,18 +231,22 @@ class PDESolver(Solver):
 
     def _solution(self, problem: Problem, terms: list, check: TypeCheck) -> Solution:
         """The curves, E8 rate and diagnostics of one member from its solve(s) ``terms`` (``[(coefficient, solve)]``)."""
-        outs = [(a, _grid_outputs(sol, problem)) for a, sol in terms]
+        most = max((sol for _, sol in terms), key=lambda sol: sol.dynamics.types.num_types)  # the final types
+        outs = [(a, _grid_outputs(sol, problem, finite_d=sol is most)) for a, sol in terms]
         curves = {k: sum(a * out[0][k] for a, out in outs) for k in outs[0][1][0]}
         rate = sum(a * out[1] for a, out in outs)
+        finite_d = next(out[2] for _, out in outs if out[2] is not None)
         head: FokkerPlanckSolution = terms[0][1]
         grid = head.error_estimate
         info = dict(num_cells=int(head.xi.numel()), operator_evaluations=problem.budget.used,
                     tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
                     error_estimates={"grid": grid, "types": check.estimate},
                     error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
+        info["finite_d"] = _window_max(finite_d, head.t, head.risk, head.diverged_at, self.options["estimate_floor"])
         if self.options["types"] is not None:
             info["types_fixed"] = True
-        return Solution(curves, rate, head.diverged_at, {}, info, check.types)
+        scatter = {name: finite_d[f"{name}_scatter"] for name in ("risk", "curvature")}
+        return Solution(curves, rate, head.diverged_at, {}, info, check.types, scatter)
 
     def _grid_check(self, problem: Problem, check: TypeCheck, grid_opts: dict) -> dict:
         """Keywords of the grid check (:func:`refine_grid`) after the type check ``check``."""
@@ -250,6 +266,16 @@ class PDESolver(Solver):
             if found is not None:
                 return [(1.0, found[0]), (1.0, level0), (-1.0, first.result)]
         return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
+
+
+def _window_max(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged_at: float | None,
+                floor: float = 1e-3) -> dict[str, float]:
+    """Each curve's largest value over the descent window: ``R >= floor R(0)``, before a divergence (as the error
+    estimates)."""
+    ok = torch.isfinite(risk) & (risk >= floor * risk[0])
+    if diverged_at is not None:
+        ok &= t < diverged_at
+    return {k: float(v[ok].max()) if bool(ok.any()) else 0.0 for k, v in values.items()}
 
 
 def _batch_error(name: str):
@@ -304,8 +330,11 @@ class GradientFlowSolver(Solver):
         c, w = check.solve.result
         risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
         curves, rate = _outputs(c, w, problem, risk, noise=False)
-        info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, **_type_info(check))
-        return Solution(curves, rate, None, {}, info)
+        finite_d = finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std)
+        info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate,
+                    finite_d=_window_max(finite_d, problem.t, risk, None), **_type_info(check))
+        scatter = {name: finite_d[f"{name}_scatter"] for name in ("risk", "curvature")}  # 0: no noise
+        return Solution(curves, rate, None, {}, info, None, scatter)
 
 
 class LinearSolver(Solver):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..observables import OBSERVABLES, CoordinateState, Observable
 
-__all__ = ["expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate"]
+__all__ = ["expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate", "finite_d_indicators"]
 
 
 def expectation(values: Tensor, weight: Tensor) -> Tensor:
@@ -55,3 +55,32 @@ def e8_local_rate(c: CoordinateState, weight: Tensor, risk: Tensor, gamma, noise
     s1, s2, s3 = e8_terms(c, weight)
     drdt = -gamma * s1 + noise * risk * (s2 + 2.0 * s3)
     return -drdt / risk
+
+
+def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Tensor, noise_std: float) -> dict[str, Tensor]:
+    """First-order effects of a finite ``d`` that the limit leaves out, for the risk and the curvature; shape ``(...)``.
+
+    Points ``c[..., tau, k]`` carry one law per type ``tau`` (weights ``w``, ``pi_tau = sum_k w``); ``gamma``: the
+    effective step at each time, broadcastable to ``(...)``.
+
+    * ``"<name>_scatter"``: one run's relative deviation from the limit through its coordinates' independent
+      fluctuations, ``sqrt(sum_tau pi_tau Var_tau[g] / d) / (offset + E[g])`` (``g`` the E7 density): the spread
+      within a type's law is SGD's noise; the spread between types is the problem's own, the same in every run.
+      When a few coordinates carry the observable it does not average out (THEORY §1: the limit needs many
+      coordinates to contribute, none dominating).
+    * ``"<name>_step"``: the ``g``-weighted mean of ``gamma lambda rho / d``, one SGD step of a coordinate in units
+      of its own curvature (E3 is the limit of small steps: a coordinate's drift per unit time is off by a relative
+      amount of this order; 2 is where it diverges, :func:`~sde_optim.theory.predict`'s step stability).
+    """
+    out = {}
+    step = gamma[..., None, None] * c.lam * c.rho / dim
+    for name in ("risk", "curvature"):
+        o = OBSERVABLES[name]
+        g = o.density(c)
+        gw = g * weight
+        m1, m2, pi = gw.sum(-1), (g * gw).sum(-1), weight.sum(-1)
+        within = (m2 - m1 * m1 / pi.clamp_min(1e-300)).clamp_min(0.0).sum(-1)
+        total = m1.sum(-1)
+        out[f"{name}_scatter"] = (within / dim).sqrt() / (total + o.offset(noise_std)).abs().clamp_min(1e-300)
+        out[f"{name}_step"] = (step * gw).sum(dim=(-2, -1)) / total.abs().clamp_min(1e-300)
+    return out
