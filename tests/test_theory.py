@@ -501,6 +501,31 @@ def test_the_predicted_scatter_of_one_run_matches_the_spread_of_sgd_seeds():
     assert pred.info["finite_d"]["risk_scatter"] == pytest.approx(float(pred.scatter["risk"].max()))
 
 
+def _steep_power_law(d: int):
+    """lambda_i ~ i^-1.5 (mean 1), 50 % Rademacher teacher +-0.7, balanced init 0.2, sigma 0."""
+    g = torch.Generator().manual_seed(0)
+    lam = torch.arange(1, d + 1, dtype=torch.float64).pow(-1.5)
+    sign = torch.where(torch.rand(d, generator=g, dtype=torch.float64) < 0.5, -0.7, 0.7).to(torch.float64)
+    bstar = torch.where(torch.rand(d, generator=g, dtype=torch.float64) < 0.5, sign, torch.zeros(d, dtype=torch.float64))
+    problem = TeacherProblem(lam / lam.mean() / d, bstar, 0.0)
+    return problem, DiagonalLinearNetwork(d, alpha=0.2, init="balanced", dtype=torch.float64)
+
+
+def test_a_sweep_warns_once_for_its_worst_member():
+    """The step index grows with the lr (0.14 at lr 1, 0.27 at lr 2 here, both past 0.1): one warning for the sweep,
+    with the worst member's numbers, not one per member (best_lr sweeps 8-16 learning rates twice)."""
+    from sde_optim.theory import FiniteDimensionWarning, predict_sweep
+
+    problem, model = _steep_power_law(1024)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preds = predict_sweep(problem, model, lr=[1.0, 2.0], batch_size=8, steps=5 * 1024, num_points=21)
+    found = [w for w in caught if issubclass(w.category, FiniteDimensionWarning)]
+    worst = max(p.info["finite_d"]["curvature_step"] for p in preds)
+    assert len(found) == 1 and f"= {worst:.2g} of" in str(found[0].message)
+    assert 0.1 < preds[0].info["finite_d"]["curvature_step"] < worst
+
+
 def test_a_spectrum_whose_top_coordinates_take_large_steps_warns_that_the_limit_does_not_hold():
     """A steep power law lambda_i ~ i^-1.5: the top coordinate keeps lambda_1 / d ~ 0.38 at every d, so its SGD step
     gamma lambda rho / d stays O(1), and the continuous-time limit misses its drift (measured at d = 4096 against
@@ -509,12 +534,7 @@ def test_a_spectrum_whose_top_coordinates_take_large_steps_warns_that_the_limit_
     from sde_optim.theory import FiniteDimensionWarning
 
     d = 1024
-    g = torch.Generator().manual_seed(0)
-    lam = torch.arange(1, d + 1, dtype=torch.float64).pow(-1.5)
-    sign = torch.where(torch.rand(d, generator=g, dtype=torch.float64) < 0.5, -0.7, 0.7).to(torch.float64)
-    bstar = torch.where(torch.rand(d, generator=g, dtype=torch.float64) < 0.5, sign, torch.zeros(d, dtype=torch.float64))
-    problem = TeacherProblem(lam / lam.mean() / d, bstar, 0.0)
-    model = DiagonalLinearNetwork(d, alpha=0.2, init="balanced", dtype=torch.float64)
+    problem, model = _steep_power_law(d)
     with pytest.warns(FiniteDimensionWarning, match="gamma lambda rho / d = "):
         pred = predict(problem, model, lr=2.0, batch_size=8, steps=5 * d, num_points=21)
     assert pred.info["finite_d"]["curvature_step"] > 0.2  # 0.27 here

@@ -294,7 +294,10 @@ def predict_sweep(
     if solver.name != method:  # noise 0: the PDE is the gradient-flow ODE
         options = {key: v for key, v in options.items() if key in solver.defaults}
     sols = solver(**options).solve_batch(setup)
-    return [_finish(sol, member, k, info) for sol, (member, k, info, _) in zip(sols, prepared)]
+    preds = [_finish(sol, member, k, info, warn=False) for sol, (member, k, info, _) in zip(sols, prepared)]
+    worst = max(preds, key=lambda p: _finite_d_excess(p.info.get("finite_d")))
+    _warn_finite_d(worst.info.get("finite_d"), setup.dim)  # once for the sweep
+    return preds
 
 
 def _as_list(x) -> list:
@@ -354,10 +357,12 @@ def _prepare(problem, model, *, lr, batch_size, steps, momentum, dampening, nest
     return setup, k, info, fixed
 
 
-def _finish(sol, setup: Problem, k: Tensor, info: dict[str, Any]) -> Prediction:
-    """The :class:`Prediction` of a solver's :class:`~.solvers.Solution` (curves ``nan`` after a divergence)."""
+def _finish(sol, setup: Problem, k: Tensor, info: dict[str, Any], warn: bool = True) -> Prediction:
+    """The :class:`Prediction` of a solver's :class:`~.solvers.Solution` (curves ``nan`` after a divergence);
+    ``warn``: raise its :class:`FiniteDimensionWarning` here (a sweep warns once, for its worst member)."""
     info = {**info, **sol.info}
-    _warn_finite_d(info.get("finite_d"), setup.dim)
+    if warn:
+        _warn_finite_d(info.get("finite_d"), setup.dim)
     curves, rate, t, scatter = dict(sol.curves), sol.local_rate, setup.t, dict(sol.scatter)
     divergence_step = None
     if sol.diverged_at is not None:
@@ -367,6 +372,14 @@ def _finish(sol, setup: Problem, k: Tensor, info: dict[str, Any]) -> Prediction:
         rate = torch.where(after, torch.full_like(rate, float("nan")), rate)
         scatter = {n: torch.where(after, torch.full_like(v, float("nan")), v) for n, v in scatter.items()}
     return Prediction(k, t, curves, rate, divergence_step, dict(sol.stderr), info, scatter)
+
+
+def _finite_d_excess(finite_d: dict[str, float] | None) -> float:
+    """How far the finite-d indicators are past the warning's thresholds (> 1: past one of them; 0 without them)."""
+    if not finite_d:
+        return 0.0
+    return max(max(finite_d["risk_step"], finite_d["curvature_step"]) / FINITE_D_STEP,
+               max(finite_d["risk_scatter"], finite_d["curvature_scatter"]) / FINITE_D_SCATTER)
 
 
 class FiniteDimensionWarning(RuntimeWarning):
@@ -382,12 +395,11 @@ def _warn_finite_d(finite_d: dict[str, float] | None, dim: int) -> None:
     """Warn when :func:`~.statistics.finite_d_indicators` (largest over the descent window) say the limit leaves out a
     large effect: the coordinates that carry ``R`` or ``C`` take steps that are not small against their own curvature
     (E3 is the small-step limit), or a few coordinates carry them, so one run scatters widely (THEORY §1)."""
-    if not finite_d:
+    if _finite_d_excess(finite_d) <= 1.0:
         return
+    assert finite_d is not None
     step = max(finite_d["risk_step"], finite_d["curvature_step"])
     scatter = max(finite_d["risk_scatter"], finite_d["curvature_scatter"])
-    if step <= FINITE_D_STEP and scatter <= FINITE_D_SCATTER:
-        return
     causes = []
     if step > FINITE_D_STEP:
         causes.append(f"the coordinates that carry the risk and curvature take steps gamma lambda rho / d = {step:.2g} of "

@@ -11,6 +11,7 @@ estimate) and reused by every solve of the search.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..divergence import check_blowup_factor
 from ..models import DiagonalLinearNetwork
 from ..teacher import TeacherProblem
 from .dynamics import SGDConfig
-from .predict import Prediction, _at_global_minimum, _check_model, _finish, _prepare, predict
+from .predict import FiniteDimensionWarning, Prediction, _at_global_minimum, _check_model, _finish, _prepare, predict
 from .quadrature import coordinate_columns, coordinate_types
 from .solvers import PDESolver
 
@@ -139,9 +140,11 @@ def critical_lr(
         if count[0] > max_evaluations:
             raise RuntimeError(f"critical_lr needed more than max_evaluations={max_evaluations} PDE solves; raise "
                                "max_evaluations or rel_tol")
-        seen[lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
-                           observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
-                           options=options, **predict_kwargs)
+        with warnings.catch_warnings():  # the first solve said it, at the estimate: not once per bisection step
+            warnings.simplefilter("ignore", FiniteDimensionWarning)
+            seen[lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
+                               observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
+                               options=options, **predict_kwargs)
         return seen[lr]
 
     first = seen[est] = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol, blowup_factor,
