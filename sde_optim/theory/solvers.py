@@ -169,8 +169,12 @@ def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
         rates.append(out[1])
         if finite_d:
             extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std))
-    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
-    return cat(curves), torch.cat(rates), cat(extra) if finite_d else None
+    return _cat(curves), torch.cat(rates), _cat(extra) if finite_d else None
+
+
+def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Chunks of curves (name -> ``(n_chunk,)``) joined along the output times."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 class PDESolver(Solver):
@@ -242,10 +246,10 @@ class PDESolver(Solver):
                     tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
                     error_estimates={"grid": grid, "types": check.estimate},
                     error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
-        info["finite_d"] = _window_max(finite_d, head.t, head.risk, head.diverged_at, self.options["estimate_floor"])
+        info["finite_d"], scatter = _finite_d_parts(finite_d, head.t, head.risk, head.diverged_at,
+                                                    self.options["estimate_floor"])
         if self.options["types"] is not None:
             info["types_fixed"] = True
-        scatter = {name: finite_d[f"{name}_scatter"] for name in ("risk", "curvature")}
         return Solution(curves, rate, head.diverged_at, {}, info, check.types, scatter)
 
     def _grid_check(self, problem: Problem, check: TypeCheck, grid_opts: dict) -> dict:
@@ -268,14 +272,16 @@ class PDESolver(Solver):
         return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
 
 
-def _window_max(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged_at: float | None,
-                floor: float = 1e-3) -> dict[str, float]:
-    """Each curve's largest value over the descent window: ``R >= floor R(0)``, before a divergence (as the error
-    estimates)."""
+def _finite_d_parts(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged_at: float | None,
+                    floor: float = 1e-3) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """:func:`~.statistics.finite_d_indicators` as a solution carries them: each one's largest value over the descent
+    window (``R >= floor R(0)``, before a divergence, as the error estimates) for ``info["finite_d"]``, and the scatter
+    curves (``"risk"``, ``"curvature"`` -> ``(n,)``)."""
     ok = torch.isfinite(risk) & (risk >= floor * risk[0])
     if diverged_at is not None:
         ok &= t < diverged_at
-    return {k: float(v[ok].max()) if bool(ok.any()) else 0.0 for k, v in values.items()}
+    largest = {k: float(v[ok].max()) if bool(ok.any()) else 0.0 for k, v in values.items()}
+    return largest, {name: values[f"{name}_scatter"] for name in ("risk", "curvature")}
 
 
 def _batch_error(name: str):
@@ -330,10 +336,10 @@ class GradientFlowSolver(Solver):
         c, w = check.solve.result
         risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
         curves, rate = _outputs(c, w, problem, risk, noise=False)
-        finite_d = finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std)
-        info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate,
-                    finite_d=_window_max(finite_d, problem.t, risk, None), **_type_info(check))
-        scatter = {name: finite_d[f"{name}_scatter"] for name in ("risk", "curvature")}  # 0: no noise
+        largest, scatter = _finite_d_parts(finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std),
+                                           problem.t, risk, None)  # scatter 0: no noise
+        info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, finite_d=largest,
+                    **_type_info(check))
         return Solution(curves, rate, None, {}, info, None, scatter)
 
 
