@@ -543,7 +543,8 @@ def _train_runs(problem: TeacherProblem, args: argparse.Namespace, steps: int, e
 
 
 def _log_run(directory: str, xs: Sequence[int], curves: dict, pred) -> None:
-    """One TensorBoard run: the seed mean as ``{obs}/measured``, the prediction, their relative error."""
+    """One TensorBoard run: the seed mean as ``{obs}/measured``, the prediction, their relative error, one run's
+    expected scatter."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(directory) as w:
@@ -555,6 +556,8 @@ def _log_run(directory: str, xs: Sequence[int], curves: dict, pred) -> None:
                 w.add_scalar(f"{n}/measured", m, global_step=x)
                 w.add_scalar(f"{n}/predicted", p, global_step=x)
                 w.add_scalar(f"{n}/rel_error", relative_error(m, p), global_step=x)
+                if f"{n}_scatter" in predicted:  # one run's; the seed mean's is this / sqrt(seeds)
+                    w.add_scalar(f"{n}/scatter", float(predicted[f"{n}_scatter"]), global_step=x)
 
 
 def _cmd_critical_lr(args: argparse.Namespace) -> None:

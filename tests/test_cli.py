@@ -70,7 +70,8 @@ def test_cli_compare_writes_the_callback_tags_in_a_fresh_version_per_invocation(
     predicted = {}
     for run in ("sgd", "homogenized"):
         scalars = _run_scalars(tmp_path / "version_0" / run)
-        assert set(scalars) == {f"{n}/{k}" for n in ("risk", "curvature") for k in ("measured", "predicted", "rel_error")}
+        assert set(scalars) == {f"{n}/{k}" for n in ("risk", "curvature")
+                                for k in ("measured", "predicted", "rel_error", "scatter")}
         for name in ("risk", "curvature"):
             steps = [s for s, _ in scalars[f"{name}/measured"]]
             assert steps == list(range(0, 257, 32))

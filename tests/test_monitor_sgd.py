@@ -56,9 +56,11 @@ def test_main_example_with_momentum_and_cosine_predicts_that_sgd(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = predict(monitor.problem, model, sgd=sgd, steps=384, observables=("risk", "curvature"))
-    logged = dict(scalars["risk/predicted"])
+    logged, scatter = dict(scalars["risk/predicted"]), dict(scalars["risk/scatter"])
     for s in steps:
         assert logged[s] == pytest.approx(expected.at_step(s)["risk"], rel=1e-5)
+        assert scatter[s] == pytest.approx(expected.at_step(s)["risk_scatter"], rel=1e-5, abs=1e-9)
+    assert 0.0 < max(scatter.values()) < 0.1  # one run's risk at d = 256: a few percent
     # momentum made the steps 10x larger: the predicted descent is far from plain SGD at lr 0.05
     plain = predict(monitor.problem, model, lr=0.1, steps=384, observables=("risk",))
     assert plain.curves["risk"][-1] / expected.curves["risk"][-1] > 1.02

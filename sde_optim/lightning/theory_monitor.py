@@ -70,7 +70,10 @@ class TheoryMonitor(MonitorCallback):
 
     * ``{obs}/measured``: the exact value from the teacher (E7, :func:`sde_optim.measure`);
     * ``{obs}/predicted``: the prediction at the same SGD step;
-    * ``{obs}/rel_error``: ``|measured - predicted| / |predicted|``.
+    * ``{obs}/rel_error``: ``|measured - predicted| / |predicted|``;
+    * ``{obs}/scatter`` (methods ``"pde"``, ``"gradient_flow"``): how far one run at this ``d`` is expected to stray
+      from the prediction, relative (one standard deviation, :attr:`Prediction.scatter`): a ``rel_error`` within
+      about twice it is the run's own finite-``d`` noise, not a departure from the theory.
 
     With a TensorBoard logger it also registers a custom-scalar layout that overlays
     measured and predicted in one chart per observable (with :class:`CurvatureMonitor`'s
@@ -312,9 +315,11 @@ class TheoryMonitor(MonitorCallback):
         self.history.setdefault("assumptions_hold", []).append(self._assumptions_hold)
         for name in self.observables:
             m, p = float(measured[name]), float(predicted[name])
-            rel = relative_error(m, p)
-            metrics.update({f"{name}/measured": m, f"{name}/predicted": p, f"{name}/rel_error": rel})
-            for key, value in (("measured", m), ("predicted", p), ("rel_error", rel)):
+            values = {"measured": m, "predicted": p, "rel_error": relative_error(m, p)}
+            if f"{name}_scatter" in predicted:  # the PDE's (and gradient flow's): one run's expected spread at this d
+                values["scatter"] = float(predicted[f"{name}_scatter"])
+            for key, value in values.items():
+                metrics[f"{name}/{key}"] = value
                 self.history.setdefault(f"{name}/{key}", []).append(value)
         if self._assumptions_hold:
             self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"])

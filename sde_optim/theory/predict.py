@@ -46,11 +46,11 @@ class Prediction:
             ``finite_d`` (``"pde"``, ``"gradient_flow"``): the largest finite-``d`` indicators over the descent
             window (:func:`~sde_optim.theory.statistics.finite_d_indicators`; a ``FiniteDimensionWarning`` when
             they are large).
-        scatter: ``"risk"``, ``"curvature"`` -> ``(n,)``: how far one SGD run at this ``d`` is expected to stray
-            from the curves, as a relative standard deviation (its coordinates' independent fluctuations: the
-            spread within each type's law over ``d``; checked against 64 SGD seeds in docs/benchmarks.md);
-            ``curves * scatter`` is a one-sigma band for single runs.  ``"pde"`` and ``"gradient_flow"`` (0: no
-            noise) only, else empty.
+        scatter: observable -> ``(n,)`` (the risk, the curvature and the requested ones): how far one SGD run at
+            this ``d`` is expected to stray from the curves, as a relative standard deviation (its coordinates'
+            independent fluctuations: the spread within each type's law over ``d``; checked against 64 SGD seeds
+            in docs/benchmarks.md); ``curves * scatter`` is a one-sigma band for single runs.  ``"pde"`` and
+            ``"gradient_flow"`` (0: no noise) only, else empty.
     """
 
     steps: Tensor
@@ -63,7 +63,8 @@ class Prediction:
     scatter: dict[str, Tensor] = field(default_factory=dict)
 
     def at_step(self, k: int | float | Tensor) -> dict[str, Tensor | float]:
-        """Curves linearly interpolated at SGD step(s) ``k`` (scalar -> floats, tensor -> tensors).
+        """Curves, ``local_rate`` and the scatter (as ``"{name}_scatter"``) linearly interpolated at SGD step(s) ``k``
+        (scalar -> floats, tensor -> tensors).
 
         ``k`` must lie in ``[steps[0], steps[-1]]`` (finite).
         """
@@ -79,7 +80,8 @@ class Prediction:
         x0, x1 = x[idx - 1], x[idx]
         wgt = torch.where(x1 > x0, (kk - x0) / (x1 - x0), torch.zeros_like(kk))
         out: dict[str, Tensor | float] = {}
-        for name, y in {**self.curves, "local_rate": self.local_rate}.items():
+        scatter = {f"{name}_scatter": y for name, y in self.scatter.items()}
+        for name, y in {**self.curves, "local_rate": self.local_rate, **scatter}.items():
             v = y[idx - 1] + wgt * (y[idx] - y[idx - 1])
             out[name] = float(v[0]) if scalar else v
         return out

@@ -114,7 +114,7 @@ class Problem:
 class Solution:
     """One solver's answer: ``curves`` (observable -> ``(n,)``), ``local_rate`` ``(n,)`` (E8), ``diverged_at``
     (time or None), ``stderr`` (Monte Carlo methods), ``info`` (diagnostics, error estimates, types), ``scatter``
-    (``"risk"``, ``"curvature"`` -> ``(n,)``: one SGD run's relative spread around the curves at this ``d``)."""
+    (observable -> ``(n,)``: one SGD run's relative spread around the curves at this ``d``)."""
 
     curves: dict[str, Tensor]
     local_rate: Tensor
@@ -168,7 +168,7 @@ def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
         curves.append(out[0])
         rates.append(out[1])
         if finite_d:
-            extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std))
+            extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std, problem.observables))
     return _cat(curves), torch.cat(rates), _cat(extra) if finite_d else None
 
 
@@ -276,12 +276,12 @@ def _finite_d_parts(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged
                     floor: float = 1e-3) -> tuple[dict[str, float], dict[str, Tensor]]:
     """:func:`~.statistics.finite_d_indicators` as a solution carries them: each one's largest value over the descent
     window (``R >= floor R(0)``, before a divergence, as the error estimates) for ``info["finite_d"]``, and the scatter
-    curves (``"risk"``, ``"curvature"`` -> ``(n,)``)."""
+    curves (observable -> ``(n,)``)."""
     ok = torch.isfinite(risk) & (risk >= floor * risk[0])
     if diverged_at is not None:
         ok &= t < diverged_at
     largest = {k: float(v[ok].max()) if bool(ok.any()) else 0.0 for k, v in values.items()}
-    return largest, {name: values[f"{name}_scatter"] for name in ("risk", "curvature")}
+    return largest, {key[:-len("_scatter")]: v for key, v in values.items() if key.endswith("_scatter")}
 
 
 def _batch_error(name: str):
@@ -336,8 +336,8 @@ class GradientFlowSolver(Solver):
         c, w = check.solve.result
         risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
         curves, rate = _outputs(c, w, problem, risk, noise=False)
-        largest, scatter = _finite_d_parts(finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std),
-                                           problem.t, risk, None)  # scatter 0: no noise
+        largest, scatter = _finite_d_parts(finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std,
+                                                               problem.observables), problem.t, risk, None)  # 0: no noise
         info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, finite_d=largest,
                     **_type_info(check))
         return Solution(curves, rate, None, {}, info, None, scatter)

@@ -57,8 +57,10 @@ def e8_local_rate(c: CoordinateState, weight: Tensor, risk: Tensor, gamma, noise
     return -drdt / risk
 
 
-def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Tensor, noise_std: float) -> dict[str, Tensor]:
-    """First-order effects of a finite ``d`` that the limit leaves out, for the risk and the curvature; shape ``(...)``.
+def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Tensor, noise_std: float,
+                        observables: Iterable[Observable] = ()) -> dict[str, Tensor]:
+    """First-order effects of a finite ``d`` that the limit leaves out, shape ``(...)``: the scatter of the risk, the
+    curvature and ``observables``, the step index of the risk and the curvature.
 
     Points ``c[..., tau, k]`` carry one law per type ``tau`` (weights ``w``, ``pi_tau = sum_k w``); ``gamma``: the
     effective step at each time, broadcastable to ``(...)``.
@@ -74,13 +76,14 @@ def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Ten
     """
     out = {}
     step = gamma[..., None, None] * c.lam * c.rho / dim
-    for name in ("risk", "curvature"):
-        o = OBSERVABLES[name]
+    pi = weight.sum(-1)
+    for o in {o.name: o for o in (OBSERVABLES["risk"], OBSERVABLES["curvature"], *observables)}.values():
         g = o.density(c)
         gw = g * weight
-        m1, m2, pi = gw.sum(-1), (g * gw).sum(-1), weight.sum(-1)
+        m1, m2 = gw.sum(-1), (g * gw).sum(-1)
         within = (m2 - m1 * m1 / pi.clamp_min(1e-300)).clamp_min(0.0).sum(-1)
         total = m1.sum(-1)
-        out[f"{name}_scatter"] = (within / dim).sqrt() / (total + o.offset(noise_std)).abs().clamp_min(1e-300)
-        out[f"{name}_step"] = (step * gw).sum(dim=(-2, -1)) / total.abs().clamp_min(1e-300)
+        out[f"{o.name}_scatter"] = (within / dim).sqrt() / (total + o.offset(noise_std)).abs().clamp_min(1e-300)
+        if o.name in ("risk", "curvature"):
+            out[f"{o.name}_step"] = (step * gw).sum(dim=(-2, -1)) / total.abs().clamp_min(1e-300)
     return out
