@@ -9,7 +9,9 @@ import torch
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem, best_lr, predict, predict_sweep
 from sde_optim.theory.dynamics import CoefficientBatch, MeanFieldDynamics, SGDConfig
-from sde_optim.theory.fokker_planck import solve_batch_on_grid, solve_on_grid, tridiagonal_solve
+from sde_optim.theory.fokker_planck import dense_tridiagonal_solve, solve_batch_on_grid, solve_on_grid, tridiagonal_solve
+from sde_optim.simulation import simulate_sgd
+from sde_optim.theory import FiniteDimensionWarning
 from sde_optim.theory.quadrature import coordinate_types
 
 F64 = torch.float64
@@ -146,3 +148,43 @@ def test_one_members_nan_does_not_reach_the_others_in_the_tridiagonal_solve():
     assert bool(torch.isnan(out[1]).any())
     for k in (0, 2):
         assert torch.equal(out[k], alone[k][0])
+
+
+def test_a_zero_pivot_is_nan_for_that_member_not_an_exception():
+    """A singular system (only coefficients out of floating range make ``I - h M`` one: bands of ~1e109 from a law that
+    blew up) raised ``RuntimeError: tridiagonal solve failed (LAPACK info=14094)`` out of ``predict`` on a power-law
+    spectrum at lr 1, B = 4, d = 1024, where a divergence is the answer; now that member's solve is nan (the step
+    control rejects it and stops the member as diverged) and the other members are solved as alone."""
+    gen = torch.Generator().manual_seed(1)
+    g, t, n = 3, 2, 5
+    lower = -torch.rand(g, t, n, generator=gen, dtype=F64)
+    upper = -torch.rand(g, t, n, generator=gen, dtype=F64)
+    lower[..., 0] = 0.0
+    upper[..., -1] = 0.0
+    diag = 3.0 + torch.rand(g, t, n, generator=gen, dtype=F64)
+    rhs = torch.rand(g, t, n, generator=gen, dtype=F64)
+    alone = [tridiagonal_solve(lower[k:k + 1], diag[k:k + 1], upper[k:k + 1], rhs[k:k + 1], ends_zero=True) for k in range(g)]
+    diag[1, 1, :2], upper[1, 1, :2], lower[1, 1, 1] = 1.0, torch.tensor([1.0, 0.0]), 1.0  # two rows [1 1 0 ...]: singular
+    for dense in (False, True):
+        out = (dense_tridiagonal_solve(lower, diag, upper, rhs) if dense
+               else tridiagonal_solve(lower, diag, upper, rhs, ends_zero=True))
+        assert bool(torch.isnan(out[1]).any())
+        for k in (0, 2):
+            torch.testing.assert_close(out[k], alone[k][0], rtol=1e-12, atol=0.0)
+
+
+def test_a_prediction_whose_solve_meets_a_zero_pivot_diverges():
+    """The setting of the test above at d = 1024 (lambda_i ~ i^-1/2 with mean 1, Gaussian teacher, alpha 0.3, lr 1,
+    B = 4): predict returns a divergence early in the horizon, as SGD does there, instead of raising."""
+    d = 1024
+    i = torch.arange(1, d + 1, dtype=F64)
+    lam = i**-0.5 * (d / (i**-0.5).sum())
+    problem = TeacherProblem(lam, 4.0 * torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=F64) / d**0.5)
+    model = DiagonalLinearNetwork(d, alpha=0.3, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FiniteDimensionWarning)
+        pred = predict(problem, model, lr=1.0, batch_size=4, steps=6 * d)
+    assert pred.divergence_step is not None and pred.divergence_step < d
+    run = simulate_sgd(problem, model, lr=1.0, batch_size=4, record_steps=[0, d], num_runs=4,
+                       generator=torch.Generator().manual_seed(2))
+    assert bool(run.diverged.all())  # SGD diverges within the first unit of time too

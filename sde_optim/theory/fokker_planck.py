@@ -230,6 +230,9 @@ def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, e
     zero already, which saves two copies).  ``scratch=True``: ``lower``, ``diag`` and ``upper`` are temporaries the
     solve may overwrite (LAPACK works in place instead of on copies: half the time of a solve over ~1e5 unknowns).
     On CPU: one LAPACK ``gtsv`` call on the block-diagonal system of size ``T N``; elsewhere a dense batched solve.
+    A zero pivot (``I - h M`` is an M-matrix, so only coefficients out of floating range make one: a law that blew
+    up, bands of ~1e109 seen) gives ``nan`` for that system instead of an exception: the integrator then rejects the
+    step, and a member that no step resolves is stopped as diverged (:func:`_integrate_mprk22`).
     """
     if diag.device.type == "cpu" and diag.dtype in (torch.float64, torch.float32):
         from scipy.linalg import lapack  # local import: only the CPU path needs it
@@ -246,8 +249,10 @@ def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, e
         def solve(lo: Tensor, dg: Tensor, up: Tensor, rhs: Tensor) -> Tensor:
             res = gtsv(lo.reshape(-1)[1:].numpy(), dg.reshape(-1).numpy(), up.reshape(-1)[:-1].numpy(),
                        rhs.reshape(-1).numpy(), own, own, own)
-            if res[-1] != 0:
-                raise RuntimeError(f"tridiagonal solve failed (LAPACK info={res[-1]})")
+            if res[-1] < 0:
+                raise ValueError(f"tridiagonal solve: LAPACK gtsv argument {-res[-1]} is invalid")
+            if res[-1] > 0:  # a zero pivot
+                return torch.full_like(rhs, math.nan)
             return torch.from_numpy(res[3]).reshape(rhs.shape)
 
         if diag.ndim < 3 or diag.shape[0] == 1:
@@ -255,8 +260,15 @@ def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, e
         # One call per leading (group) index: elimination multiplies across the zero couplings of the block
         # ends, and 0 * nan = nan, so one member's non-finite entries would poison every other member.
         return torch.stack([solve(*z) for z in zip(lo, diag, up, rhs)])
+    return dense_tridiagonal_solve(lower, diag, upper, rhs)
+
+
+def dense_tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -> Tensor:
+    """:func:`tridiagonal_solve` off the CPU: one dense batched LU per system (``(..., N, N)``); a singular system is
+    ``nan`` (``solve_ex``: no host sync)."""
     a = torch.diag_embed(diag) + torch.diag_embed(upper[..., :-1], 1) + torch.diag_embed(lower[..., 1:], -1)
-    return torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1)
+    y, info = torch.linalg.solve_ex(a, rhs.unsqueeze(-1))
+    return y.squeeze(-1).masked_fill((info > 0).unsqueeze(-1), math.nan)
 
 
 def quadrature_weights(mass: Tensor) -> Tensor:
