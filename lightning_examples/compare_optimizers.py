@@ -25,7 +25,7 @@ from sde_optim import TeacherProblem
 from sde_optim.cli import (MAX_DIM, HelpFormatter, check_output_dir, check_output_file, check_teacher_support,
                            float_in, int_in, positive_int, progress)
 from sde_optim.lightning import TeacherDataModule, TeacherRegression, TheoryMonitor
-from sde_optim.plotting import comparison_figure, save_figure
+from sde_optim.plotting import comparison_figure, prediction_series, save_figure
 
 OBSERVABLES = ("risk", "curvature", "l1", "imbalance")
 RUNS = {"sgd": "torch.optim.SGD", "homogenized": "HomogenizedSGD"}
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> str:
                 bar.update()
     pred = monitors["sgd"][0].prediction
     assert pred is not None
-    predicted = {n: (pred.steps.tolist(), pred.curves[n].tolist()) for n in OBSERVABLES}
+    predicted, scatter = prediction_series(pred, OBSERVABLES)
     measured = {RUNS[name]: {n: (ms[0].history["step"], [m.history[f"{n}/measured"] for m in ms]) for n in OBSERVABLES}
                 for name, ms in monitors.items()}
     fig = comparison_figure(predicted, measured, dim=args.dim, divergence_step=pred.divergence_step,
-                            prediction_label="PDE prediction",
+                            prediction_label="PDE prediction", scatter=scatter,
                             title=f"SGD vs its SDE vs the PDE: d={args.dim}, lr={args.lr:g}, B={args.batch_size}, "
                                   f"sigma={args.noise_std:g}, {args.seeds} seed(s)")
     run_dir = os.path.join(args.logdir, "compare_optimizers", f"version_{version}")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import __version__
 from .models import DiagonalLinearNetwork
 from .observables import OBSERVABLES, relative_error
-from .plotting import comparison_figure, mask_divergence, save_figure, sweep_figure
+from .plotting import comparison_figure, mask_divergence, prediction_series, save_figure, sweep_figure
 from .simulation import train_homogenized, train_sgd
 from .teacher import TeacherProblem, TeacherSpec
 from .optim.schedules import SCHEDULES, check_schedule
@@ -427,9 +427,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         print(f"wrote {args.csv}")
     if args.png:
         label = ("PDE" if args.method == "pde" else args.method.replace("_", " ")) + " prediction"
-        fig = comparison_figure({n: (pred.steps.tolist(), pred.curves[n].tolist()) for n in names}, {},
-                                title=f"{label}: {_title(args, sgd)}", dim=args.dim,
-                                divergence_step=pred.divergence_step, prediction_label=label)
+        predicted, scatter = prediction_series(pred, names)
+        fig = comparison_figure(predicted, {}, title=f"{label}: {_title(args, sgd)}", dim=args.dim,
+                                divergence_step=pred.divergence_step, prediction_label=label, scatter=scatter)
         print("wrote " + ", ".join(save_figure(fig, args.png)))
 
 
@@ -499,10 +499,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     version = next_version_dir(args.logdir)
     for folder, curves in runs.items():
         _log_run(os.path.join(version, folder), xs, curves, pred)
-    predicted = {n: (pred.steps.tolist(), pred.curves[n].tolist()) for n in _COMPARE_OBSERVABLES}
+    predicted, scatter = prediction_series(pred, _COMPARE_OBSERVABLES)
     measured = {_RUNS[f][0]: {n: (xs, v.tolist()) for n, v in curves.items()} for f, curves in runs.items()}
     fig = comparison_figure(predicted, measured, title=_title(args, sgd), dim=args.dim,
-                            divergence_step=pred.divergence_step, prediction_label="PDE prediction")
+                            divergence_step=pred.divergence_step, prediction_label="PDE prediction", scatter=scatter)
     written = save_figure(fig, args.png or os.path.join(version, "compare.png"))
     _print_summary(runs, xs, pred)
     print(f"TensorBoard runs: {os.path.join(version, '{' + ','.join(runs) + '}')} "

@@ -8,7 +8,9 @@ Conventions of every figure drawn here:
   :data:`~sde_optim.observables.OBSERVABLES`) as the panel title, and a log axis where the
   registry marks it ``log_scale``;
 * the prediction is a black line drawn above the measurements (``zorder``), so markers never
-  hide it; a predicted divergence is a dotted vertical line;
+  hide it; a predicted divergence is a dotted vertical line; where the prediction carries one run's
+  expected spread at this ``d`` (:attr:`~sde_optim.theory.Prediction.scatter`), a grey band of
+  ``curve x (1 +- scatter)`` (one standard deviation of a single run) is drawn behind it;
 * several runs (seeds) of one measured series are drawn as their mean (hollow markers) with a
   band of ``mean +- 2 SE`` (standard error of the mean over runs), and the legend says so;
 * a run whose values stop being finite (diverged; see :func:`mask_divergence`) is drawn up to
@@ -36,10 +38,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .observables import OBSERVABLES  # noqa: E402
 
-__all__ = ["comparison_figure", "draw_panel", "finish_figure", "grid_shape", "mask_divergence", "save_figure", "BAND_SE"]
+__all__ = ["comparison_figure", "draw_panel", "finish_figure", "grid_shape", "mask_divergence", "prediction_series",
+           "save_figure", "BAND_SE", "SCATTER_LABEL"]
 
 #: Half-width of the Monte Carlo band, in standard errors of the mean over runs.
 BAND_SE = 2.0
+#: Legend entry of the prediction's band (:attr:`~sde_optim.theory.Prediction.scatter`).
+SCATTER_LABEL = "prediction \u00b1 one run's scatter at this d (1 sd)"
 _MAX_MARKERS = 40
 _PANEL_SIZE = (3.5, 2.9)  # inches per panel
 _PREDICTION_STYLE = dict(color="black", lw=1.5, zorder=5)
@@ -57,6 +62,7 @@ def comparison_figure(
     divergence_step: int | None = None,
     prediction_label: str = "prediction",
     ncols: int | None = None,
+    scatter: Mapping[str, Sequence[float]] | None = None,
 ) -> Figure:
     """One panel per observable: the prediction (line) and the measured series (markers, band).
 
@@ -70,6 +76,8 @@ def comparison_figure(
         divergence_step: the prediction's divergence step (a dotted vertical line), if any.
         prediction_label: legend entry of the prediction line.
         ncols: panels per row (default: filled rows, at most 3 columns).
+        scatter: ``{observable: values}``, one run's relative standard deviation around the prediction at its
+            steps (:attr:`~sde_optim.theory.Prediction.scatter`): drawn as a band; observables without one have none.
     """
     names = list(predicted)
     rows, cols = grid_shape(len(names), ncols)
@@ -78,11 +86,19 @@ def comparison_figure(
     for ax, name in zip(axes.flat, names):
         series = {label: obs[name] for label, obs in measured.items() if name in obs}
         draw_panel(ax, name, predicted[name], series, dim=dim, divergence_step=divergence_step, xlabel=xlabel,
-                   prediction_label=prediction_label)
+                   prediction_label=prediction_label, scatter=(scatter or {}).get(name))
     for ax in list(axes.flat)[len(names):]:
         fig.delaxes(ax)
     finish_figure(fig, title)
     return fig
+
+
+def prediction_series(prediction, names: Sequence[str]) -> tuple[dict[str, Series], dict[str, list[float]]]:
+    """``(predicted, scatter)`` of :func:`comparison_figure` from a :class:`~sde_optim.theory.Prediction`: each observable
+    of ``names`` as ``(steps, curve)``, and one run's scatter for those that have one."""
+    steps = prediction.steps.tolist()
+    predicted = {n: (steps, prediction.curves[n].tolist()) for n in names}
+    return predicted, {n: prediction.scatter[n].tolist() for n in names if n in prediction.scatter}
 
 
 def sweep_figure(curves: Mapping[str, Mapping[str, Series]], *, title: str = "", xlabel: str = "SGD steps k",
@@ -132,11 +148,13 @@ def draw_panel(
     xlabel: str = "SGD steps k",
     prediction_label: str = "prediction",
     description: str | None = None,
+    scatter: Sequence[float] | None = None,
 ) -> None:
     """Draw observable ``name`` on ``ax``: prediction on top, each measured series with its band.
 
     ``measured`` is ``{label: (steps, values)}`` with ``values`` of shape ``(n,)`` or ``(runs, n)``.
-    ``description`` replaces the registry's definition as the panel title.
+    ``description`` replaces the registry's definition as the panel title.  ``scatter``: one run's relative
+    standard deviation at the prediction's steps, drawn as the band ``values x (1 +- scatter)``.
     """
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     positive = True
@@ -147,9 +165,24 @@ def draw_panel(
         y = np.asarray(values, dtype=float)
         positive &= bool(np.all(y[np.isfinite(y)] > 0))
         ax.plot(np.asarray(steps, dtype=float), y, label=prediction_label, **_PREDICTION_STYLE)
+        if scatter is not None:
+            _draw_scatter(ax, np.asarray(steps, dtype=float), y, np.asarray(scatter, dtype=float))
     if divergence_step is not None:
         ax.axvline(divergence_step, color="black", ls=":", lw=1.2, zorder=5, label="predicted divergence")
     _label_axes(ax, name, dim, xlabel, description, log=positive)
+
+
+def _draw_scatter(ax: Axes, x: np.ndarray, y: np.ndarray, scatter: np.ndarray) -> None:
+    """The band ``y (1 +- scatter)`` behind the prediction, where both are finite (a scatter of 99 % or more draws
+    its lower edge at ``y / 100``, which a log axis can show)."""
+    if scatter.shape != y.shape:
+        raise ValueError(f"scatter: {scatter.shape[0]} values for a prediction of {y.shape[0]} points")
+    ok = np.isfinite(y) & np.isfinite(scatter)
+    if not ok.any():
+        return
+    lower = y * np.clip(1 - scatter, 1e-2, None)
+    ax.fill_between(x, np.where(ok, lower, np.nan), np.where(ok, y * (1 + scatter), np.nan), color="0.55",
+                    alpha=0.22, lw=0, zorder=1, label=SCATTER_LABEL)
 
 
 def _draw_measured(ax: Axes, label: str, steps, values, color) -> bool:

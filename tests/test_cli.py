@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import sde_optim
 from sde_optim.cli import build_parser, main as cli_main, progress
-from sde_optim.plotting import comparison_figure, grid_shape, mask_divergence, save_figure
+from sde_optim.plotting import SCATTER_LABEL, comparison_figure, grid_shape, mask_divergence, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,6 +302,25 @@ def test_a_diverging_run_is_drawn_up_to_its_divergence():
     assert any(line.get_linestyle() == ":" and list(line.get_xdata()) == [6, 6] for line in ax.get_lines())
     assert "x: run diverged (next value not finite)" in [t.get_text() for t in fig.legends[0].get_texts()]
     plt.close(fig)
+
+
+def test_the_prediction_scatter_is_a_band_around_the_prediction():
+    """``scatter``: one run's relative spread, drawn as ``curve x (1 +- scatter)`` behind the prediction (a wide one
+    keeps its lower edge above 0 for the log axis), in the legend once; an observable without one has no band."""
+    steps = [0, 1, 2, 3]
+    predicted = {"risk": (steps, [1.0, 0.5, 0.25, 0.125]), "curvature": (steps, [2.0, 1.0, 1.0, 1.0])}
+    fig = comparison_figure(predicted, {}, scatter={"risk": [0.0, 0.1, 0.2, 1.5]})
+    risk, curvature = fig.axes
+    (band,) = [c for c in risk.collections if c.get_label() == SCATTER_LABEL]
+    xs, ys = band.get_paths()[0].vertices.T
+    for k, (y, s) in enumerate(zip(predicted["risk"][1], [0.0, 0.1, 0.2, 1.5])):
+        edge = ys[xs == k]
+        assert np.isclose(edge.max(), y * (1 + s)) and np.isclose(edge.min(), y * max(1 - s, 1e-2))
+    assert risk.get_yscale() == "log" and not curvature.collections
+    assert [t.get_text() for t in fig.legends[0].get_texts()].count(SCATTER_LABEL) == 1
+    with pytest.raises(ValueError, match="scatter: 2 values for a prediction of 4 points"):
+        comparison_figure(predicted, {}, scatter={"risk": [0.1, 0.1]})
+    plt.close("all")
 
 
 def test_comparison_figure_keeps_the_callback_call():

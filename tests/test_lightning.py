@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tb_events import scalars as _scalars
 from sde_optim import SVAG, DiagonalLinearNetwork, TeacherProblem, TeacherSpec
 from sde_optim.lightning import CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
+from sde_optim.plotting import SCATTER_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,9 @@ def test_main_example_logs_measured_and_predicted(tmp_path):
     for tag in ("curvature/hessian_trace", "curvature/hessian_trace_stderr", "curvature/top_eigenvalue"):
         assert [s for s, _ in scalars[tag]] == list(range(0, 385, 32)), tag  # TheoryMonitor's steps, once each
     _assert_real_plot(monitor.figure_path)
+    fig = monitor.figure()  # the prediction's one-run scatter as a band around it, in every panel
+    assert all(any(c.get_label() == SCATTER_LABEL for c in ax.collections) for ax in fig.axes)
+    plt.close(fig)
     _assert_hutchinson_follows_the_exact_curvature(scalars)
 
 

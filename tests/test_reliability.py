@@ -14,11 +14,12 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from sde_optim import NonFiniteUpdateError, TeacherProblem, measure
+from sde_optim import DiagonalLinearNetwork, NonFiniteUpdateError, TeacherProblem, measure, predict
 from sde_optim.lightning import TheoryMonitor
 from sde_optim.lightning.theory_monitor import DEPARTURES
 from sde_optim.lightning import TeacherDataModule
 from sde_optim.lightning import TeacherRegression
+from sde_optim.simulation import simulate_sgd
 from sde_optim.theory import Prediction
 
 OPTIMIZERS = ("sgd", "homogenized", "svag")
@@ -226,6 +227,42 @@ def test_departure_is_classified(divergence_step, sequence, step, departure):
     assert bool(caught) == (departure is not None)  # a departure is announced, following is silent
 
 
+
+
+@pytest.mark.parametrize("scatter, departs, allowed", [(None, True, "25%"), (math.nan, True, "25%"), (0.02, True, "25%"),
+                                                      (0.1, True, "50% (5 x one run's scatter at d = 8)"),
+                                                      (0.2, False, None)])
+def test_departure_allows_for_one_runs_scatter(scatter, departs, allowed):
+    """The allowance is ``max(threshold, scatter_sigmas x risk/scatter)``: a run 60 % off a prediction whose one-run
+    scatter is 20 % is within its own noise; at 10 % it has left (and the warning says by how much it was allowed)."""
+    monitor = _monitor_with(None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor._check_departure(3, 1.6, 1.0, scatter)
+    assert (monitor.departure_step is not None) == departs
+    assert [str(w.message) for w in caught] == ([] if not departs else [
+        f"TheoryMonitor: at step 3 the measured risk 1.6 is more than {allowed} away from the predicted 1: {DEPARTURES[2]}"])
+
+
+def test_plain_sgd_at_small_d_does_not_leave_the_prediction():
+    """Plain SGD, which the prediction describes up to its finite-d noise: 64 runs at d = 64 (sparse teacher, alpha 0.5,
+    lr 0.5, B = 2, t <= 8), 33 measurements each. A fixed 25 % threshold called 80 % of them departures (256 runs:
+    80 %); the scatter-aware allowance 4 % (256 runs). Bounds from the binomial error of 64 runs (se <= 6.3 %): at
+    least 50 % (old rule, > 4 se below 80 %) and at most 15 % (new rule, > 4 se above 4 %)."""
+    d = 64
+    problem = TeacherProblem.sparse(d, 0.25, seed=0)
+    model = DiagonalLinearNetwork(d, alpha=0.5, dtype=torch.float64)
+    pred = predict(problem, model, lr=0.5, batch_size=2, steps=8 * d)
+    steps = torch.linspace(0, 8 * d, 33).round().long()
+    runs = simulate_sgd(problem, model, lr=0.5, batch_size=2, record_steps=steps, num_runs=64,
+                        generator=torch.Generator().manual_seed(1))
+    at = pred.at_step(steps.to(torch.float64))
+    rel = ((runs.values["risk"].to(torch.float64) - at["risk"]) / at["risk"]).abs()
+    monitor = TheoryMonitor(problem)
+    allowed = torch.tensor([monitor.allowance(float(s)) for s in at["risk_scatter"]], dtype=torch.float64)
+    fixed = float((rel > monitor.threshold).any(1).double().mean())
+    aware = float((rel > allowed).any(1).double().mean())
+    assert fixed >= 0.5 and aware <= 0.15, (fixed, aware)
 
 
 @pytest.mark.parametrize("lr, monitor_lr, departure", [(40.0, None, DEPARTURES[1]), (0.5, 8.0, DEPARTURES[2])])

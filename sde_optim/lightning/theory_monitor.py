@@ -16,7 +16,7 @@ from .._validation import check_choice, check_float, check_int, check_strategy
 from ..models import DiagonalLinearNetwork
 from ..observables import measure, relative_error, resolve_observables
 from ..optim import SVAG, HomogenizedSGD
-from ..plotting import comparison_figure
+from ..plotting import comparison_figure, prediction_series
 from ..teacher import TeacherProblem, TeacherSpec, as_teacher_problem
 from ..theory import METHODS, Prediction, SGDConfig, critical_lr, describe_sgd, predict
 from ._monitor import FEW_POINTS, MonitorCallback
@@ -73,7 +73,8 @@ class TheoryMonitor(MonitorCallback):
     * ``{obs}/rel_error``: ``|measured - predicted| / |predicted|``;
     * ``{obs}/scatter`` (methods ``"pde"``, ``"gradient_flow"``): how far one run at this ``d`` is expected to stray
       from the prediction, relative (one standard deviation, :attr:`Prediction.scatter`): a ``rel_error`` within
-      about twice it is the run's own finite-``d`` noise, not a departure from the theory.
+      about twice it is the run's own finite-``d`` noise, not a departure from the theory. The figure draws it
+      as a band around the prediction, and the departure test below allows for it.
 
     With a TensorBoard logger it also registers a custom-scalar layout that overlays
     measured and predicted in one chart per observable (with :class:`CurvatureMonitor`'s
@@ -105,9 +106,14 @@ class TheoryMonitor(MonitorCallback):
     points apart in the figure ("not predicted") and leaves them out of the summary's errors and
     of the departure test.
 
-    Departure: the first logged step at which ``risk/rel_error`` exceeds ``threshold`` (or the
+    Departure: the first logged step at which ``risk/rel_error`` exceeds its allowance (or the
     measured or predicted risk is not finite) is kept in ``departure_step``, and ``departure``
-    says which of three cases it is:
+    says which of three cases it is. The allowance is ``threshold``, widened to ``scatter_sigmas``
+    times the prediction's ``risk/scatter`` at that step where that is larger: one run strays from the
+    d -> infinity curves by its own finite-``d`` noise (THEORY §1), which a fixed threshold mistook for a
+    departure (plain SGD, 256 runs, 33 measurements each: 71-99 % of the runs "left" the prediction at
+    ``d = 64`` and 30 % at ``d = 1024`` on THEORY §6's setting; with the allowance 2-5 % and 1 %,
+    ``benchmarks/departure_rate.py``). The cases:
 
     * ``"diverged as predicted"``: the prediction diverges (``prediction.divergence_step``) and
       the measured risk is above the prediction or not finite;
@@ -116,7 +122,7 @@ class TheoryMonitor(MonitorCallback):
       divergence criterion of :func:`sde_optim.predict`). A departure first classified as
       ``"left the prediction"`` is upgraded when training diverges later;
     * ``"left the prediction"``: any other departure (training stays finite but more than
-      ``threshold`` away, e.g. a predicted blow-up that training does not follow).
+      its allowance away, e.g. a predicted blow-up that training does not follow).
 
     ``None`` while training follows the prediction.
 
@@ -139,7 +145,11 @@ class TheoryMonitor(MonitorCallback):
         batch_size: the global SGD batch ``B`` (>= 1); default: ``pl_module.sgd_global_batch_size``.
         sgd_steps_per_step: SGD steps of time per optimizer step (> 0); default:
             ``pl_module.sgd_steps_per_step``.
-        threshold: relative risk error that counts as leaving the prediction (> 0).
+        threshold: relative risk error that counts as leaving the prediction (> 0), at least.
+        scatter_sigmas: the allowance is at least this many one-run standard deviations ``risk/scatter``
+            (>= 0; 0: ``threshold`` alone). The default 5 leaves room for the predicted scatter reading 1.4-2.1x
+            low on sparse teachers at ``d >= 64`` (fluctuations shared by all coordinates, through ``R(t)`` and the
+            common sample, are not in it) and for the ~33 measurements of a run each having a chance to stray.
         blowup_factor: measured risk above this times the risk at step 0 counts as diverged (> 1).
         save_figure: draw and save the figure at fit end.
     """
@@ -155,6 +165,7 @@ class TheoryMonitor(MonitorCallback):
         batch_size: int | None = None,
         sgd_steps_per_step: float | None = None,
         threshold: float = 0.25,
+        scatter_sigmas: float = 5.0,
         blowup_factor: float = 1e4,
         save_figure: bool = True,
     ) -> None:
@@ -169,6 +180,7 @@ class TheoryMonitor(MonitorCallback):
         self.sgd_steps_per_step = (None if sgd_steps_per_step is None else
                                    check_float("sgd_steps_per_step", sgd_steps_per_step, minimum=0.0, strict=True))
         self.threshold = check_float("threshold", threshold, minimum=0.0, strict=True)
+        self.scatter_sigmas = check_float("scatter_sigmas", scatter_sigmas, minimum=0.0)
         self.blowup_factor = check_float("blowup_factor", blowup_factor, minimum=1.0, strict=True)
         if not isinstance(save_figure, bool):
             raise TypeError(f"save_figure must be a bool, got {type(save_figure).__name__}")
@@ -322,7 +334,7 @@ class TheoryMonitor(MonitorCallback):
                 metrics[f"{name}/{key}"] = value
                 self.history.setdefault(f"{name}/{key}", []).append(value)
         if self._assumptions_hold:
-            self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"])
+            self._check_departure(step, metrics["risk/measured"], metrics["risk/predicted"], metrics.get("risk/scatter"))
         self._write(trainer, metrics, step)
 
     def _check_lr(self, trainer: pl.Trainer, step: int, sgd_step: float) -> None:
@@ -341,7 +353,14 @@ class TheoryMonitor(MonitorCallback):
         rank_zero_warn(f"TheoryMonitor: at step {step} the learning rate is {lr_now:g}, the prediction assumed "
                        f"{expected:g}; later points are marked theory/assumptions_hold = 0 and left out of the errors")
 
-    def _check_departure(self, step: int, measured: float, predicted: float) -> None:
+    def allowance(self, scatter: float | None) -> float:
+        """The relative risk error that still follows the prediction: ``max(threshold, scatter_sigmas * scatter)``
+        (``scatter``: the prediction's ``risk/scatter`` at that step, if it has one)."""
+        if scatter is None or not math.isfinite(scatter):
+            return self.threshold
+        return max(self.threshold, self.scatter_sigmas * scatter)
+
+    def _check_departure(self, step: int, measured: float, predicted: float, scatter: float | None = None) -> None:
         """Record the first departure from the prediction and classify it (class docstring)."""
         assert self.prediction is not None
         diverged = not math.isfinite(measured) or measured > self.blowup_factor * self.history["risk/measured"][0]
@@ -352,7 +371,8 @@ class TheoryMonitor(MonitorCallback):
         if self.departure_step is not None:
             return
         finite = math.isfinite(measured) and math.isfinite(predicted)
-        if finite and abs(measured - predicted) <= self.threshold * abs(predicted):
+        allowed = self.allowance(scatter)
+        if finite and abs(measured - predicted) <= allowed * abs(predicted):
             return
         self.departure_step = step
         above = math.isfinite(predicted) and measured > predicted
@@ -360,8 +380,9 @@ class TheoryMonitor(MonitorCallback):
             self.departure = self._divergence_kind()
         else:
             self.departure = LEFT
+        widened = "" if allowed == self.threshold else f" ({self.scatter_sigmas:g} x one run's scatter at d = {self.problem.dim})"
         rank_zero_warn(f"TheoryMonitor: at step {step} the measured risk {measured:.4g} is more than "
-                       f"{self.threshold:.0%} away from the predicted {predicted:.4g}: {self.departure}")
+                       f"{allowed:.0%}{widened} away from the predicted {predicted:.4g}: {self.departure}")
 
     def _divergence_kind(self) -> str:
         assert self.prediction is not None
@@ -402,8 +423,7 @@ class TheoryMonitor(MonitorCallback):
         """The measured-vs-predicted figure (matplotlib ``Figure``)."""
         assert self.prediction is not None
         steps = [s * self._time_per_step for s in self.history["step"]]
-        pred_steps = self.prediction.steps.tolist()
-        predicted = {n: (pred_steps, self.prediction.curves[n].tolist()) for n in self.observables}
+        predicted, scatter = prediction_series(self.prediction, self.observables)
         hold = self._hold_mask()
         measured = {}
         for label, keep in (("training", True), ("training (lr not predicted)", False)):
@@ -413,7 +433,7 @@ class TheoryMonitor(MonitorCallback):
                                    for n in self.observables}
         extras = "" if self._sgd is None else f", {_describe_extras(self._sgd)}"
         title = f"lr={self._lr_used:g}{extras}, batch={self._batch_used}, d={self.problem.dim}"
-        return comparison_figure(predicted, measured, title=title)
+        return comparison_figure(predicted, measured, title=title, scatter=scatter)
 
     def _hold_mask(self) -> list[bool]:
         return list(self.history.get("assumptions_hold", [True] * len(self.history["step"])))
