@@ -292,6 +292,29 @@ def test_nonfinite_gradient_is_skipped_and_counted():
     assert int(opt.skipped_steps) == 1
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_finite_step_of_a_group_with_a_noise_free_parameter_is_taken(nonfinite):
+    """A group mixing noisy and noise-free parameters (foreach=False): the noise-free one's direction is its own
+    gradient, never written into the workspace; the finiteness check read its slot there (torch.empty: whatever
+    memory held), so a finite step could be skipped or raised on by chance. The workspace is filled with nan here
+    to make that chance certain (found by a flakiness audit)."""
+    p = TeacherProblem.sparse(8, 0.25, seed=0)
+    m = DiagonalLinearNetwork(8, dtype=torch.float64)
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))  # e.g. an output bias in the same group, no noise
+    opt = HomogenizedSGD([m.u, m.v, extra], lr=0.1, batch_size=1, noise=StructuredNoise(p, m), foreach=False,
+                         nonfinite=nonfinite, seed=0)
+    for k in range(2):
+        if k == 1:
+            for buf in opt._workspace._flat.values():
+                buf.fill_(float("nan"))
+        before = extra.detach().clone()
+        opt.zero_grad()
+        (p.population_risk(m.beta) + extra.sum()).backward()
+        opt.step()
+        assert int(opt.skipped_steps) == 0
+        torch.testing.assert_close(extra.detach(), before - 0.1)
+
+
 def test_nonfinite_gradient_raises_with_step_number_and_changes_nothing():
     m, opt = _nan_grad_setup("raise")
     before = [t.detach().clone() for t in m.parameters()]

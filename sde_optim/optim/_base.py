@@ -142,7 +142,9 @@ class _SGDFamily(Optimizer):
                               weight_decay=g["weight_decay"], maximize=g["maximize"],
                               noise_scale=g.get("noise_scale", 0.0), out=out, foreach=f)
             plans.append((bt, dirs, out, f))
-        in_workspace = all(out is not None and dirs[0] is out[0] for _, dirs, out, _ in plans)
+        # every direction written into the workspace (a noise-free parameter's is its own gradient, which the
+        # workspace's slot for it never receives: checking that slot read uninitialized memory)
+        in_workspace = all(out is not None and all(d is o for d, o in zip(dirs, out)) for _, dirs, out, _ in plans)
         ok = all_finite(layout.spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs])
         gate = self._policy(ok, rng)
         if gate is not None:
