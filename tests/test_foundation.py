@@ -53,7 +53,7 @@ def test_per_coordinate_alpha_and_explicit_init():
 
 @pytest.mark.parametrize("parametrization", ["uv", "pm"])
 @given(u=st.lists(st.floats(-3, 3), min_size=4, max_size=4), v=st.lists(st.floats(-3, 3), min_size=4, max_size=4))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same examples in every run
 def test_from_state_round_trips(parametrization, u, v):
     u, v = torch.tensor(u, dtype=torch.float64), torch.tensor(v, dtype=torch.float64)
     m = DiagonalLinearNetwork.from_state(u, v, parametrization=parametrization)

@@ -947,7 +947,7 @@ def test_no_cyclic_references():
     gc.freeze()
     try:
         for case in CASES:
-            param = Parameter(torch.empty(10))
+            param = Parameter(torch.zeros(10))
             optim = case.build([param], lr=0.5)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0)
             del scheduler

@@ -55,7 +55,7 @@ def test_pde_conserves_mass_and_positivity(noise_std, init, batch):
 
 
 # ----------------------------------------------------------------------------- coordinates
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)  # the same examples in every run
 @given(st.floats(-50, 50), st.floats(-50, 50))
 def test_phi_uv_roundtrip(u, v):
     u_t, v_t = torch.tensor(u, dtype=F64), torch.tensor(v, dtype=F64)
@@ -360,10 +360,12 @@ def test_predict_matches_sgd():
     model = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
     lr, batch, steps = 0.8, 2, 5 * d
     pred = predict(problem, model, lr=lr, batch_size=batch, steps=steps, num_points=17)
-    run = simulate_sgd(problem, model, lr=lr, batch_size=batch, record_steps=pred.steps, num_runs=4,
+    run = simulate_sgd(problem, model, lr=lr, batch_size=batch, record_steps=pred.steps, num_runs=8,
                        generator=torch.Generator().manual_seed(8))
     # Tolerance: |SGD - PDE| <= 3 SE + 2 % of the value over the descent window R >= 1e-3 R(0),
-    # SE = the 4 seeds' standard error.  The 2 % is the finite-d allowance for this setting: the
+    # SE = the 8 seeds' standard error (a t with 7 degrees of freedom: P(|t| > 3) = 0.02 per point,
+    # and the 2 % below adds to it; with 4 seeds the SE was itself too noisy: 2 of 100 other generator
+    # seeds failed in a flakiness audit).  The 2 % is the finite-d allowance for this setting: the
     # deterministic limit is exact only as d -> infinity, and here (noise floor, so R stays
     # O(1e-2)) the measured gap at d = 1024 was <= 1.3 % with seed SE ~1.4 % at that point.
     # A wrong constant in E4-E6 is a >10 % effect.  (Where R falls to ~1e-3 R(0) without a
