@@ -244,6 +244,18 @@ def test_departure_allows_for_one_runs_scatter(scatter, departs, allowed):
         f"TheoryMonitor: at step 3 the measured risk 1.6 is more than {allowed} away from the predicted 1: {DEPARTURES[2]}"])
 
 
+def test_summary_gives_the_largest_error_in_scatters():
+    """The summary's last column: max over measurements of rel_error / scatter (the point at t = 0 has scatter 0 and
+    is left out); '-' for an observable without a scatter (e.g. method 'particles')."""
+    monitor = _monitor_with(None)
+    monitor.history = {"step": [0, 10, 20], "risk/measured": [1.0, 1.2, 0.5], "risk/predicted": [1.0, 1.0, 0.6],
+                       "risk/rel_error": [0.0, 0.2, 1 / 6], "risk/scatter": [0.0, 0.1, 0.05],
+                       "curvature/measured": [1.0, 1.0, 1.0], "curvature/predicted": [1.0, 1.0, 1.1],
+                       "curvature/rel_error": [0.0, 0.0, 1 / 11]}
+    rows = {line.split()[0]: line.split() for line in monitor.summary().splitlines()[3:5]}
+    assert rows["risk"][-2:] == ["20.00%", "3.3"] and rows["curvature"][-2:] == ["9.09%", "-"]
+
+
 def test_plain_sgd_at_small_d_does_not_leave_the_prediction():
     """Plain SGD, which the prediction describes up to its finite-d noise: 64 runs at d = 64 (sparse teacher, alpha 0.5,
     lr 0.5, B = 2, t <= 8), 33 measurements each. A fixed 25 % threshold called 80 % of them departures (256 runs:

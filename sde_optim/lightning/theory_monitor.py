@@ -440,17 +440,22 @@ class TheoryMonitor(MonitorCallback):
 
     def summary(self) -> str:
         """The table printed at fit end: last values and maximum relative errors, with the number of
-        measurements they come from (and a warning line when those are fewer than ``FEW_POINTS``)."""
+        measurements they come from (and a warning line when those are fewer than ``FEW_POINTS``), and, where the
+        prediction has a one-run scatter, the largest error in units of it (``rel_error / scatter``: a few is the
+        run's own finite-``d`` noise)."""
         steps = self.history["step"]
         lines = [f"{len(steps)} measurement(s) at optimizer steps {steps[0]}..{steps[-1]}"
                  + (f" every {self._every}" if self._every else ""),
-                 f"{'observable':<18}{'measured (last)':>16}{'predicted':>14}{'max rel err':>13}"]
+                 f"{'observable':<18}{'measured (last)':>16}{'predicted':>14}{'max rel err':>13}{'in scatters':>13}"]
         hold = self._hold_mask()
         for n in self.observables:
             errors = [e for e, h in zip(self.history[f"{n}/rel_error"], hold) if h]
             worst = f"{max(errors):>13.2%}" if errors else f"{'-':>13}"
+            spread = self.history.get(f"{n}/scatter", [])
+            units = [e / s for e, s, h in zip(self.history[f"{n}/rel_error"], spread, hold) if h and s > 0]
+            worst_units = f"{max(units):>13.1f}" if units else f"{'-':>13}"
             lines.append(f"{n:<18}{self.history[f'{n}/measured'][-1]:>16.5g}{self.history[f'{n}/predicted'][-1]:>14.5g}"
-                         f"{worst}")
+                         f"{worst}{worst_units}")
         if not all(hold):
             first = steps[hold.index(False)]
             lines.append(f"{hold.count(False)} measurement(s) from step {first} on had a learning rate the prediction "
