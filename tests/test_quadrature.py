@@ -21,6 +21,8 @@ from sde_optim.theory.quadrature import (
     TypeQuadrature,
     TypeSolve,
     TypeTree,
+    _mark_and_refine,
+    _type_estimate,
     coordinate_columns,
     solve_with_type_control,
 )
@@ -260,3 +262,47 @@ def test_a_node_that_cannot_split_is_charged_only_with_the_latest_change_of_R():
     at = {n: diffs[0, 0, k] for k, n in enumerate(quad.cut)}
     assert abs(float(at[leaf])) < 1e-15  # was 1e-3: the change since solve 1, not since the previous solve
     assert float(at[other]) == pytest.approx(4e-4)  # unrefined: its quadrature error stays
+
+
+def test_a_node_measured_against_a_shorter_solve_is_unresolved_then_split():
+    """A node's first-measured error is nan after the divergence of the solve it was measured against; a later
+    pair of solves that lasts longer sees that nan inside its window. max(0.0, nan) made the estimate 0.0: the
+    type check stopped at 247 types on a power law with a Gaussian teacher (pm, alpha 0.028, momentum 0.9, lr 0.75x
+    the E8 estimate, d = 1024), where its 60-cell solves diverged at t = 1.7 and then 2.9 (found by a randomized
+    campaign). Now the estimate is inf there and the unmeasured nodes, only they, are split to be measured afresh;
+    that call's check goes on to 3.9e-4 in 12 solves."""
+    d, times = 512, torch.linspace(0.0, 1.0, 5, dtype=F64)
+    g = torch.Generator().manual_seed(2)
+    cols = torch.stack([10.0 ** torch.rand(d, generator=g, dtype=F64), torch.randn(d, generator=g, dtype=F64),
+                        torch.full((d,), 0.1, dtype=F64), torch.zeros(d, dtype=F64)], 1)
+    quad = TypeQuadrature(TypeTree(cols), 8)
+    offset = torch.zeros(2, 1, dtype=F64)
+
+    def solve(types, nan_after=None):
+        c = types.weight.expand(2, 5, -1).clone()  # flat curves: every node's contribution its weight
+        if nan_after is not None:
+            c[:, times >= nan_after] = float("nan")
+        return TypeSolve(None, c, nan_after)
+
+    types, owner = quad.coarse_types()
+    coarse = solve(types, nan_after=0.5)  # the first solve diverged at t = 0.5
+    quad.record_coarse(coarse.curves, owner)
+    types, owner = quad.fine_types()
+    fine = solve(types, nan_after=0.75)  # the second at t = 0.75: errors measured up to 0.5 only
+    _, per_node = quad.compare(fine.curves, owner)
+    estimate, _ = _type_estimate(per_node, fine, coarse, times, offset, 1e-3)
+    assert math.isfinite(estimate)  # its window ends at the first divergence
+    size = len(quad.cut)
+    splittable = [n for n in quad.cut if quad.tree.children(n) is not None]
+    assert quad.refine(torch.tensor([1.0 if n == splittable[0] else 0.0 for n in quad.cut], dtype=F64), 0.5)
+    types, owner = quad.fine_types()
+    later = solve(types, nan_after=0.75)  # the same divergence time: the window reaches t = 0.5 .. 0.75
+    _, per_node = quad.compare(later.curves, owner)
+    estimate, indicator = _type_estimate(per_node, later, fine, times, offset, 1e-3)
+    assert estimate == math.inf  # was 0.0
+    unmeasured = torch.isnan(indicator)
+    assert 0 < int(unmeasured.sum()) < len(quad.cut)  # the nodes kept since the first comparison
+    nodes = [n for n, u in zip(quad.cut, unmeasured.tolist()) if u]
+    assert _mark_and_refine(quad, indicator, 1e-3)
+    assert all(n not in quad.cut for n in nodes if quad.tree.children(n) is not None)  # split, to be measured again
+    assert size < len(quad.cut)

@@ -495,18 +495,25 @@ def _type_estimate(per_node: Tensor, fine: TypeSolve, coarse: TypeSolve, t: Tens
         rel = torch.where(valid[None, :, None], rel, torch.zeros_like(rel))
         any_valid = bool(valid.any())
         member = float(rel.sum(-1).amax()) if any_valid else 0.0
-        if (ends_c[g] is None) != (ends_f[g] is None):
-            member = math.inf  # the types decide whether it diverges: unresolved
+        if (ends_c[g] is None) != (ends_f[g] is None) or math.isnan(member):
+            # the types decide whether it diverges; or a node's error was first measured against a solve that
+            # diverged earlier than this window ends (nan there): unresolved, not 0 (max(0.0, nan) was 0.0)
+            member = math.inf
         estimate = max(estimate, member)
         indicator = torch.maximum(indicator, rel.amax(dim=(0, 1)) if any_valid else torch.ones_like(indicator))
-    return estimate, indicator
+    return estimate, indicator  # an unmeasured node's indicator is nan: _mark_and_refine splits it
 
 
 def _mark_and_refine(quad: TypeQuadrature, indicator: Tensor, tol: float) -> bool:
     """Split the nodes with the largest indicators: enough of them that, if each split cut its node's error 4x
     (sigma points are fourth order in the node width; a split halves one width), the estimate would be
     ``tol / 2``, but never more than carry 90 % of the indicators (when a few nodes carry the error, only
-    those are split: splitting all would double the next solve for nothing)."""
+    those are split: splitting all would double the next solve for nothing).  Nodes whose error is unmeasured
+    over part of the window (``nan``: first compared with a solve that diverged earlier) are split first and
+    alone: their children are measured afresh by the next solve."""
+    unmeasured = torch.isnan(indicator)
+    if bool(unmeasured.any()):
+        return quad.refine(unmeasured.to(indicator.dtype), fraction=1.0)
     total = float(indicator.sum())
     if total <= 0.5 * tol:
         return quad.refine(indicator, fraction=1.0)
