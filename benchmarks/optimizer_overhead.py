@@ -8,7 +8,9 @@ of per-repetition times), so the ratios are robust to a shared, noisy machine:
   (one extra reweighted backward over the M samples, THEORY §2).
 
 Two floor rows bound what any Gaussian-noise optimizer can reach: ``randn(d)`` alone, and
-SGD's own update plus ``randn(d)`` (the draw it cannot avoid, and the update it must do).
+SGD's own update plus ``randn(d)`` (the draw it cannot avoid, and the update it must do); the
+"rademacher" rows draw ``z = +-1`` instead (``StructuredNoise(increments="rademacher")``, the
+simplified weak Euler scheme: see ``sde_optim.optim.increments``), with their own floor.
 ``--compile-prototype`` adds a row where everything after the draw (risk, noise scaling,
 chain rule, non-finite check and gate, update) is one ``torch.compile``d function: the
 measurement behind not using torch.compile in the optimizer (see docs/benchmarks.md).
@@ -35,6 +37,7 @@ import torch  # noqa: E402 - after the thread environment
 from torch import nn  # noqa: E402
 
 from sde_optim import SVAG, DiagonalLinearNetwork, EmpiricalNoise, HomogenizedSGD, StructuredNoise, TeacherProblem  # noqa: E402
+from sde_optim.optim.increments import draw_increments_  # noqa: E402
 
 
 def _sync(device):
@@ -108,14 +111,16 @@ def _case(name, make, device, reps, inner):
 
 
 class _RandnFloor:
-    """Not an optimizer: one Gaussian draw of the parameters' size per step (``with_update``:
-    plus SGD's update), the least any Gaussian-noise optimizer must do (a lower bound on
-    HomogenizedSGD's step)."""
+    """Not an optimizer: one draw of the parameters' size per step (Gaussian, or signs with
+    ``increments="rademacher"``; ``with_update``: plus SGD's update), the least any optimizer with
+    that noise must do (a lower bound on HomogenizedSGD's step)."""
 
-    def __init__(self, params, with_update=False):
+    def __init__(self, params, with_update=False, increments="gaussian"):
         self.params = list(params)
+        self.increments = increments
         self.gen = torch.Generator(device=self.params[0].device).manual_seed(0)
         self.z = torch.empty_like(self.params[0])
+        self.scratch = {}
         self.sgd = torch.optim.SGD(self.params, lr=0.5) if with_update else None
 
     def zero_grad(self, set_to_none=True):
@@ -123,7 +128,7 @@ class _RandnFloor:
             p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
 
     def step(self):
-        self.z.normal_(generator=self.gen)
+        draw_increments_(self.z, self.gen, self.increments, self.scratch)
         if self.sgd is not None:
             self.sgd.step()
 
@@ -172,17 +177,20 @@ def dln_case(device, dtype, reps, inner, compile_prototype=False):
             elif kind == "SVAG l=4":
                 opt = SVAG(m.parameters(), lr=0.5, l=4)
             elif kind.startswith("floor"):
-                opt = _RandnFloor(m.parameters(), with_update="SGD" in kind)
+                opt = _RandnFloor(m.parameters(), with_update="SGD" in kind,
+                                  increments="rademacher" if "signs" in kind else "gaussian")
             elif kind.startswith("compiled"):
                 opt = _CompiledPrototype(m, problem, lr=0.5)
             else:
-                opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=StructuredNoise(problem, m),
+                noise = StructuredNoise(problem, m, increments="rademacher" if "rademacher" in kind else "gaussian")
+                opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=noise,
                                      momentum=momentum, nonfinite="raise" if "raise" in kind else "skip")
             return m, opt, lambda: problem.population_risk(m.beta).backward(), lambda: None
         return f
 
     kinds = ["SGD", "HomogenizedSGD (skip)", "HomogenizedSGD (raise)", "SGD mom 0.9", "Homogenized mom 0.9",
-             "SVAG l=4", "floor: randn(d) only", "floor: SGD + randn(d)"]
+             "SVAG l=4", "floor: randn(d) only", "floor: SGD + randn(d)", "Homogenized rademacher", "H rademacher raise",
+             "H rademacher mom 0.9", "floor: SGD + signs(d)"]
     if compile_prototype:
         kinds.append("compiled post-draw proto")
     _case("DLN d=1e5 structured", {k: build(k) for k in kinds}, device, reps, inner)

@@ -301,11 +301,12 @@ def train_sgd(problem: TeacherProblem, *, lr=None, batch_size=1, steps: int, see
 
 def train_homogenized(problem: TeacherProblem, *, lr=None, batch_size: int = 1, steps: int, seed: int,
                       noise_scale: float = 1.0, alpha: float = 0.1, init: str = "unbalanced", record_every: int = 1,
-                      observables=None, sgd: SGDConfig | None = None) -> dict[str, Tensor]:
+                      observables=None, sgd: SGDConfig | None = None, increments: str = "gaussian") -> dict[str, Tensor]:
     """:class:`~sde_optim.HomogenizedSGD`: exact population gradient as drift, structured noise (E3).
 
     The SGD it simulates: ``lr`` and ``batch_size``, or ``sgd`` (an lr schedule is set on the param group
-    before each step, as a scheduler would; the batch size must be constant)."""
+    before each step, as a scheduler would; the batch size must be constant). ``increments``: the law of
+    the noise's standardized draws (:class:`~sde_optim.StructuredNoise`)."""
     if sgd is None:
         sgd = SGDConfig(lr=lr, batch_size=batch_size)
     elif lr is not None:
@@ -314,7 +315,7 @@ def train_homogenized(problem: TeacherProblem, *, lr=None, batch_size: int = 1, 
         raise ValueError("train_homogenized simulates a constant batch size; got a batch-size schedule")
     model = _network(problem, alpha, init)
     opt = HomogenizedSGD(model.parameters(), lr=sgd.lr_at(0), batch_size=sgd.batch_size,
-                         noise=StructuredNoise(problem, model), noise_scale=noise_scale,
+                         noise=StructuredNoise(problem, model, increments=increments), noise_scale=noise_scale,
                          generator=_generator(problem, seed), momentum=sgd.momentum, dampening=sgd.dampening,
                          nesterov=sgd.nesterov, weight_decay=sgd.weight_decay)
     k = 0

@@ -20,6 +20,7 @@ from sde_optim import (
     TeacherProblem,
     svag_weights,
 )
+from sde_optim.optim.increments import draw_increments_
 
 
 def _random_dln(d, *, parametrization="uv", seed=0, dtype=torch.float64):
@@ -224,15 +225,18 @@ def test_svag_gradient_has_l_times_the_sgd_covariance():
 
 
 # ----------------------------------------------------------------------------- state and robustness
-@pytest.mark.parametrize("kind", ["homogenized", "svag"])
+@pytest.mark.parametrize("kind", ["homogenized", "homogenized-rademacher", "svag"])
 def test_save_load_mid_run_continues_bit_identically(kind, tmp_path):
     p = TeacherProblem.sparse(64, 0.25, noise_std=0.2, seed=0)
+    increments = "rademacher" if kind.endswith("rademacher") else "gaussian"
+    kind = kind.split("-")[0]
 
     def make():
         torch.manual_seed(123)
         m = DiagonalLinearNetwork(64, alpha=0.1, dtype=torch.float32)
         if kind == "homogenized":
-            return m, HomogenizedSGD(m.parameters(), lr=0.5, batch_size=2, noise=StructuredNoise(p, m))
+            return m, HomogenizedSGD(m.parameters(), lr=0.5, batch_size=2,
+                                     noise=StructuredNoise(p, m, increments=increments))
         return m, SVAG(m.parameters(), lr=0.5, l=4)
 
     pf = p.to(dtype=torch.float32)
@@ -393,6 +397,13 @@ def test_noise_model_validation():
         opt_loss.step()
     with pytest.raises(ValueError, match="risk"):
         StructuredNoise(p, m, risk="estimate")
+    for bad in ("normal", "Rademacher", None):
+        with pytest.raises(ValueError, match="increments.*gaussian.*rademacher"):
+            StructuredNoise(p, m, increments=bad)
+        with pytest.raises(ValueError, match="increments.*gaussian.*rademacher"):
+            EmpiricalNoise(nn.Linear(8, 1), increments=bad)
+    with pytest.raises(ValueError, match="increments"):
+        draw_increments_(torch.empty(3), torch.Generator(), "uniform")
 
 
 @pytest.mark.parametrize("l", [0.5, 0, float("nan"), -3])
@@ -826,16 +837,18 @@ def test_skip_policy_takes_no_host_sync(monkeypatch):
     assert int(opt.skipped_steps) == 1
 
 
-def test_structured_step_allocates_no_d_sized_temporaries():
+@pytest.mark.parametrize("increments", ["gaussian", "rademacher"])
+def test_structured_step_allocates_no_d_sized_temporaries(increments):
     """After the first step (which sizes the reused buffers), a structured HomogenizedSGD step with
     momentum allocates only 0-d tensors: under 1 % of one 400-KB parameter at d = 1e5, where the
-    old step allocated ~5 MiB (profiler, CPU: the sum of all allocations)."""
+    old step allocated ~5 MiB (profiler, CPU: the sum of all allocations). Rademacher increments keep
+    their integer buffers (5 d / 8 bytes, 16 % of a parameter) in the noise model."""
     d = 100_000
     p = TeacherProblem.sparse(d, 0.1, seed=0, dtype=torch.float32)
     m = DiagonalLinearNetwork(d, dtype=torch.float32)
     for nonfinite in ("skip", "raise"):
-        opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=StructuredNoise(p, m), momentum=0.9,
-                             weight_decay=1e-4, nonfinite=nonfinite)
+        opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=StructuredNoise(p, m, increments=increments),
+                             momentum=0.9, weight_decay=1e-4, nonfinite=nonfinite)
         for _ in range(2):
             opt.zero_grad()
             p.population_risk(m.beta).backward()
@@ -872,3 +885,79 @@ def test_structured_noise_equals_its_formula(parametrization, depth, spectrum, d
         for got, want in zip(drawn, expected):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
         assert torch.equal(gen.get_state(), twin.get_state())
+
+
+# ----------------------------------------------------------------------------- rademacher increments
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 13, 64, 1000])
+def test_rademacher_increments_are_signs_of_any_size_and_dtype(dtype, n):
+    """Every entry is exactly +1 or -1, in any dtype, for sizes that are not multiples of 8 (the tail
+    goes through the table separately) or of 64 (the words); a transposed (non-contiguous) target too;
+    the same generator state gives the same draws."""
+    g, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    t = draw_increments_(torch.full((n,), 7.0, dtype=dtype), g, "rademacher")
+    assert t.dtype == dtype and bool(((t == 1) | (t == -1)).all())
+    assert torch.equal(t, draw_increments_(torch.empty(n, dtype=dtype), twin, "rademacher"))
+    assert torch.equal(g.get_state(), twin.get_state())
+    nc = torch.full((3, max(n, 1)), 7.0, dtype=dtype).t()
+    draw_increments_(nc, g, "rademacher")
+    assert bool(((nc == 1) | (nc == -1)).all())
+
+
+def test_rademacher_increments_are_fair_and_independent():
+    """n = 64 * 4096 draws. Per position within the 64-bit word (each of the 64 bits feeds one
+    position): mean over 4096 draws has standard error 1/64 = 0.0156; accept 5 se (64 positions:
+    family-wise false alarm ~4e-5). Whole mean: se 1/512, accept 5 se. Neighbours (same byte,
+    adjacent bytes, adjacent words) uncorrelated: lag-k products have se 1/512 each, accept 5 se.
+    A stuck bit (e.g. the sign bit of an int64 drawn by ``random_()``, always 0) gives a mean of 1."""
+    words = 4096
+    z = draw_increments_(torch.empty(64 * words, dtype=torch.float64), torch.Generator().manual_seed(11), "rademacher")
+    per_bit = z.view(words, 64).mean(0)
+    assert float(per_bit.abs().max()) < 5 / math.sqrt(words)
+    assert abs(float(z.mean())) < 5 / math.sqrt(z.numel())
+    for lag in (1, 8, 64):
+        assert abs(float((z[:-lag] * z[lag:]).mean())) < 5 / math.sqrt(z.numel() - lag)
+
+
+def test_structured_noise_with_rademacher_increments_equals_its_formula():
+    """E3's noise with z = +-1: |u-noise| = |v| s exactly (s^2 = c^2 2 R h), u-noise u = v-noise v
+    (one shared z per coordinate), and over K = 4000 draws each coordinate's z has mean ~0 (se
+    1/sqrt(K) = 0.016, accept 5 se over 32 coordinates)."""
+    d, B, K = 32, 2, 4000
+    p = TeacherProblem.sparse(d, 0.25, spectrum="power-law", noise_std=0.3, seed=1)
+    m = _random_dln(d)
+    noise = StructuredNoise(p, m, increments="rademacher")
+    s = torch.sqrt(1 / B * 2 * p.population_risk(m.beta.detach()) * p.feature_variance)
+    zs = []
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(K):
+        nu, nv = noise.sample(B, gen, None)
+        z = nu / (m.v.detach() * s)
+        torch.testing.assert_close(z.abs(), torch.ones(d, dtype=torch.float64), rtol=1e-12, atol=0)
+        torch.testing.assert_close(nu * m.u.detach(), nv * m.v.detach())
+        zs.append(z)
+    assert float(torch.stack(zs).mean(0).abs().max()) < 5 / math.sqrt(K)
+
+
+def test_empirical_noise_with_rademacher_increments_has_the_per_sample_covariance():
+    """A linear model y = w x with per-sample gradients g_m = (w x_m - y_m) x_m: the noise is
+    c / sqrt(M - 1) sum_m z_m (g_m - g_bar) for z_m = +-1, so its covariance over K = 4000 draws is
+    c^2 times the sample covariance S of the g_m, as with Gaussian z. Each of the 4 x 4 entries'
+    estimate has relative se <= sqrt(2 / K) = 0.022 on the diagonal; accept 0.12 relative of the
+    largest diagonal entry (5 se)."""
+    torch.manual_seed(0)
+    M, B, K = 8, 2, 4000
+    lin = nn.Linear(4, 1, bias=False).double()
+    x, y = torch.randn(M, 4, dtype=torch.float64), torch.randn(M, 1, dtype=torch.float64)
+    noise = EmpiricalNoise(lin, increments="rademacher")
+    gen = torch.Generator().manual_seed(1)
+    draws = []
+    for _ in range(K):
+        noise.set_batch(x, y)
+        draws.append(noise.sample(B, gen, None)[0].view(-1))
+    emp = torch.stack(draws).T.cov(correction=0)
+    with torch.no_grad():
+        g = (lin(x) - y) * x
+    c2 = 1 / B - 1 / M
+    want = c2 * g.T.cov()
+    assert float((emp - want).abs().max()) < 0.12 * float(want.diagonal().max())

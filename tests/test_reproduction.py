@@ -55,6 +55,15 @@ def test_homogenized_sgd_reproduces_sgd_small(noise_std):
         assert _max_z(gd, sgd) > 4
 
 
+def test_homogenized_sgd_with_rademacher_increments_reproduces_sgd():
+    """The simplified weak Euler scheme (z = +-1, sde_optim.optim.increments) has SGD's risk law too:
+    same statistic and acceptance as above, on the noisy setting where the noise is a large effect."""
+    problem, kw = _setting(384, 0.2, 6.0)
+    sgd = _runs(train_sgd, 8, problem=problem, **kw)
+    hom = _runs(train_homogenized, 8, problem=problem, increments="rademacher", **kw)
+    assert _max_z(hom, sgd) < 4
+
+
 def test_svag_follows_sgd_in_sgd_time():
     problem, kw = _setting(192, 0.0, 5.0)
     sgd = _runs(train_sgd, 8, problem=problem, **kw)
