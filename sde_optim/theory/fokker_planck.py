@@ -499,6 +499,15 @@ def grid_level(tol: float, half_width: float, step_tol: float | None, level: int
     return max(8, round(max(8, n_prior // 4) * 2.0**level)), 16.0 * st / 4.0**level
 
 
+def base_levels(tol: float, half_width: float, step_tol: float | None, max_cells: int,
+                base: tuple[int, float] | None, count: int) -> list[tuple[int, float]]:
+    """The first ``count`` levels of a grid check that starts on ``base`` (``(cells, step tolerance)``; None:
+    :func:`grid_level`'s levels): each doubles the cells and divides the step tolerance by 4."""
+    if base is None:
+        return [grid_level(tol, half_width, step_tol, k, max_cells) for k in range(count)]
+    return [(base[0] * 2**k, base[1] / 4.0**k) for k in range(count)]
+
+
 def solve_fokker_planck(
     dynamics: MeanFieldDynamics,
     t_out: Tensor,
@@ -597,22 +606,26 @@ def solve_fokker_planck(
 
 def refine_grid(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: FokkerPlanckSolution, *, tol: float,
                 step_tol: float | None, max_cells: int, max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
-                **opts) -> FokkerPlanckSolution:
-    """The a posteriori grid check of :func:`solve_fokker_planck`, starting from a level-0 solve ``coarse``.
+                base: tuple[int, float] | None = None, **opts) -> FokkerPlanckSolution:
+    """The a posteriori grid check of :func:`solve_fokker_planck`, starting from a solve ``coarse`` on the grid
+    ``base`` (``(cells, step tolerance)``; default level 0 of :func:`grid_level`).
 
     Solves the next levels of :func:`grid_level` until the Richardson estimate of ``R`` and ``C`` is below
     ``tol - tol_used`` (``tol_used``: the part of ``tol`` already taken by another error source); returns
     the finest solve with ``error_estimate`` and ``levels`` set, warning if a cap stops it first.
     """
     (fine,) = refine_grid_batch(dynamics, t_out, [coarse], tol=tol, step_tol=step_tol, max_cells=max_cells,
-                                max_evaluations=max_evaluations, estimate_floor=estimate_floor, tol_used=tol_used, **opts)
+                                max_evaluations=max_evaluations, estimate_floor=estimate_floor, tol_used=tol_used,
+                                base=base, **opts)
     return fine
 
 
 def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[FokkerPlanckSolution], *, tol: float,
                       step_tol: float | None, max_cells: int, max_evaluations: int, estimate_floor: float,
-                      tol_used: float = 0.0, **opts) -> list[FokkerPlanckSolution]:
-    """:func:`refine_grid` for every member of a batch (``coarse``: their level-0 solves, one per member).
+                      tol_used: float = 0.0, base: tuple[int, float] | None = None, **opts) -> list[FokkerPlanckSolution]:
+    """:func:`refine_grid` for every member of a batch (``coarse``: their solves on the grid ``base``, one per
+    member; "level 0" below is ``base``, default :func:`grid_level`'s level 0, and level 1 has twice its cells
+    and a quarter of its step tolerance).
 
     **Level 1** (cells x 2, step tolerance / 4) is solved for every member, as one batch; the Richardson estimate
     of the pair (:func:`_richardson_estimate`) is its error.  A member whose estimate is above ``tol - tol_used``
@@ -676,7 +689,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
         # can blow up spuriously, and two such grids may agree).
         return sol.diverged_at is not None and sol.xi.numel() < n_prior
 
-    n1, st1 = grid_level(tol, half_width, step_tol, 1, max_cells)
+    (n0, st0), (n1, st1) = base_levels(tol, half_width, step_tol, max_cells, base, 2)
     fine = dict(zip(range(groups), solve(list(range(groups)), n1, st1, None)))
     state: dict[int, _CheckState] = {}  # member -> where its split check stands
     split: list[int] = []
@@ -687,7 +700,6 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
         else:
             split.append(g)
     if split:  # level 1's cells on level 0's steps: space and time apart
-        n0, st0 = grid_level(tol, half_width, step_tol, 0, max_cells)
         for g, mid in zip(split, solve(split, n1, st0, _replayable(coarse[split[0]]))):
             space = _pair_difference(mid, coarse[g], estimate_floor)
             time = _pair_difference(fine[g], mid, estimate_floor)
@@ -789,7 +801,7 @@ def _reduction(previous: float, latest: float) -> float:
 def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, base_s: FokkerPlanckSolution,
                           base_c: FokkerPlanckSolution, *, tol: float, step_tol: float | None, max_cells: int,
                           max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
-                          **opts) -> tuple[FokkerPlanckSolution, float, float] | None:
+                          base: tuple[int, float] | None = None, **opts) -> tuple[FokkerPlanckSolution, float, float] | None:
     """The grid check of :func:`refine_grid` on a small type set ``S``, for a combination with many types ``F``.
 
     The many-type answer is then ``L_0(F) + [L_l(S) - L_0(S)]`` (level-0 solve of ``F`` plus the grid
@@ -798,7 +810,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     the types, estimated by the same correction on a coarser set ``C``: ``|G_l(S) - G_l(C)|`` with
     ``G_l = L_l - L_0``, relative to ``R`` and ``C`` (the correction varies less between ``S`` and ``F``,
     which are closer).  Both ``S`` and ``C`` at each level use the same time steps.  ``base_s``/``base_c``:
-    their level-0 solves.  Returns ``(L_l(S), grid estimate, cross estimate)``, or None if a solve diverges
+    their solves on the grid ``base`` (``(cells, step tolerance)``, default :func:`grid_level`'s level 0).  Returns ``(L_l(S), grid estimate, cross estimate)``, or None if a solve diverges
     (a divergence is decided on the many types: the caller refines them instead) or if the cross estimate stays
     above half the tolerance without halving from one level to the next: it tends to the type dependence of
     level 0's own grid error, which no level removes (a steep power law at ``d = 4096``: 3.2e-3 at every level
@@ -812,7 +824,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     ref_s, ref_c = _observed_curves(base_s), _observed_curves(base_c)
     while True:
         level += 1
-        n_cells, st = grid_level(tol, half_width, step_tol, level, max_cells)
+        n_cells, st = base_levels(tol, half_width, step_tol, max_cells, base, level + 1)[level]
         fine = solve_on_grid(dyn_s, t_out, n_cells, st, **opts)
         other = solve_on_grid(dyn_c, t_out, n_cells, st, schedule=fine.schedule, **opts)
         spent += fine.nfe + other.nfe
