@@ -244,6 +244,9 @@ def _add_solver_args(p: argparse.ArgumentParser, fn: Callable) -> None:
     g.add_argument("--max-evaluations", type=positive_int, default=None,
                    help="cap on the operator evaluations of the grid refinement (default: the solver's, "
                         f"{_default(solve_fokker_planck, 'max_evaluations')})" + (unused if fn is critical_lr else ""))
+    g.add_argument("--max-work", type=float_in(0, math.inf, strict=True), default=None,
+                   help="cap on the cell updates (types x cells x evaluations) of the grid refinement (default: the "
+                        f"solver's, {_default(solve_fokker_planck, 'max_work'):g})" + (unused if fn is critical_lr else ""))
 
 
 def _add_lr_search_args(p: argparse.ArgumentParser, fn: Callable) -> None:
@@ -401,7 +404,8 @@ def _setup(args: argparse.Namespace) -> tuple[TeacherProblem, DiagonalLinearNetw
 
 def _solver_kwargs(args: argparse.Namespace) -> dict:
     """``tol``, ``max_types`` and ``solver_options`` for predict/critical_lr from the flags."""
-    options = {key: getattr(args, key) for key in ("max_cells", "max_evaluations") if getattr(args, key) is not None}
+    options = {key: getattr(args, key) for key in ("max_cells", "max_evaluations", "max_work")
+               if getattr(args, key) is not None}
     return {"tol": args.tol, "max_types": args.max_types, **({"options": options} if options else {})}
 
 

@@ -270,6 +270,22 @@ def test_the_subset_grid_check_gives_up_when_the_type_dependence_does_not_fall()
     assert found is None
 
 
+def test_the_grid_check_stops_at_its_work_cap_in_cell_updates_and_says_so():
+    """``max_work`` counts cell updates (types x cells x evaluations), not evaluations: THEORY §6 at lr 4, which the
+    check refines to ~1920 cells, stopped at 2e6 cell updates keeps its last solve and warns with its estimate (above
+    tol, honestly), the cap and what was spent; the same call without the cap meets tol with no warning."""
+    problem, model = section6()
+    dyn = MeanFieldDynamics(coordinate_types(problem, model), 4.0, 1, 0.0)
+    t = torch.linspace(0, 3, 13, dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"max_work=2e\+06 cell updates, [0-9.e+]+ spent"):
+        capped = solve_fokker_planck(dyn, t, tol=1e-3, max_work=2e6)
+    assert capped.error_estimate > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        full = solve_fokker_planck(dyn, t, tol=1e-3)
+    assert full.error_estimate <= 1e-3 and full.xi.numel() > capped.xi.numel()
+
+
 def _max_rel_risk(sol, ref, ok) -> float:
     return float(((getattr_curve(sol, 0) - getattr_curve(ref, 0)).abs() / getattr_curve(ref, 0))[ok].max())
 

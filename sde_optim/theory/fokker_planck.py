@@ -85,6 +85,11 @@ def _stretch(xi: Tensor) -> Tensor:
 # The window widens with the cells: WINDOW_GROWTH std per doubling above WINDOW_BASE_CELLS (see grid_window).
 WINDOW_GROWTH, WINDOW_BASE_CELLS = 3.0, 60
 
+# Default cap of the grid refinement in cell updates (types x cells x operator evaluations, summed over its solves).
+# One cell update costs ~0.1-0.2 us here (a 193-type, 539-cell solve of 6950 evaluations: 106 s), so 1e9 is a few
+# minutes at most; the largest refinement of the accuracy tables' settings spends ~4e8 (pl-sparse-gauss at d = 16384).
+MAX_WORK = 1e9
+
 
 def grid_window(n_cells: int, half_width: float) -> float:
     """Half-width (std units) of the window of a grid of ``n_cells`` cells: ``half_width`` up to
@@ -525,6 +530,7 @@ def solve_fokker_planck(
     max_cells: int = 4096,
     max_evaluations: int = 40_000,
     estimate_floor: float = 1e-3,
+    max_work: float = MAX_WORK,
     **deprecated,
 ) -> FokkerPlanckSolution:
     """Solve E6 (with E4) at the increasing times ``t_out`` (shape ``(n,)``, ``t_out >= 0``).
@@ -571,6 +577,9 @@ def solve_fokker_planck(
             the previous one; the next level is skipped, with a warning, if it would exceed it).
         estimate_floor: the error estimate covers output times with ``R >= estimate_floor * R(0)``
             before any divergence (relative errors of a vanishing risk are not meaningful).
+        max_work: the same kind of budget in cell updates, ``types x cells x evaluations`` summed over the
+            refinement's solves (:data:`MAX_WORK`): an evaluation's cost grows with its size, so counting
+            evaluations alone let a many-type refinement run for minutes.
 
     The keywords ``integrator``, ``rtol``, ``atol`` and ``relax`` of earlier versions are accepted with a
     ``DeprecationWarning`` and have no effect (one integrator, MPRK22; the grid motion needs no tuning).
@@ -590,6 +599,7 @@ def solve_fokker_planck(
     half_width = check_float("half_width", half_width, minimum=2.0)
     max_cells = check_int("max_cells", max_cells, minimum=16)
     max_evaluations = check_int("max_evaluations", max_evaluations, minimum=1)
+    max_work = check_float("max_work", max_work, minimum=0.0, strict=True)
     t0 = check_float("t0", t0, minimum=0.0, strict=True)
     opts = dict(half_width=half_width, t0=t0, blowup_factor=blowup_factor, tail_limit=tail_limit, dim=dim,
                 max_steps=max_steps)
@@ -601,12 +611,12 @@ def solve_fokker_planck(
         return solve_on_grid(dynamics, t_out, min(n, max_cells), st, **opts)
     coarse = solve_on_grid(dynamics, t_out, *grid_level(tol, half_width, step_tol, 0, max_cells), **opts)
     return refine_grid(dynamics, t_out, coarse, tol=tol, step_tol=step_tol, max_cells=max_cells,
-                       max_evaluations=max_evaluations, estimate_floor=estimate_floor, **opts)
+                       max_evaluations=max_evaluations, estimate_floor=estimate_floor, max_work=max_work, **opts)
 
 
 def refine_grid(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: FokkerPlanckSolution, *, tol: float,
                 step_tol: float | None, max_cells: int, max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
-                base: tuple[int, float] | None = None, **opts) -> FokkerPlanckSolution:
+                base: tuple[int, float] | None = None, max_work: float = MAX_WORK, **opts) -> FokkerPlanckSolution:
     """The a posteriori grid check of :func:`solve_fokker_planck`, starting from a solve ``coarse`` on the grid
     ``base`` (``(cells, step tolerance)``; default level 0 of :func:`grid_level`).
 
@@ -616,13 +626,14 @@ def refine_grid(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: FokkerPlanck
     """
     (fine,) = refine_grid_batch(dynamics, t_out, [coarse], tol=tol, step_tol=step_tol, max_cells=max_cells,
                                 max_evaluations=max_evaluations, estimate_floor=estimate_floor, tol_used=tol_used,
-                                base=base, **opts)
+                                base=base, max_work=max_work, **opts)
     return fine
 
 
 def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[FokkerPlanckSolution], *, tol: float,
                       step_tol: float | None, max_cells: int, max_evaluations: int, estimate_floor: float,
-                      tol_used: float = 0.0, base: tuple[int, float] | None = None, **opts) -> list[FokkerPlanckSolution]:
+                      tol_used: float = 0.0, base: tuple[int, float] | None = None, max_work: float = MAX_WORK,
+                      **opts) -> list[FokkerPlanckSolution]:
     """:func:`refine_grid` for every member of a batch (``coarse``: their solves on the grid ``base``, one per
     member; "level 0" below is ``base``, default :func:`grid_level`'s level 0, and level 1 has twice its cells
     and a quarter of its step tolerance).
@@ -655,7 +666,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     a time step refined on too few cells to resolve the law) hands the next refinement to the other source.
 
     Members are solved together whenever they need the same next solve; a member leaves as soon as its own
-    estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``) apply to each member's own
+    estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``, ``max_work``) apply to each member's own
     solves; a member stopped by one keeps its last solve, with a warning giving its estimate.
     """
     half_width = opts["half_width"]
@@ -664,6 +675,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     coarse, groups = list(coarse), len(coarse)
     result: list[FokkerPlanckSolution | None] = [None] * groups
     spent = [c.nfe for c in coarse]
+    work = [_work(c) for c in coarse]
     solves = [1] * groups
 
     def solve(members: list[int], n_cells: int, st: float, schedule: list[float] | None) -> list[FokkerPlanckSolution]:
@@ -671,8 +683,13 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
         sols = solve_batch_on_grid(sub, t_out, n_cells, st, schedule=schedule, **opts)
         for g, sol in zip(members, sols):
             spent[g] += sol.nfe
+            work[g] += _work(sol)
             solves[g] += 1
         return sols
+
+    def over_budget(g: int, sol: FokkerPlanckSolution) -> bool:
+        # the next solve costs about twice this one (cells x 2 on its steps, or about twice its steps)
+        return spent[g] + 2 * sol.nfe > max_evaluations or work[g] + 2 * _work(sol) > max_work
 
     def finish(g: int, sol: FokkerPlanckSolution, estimate: float) -> None:
         sol.error_estimate, sol.levels = estimate, solves[g] - 1
@@ -681,7 +698,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             who = f" (member {g} of a batch of {groups})" if groups > 1 else ""
             warnings.warn(f"Fokker-Planck solve{who}: estimated relative error {estimate:.2g} of the grid exceeds "
                           f"{allowed:.2g} (tol={tol:g}) with {sol.xi.numel()} cells and {spent[g]} operator evaluations "
-                          f"(max_cells={max_cells}, max_evaluations={max_evaluations}); raise them or relax tol",
+                          f"(max_cells={max_cells}, max_evaluations={max_evaluations}, max_work={max_work:.3g} cell "
+                          f"updates, {work[g]:.3g} spent); raise them or relax tol",
                           RuntimeWarning, stacklevel=4)
 
     def unconfirmed(sol: FokkerPlanckSolution) -> bool:
@@ -695,7 +713,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     split: list[int] = []
     for g, sol in fine.items():
         estimate = _richardson_estimate(sol, coarse[g], estimate_floor)
-        if (estimate <= allowed and not unconfirmed(sol)) or spent[g] + 2 * sol.nfe > max_evaluations:
+        if (estimate <= allowed and not unconfirmed(sol)) or over_budget(g, sol):
             finish(g, sol, estimate)
         else:
             split.append(g)
@@ -710,7 +728,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
         plans: dict[tuple, list[int]] = {}
         for g, c in list(state.items()):
             sol, n_cells, st, x_err, t_err = c.sol, c.cells, c.step_tol, c.x_err, c.t_err
-            if spent[g] + 2 * sol.nfe > max_evaluations:
+            if over_budget(g, sol):
                 finish(g, sol, x_err + t_err)
                 del state[g]
                 continue
@@ -801,7 +819,7 @@ def _reduction(previous: float, latest: float) -> float:
 def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, base_s: FokkerPlanckSolution,
                           base_c: FokkerPlanckSolution, *, tol: float, step_tol: float | None, max_cells: int,
                           max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
-                          base: tuple[int, float] | None = None, **opts) -> tuple[FokkerPlanckSolution, float, float] | None:
+                          base: tuple[int, float] | None = None, max_work: float = MAX_WORK, **opts) -> tuple[FokkerPlanckSolution, float, float] | None:
     """The grid check of :func:`refine_grid` on a small type set ``S``, for a combination with many types ``F``.
 
     The many-type answer is then ``L_0(F) + [L_l(S) - L_0(S)]`` (level-0 solve of ``F`` plus the grid
@@ -820,6 +838,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     half_width = opts["half_width"]
     allowed = tol - tol_used
     level, spent, cross_before = 0, base_s.nfe + base_c.nfe, math.inf
+    work = _work(base_s) + _work(base_c)
     coarse = base_s
     ref_s, ref_c = _observed_curves(base_s), _observed_curves(base_c)
     while True:
@@ -828,6 +847,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         fine = solve_on_grid(dyn_s, t_out, n_cells, st, **opts)
         other = solve_on_grid(dyn_c, t_out, n_cells, st, schedule=fine.schedule, **opts)
         spent += fine.nfe + other.nfe
+        work += _work(fine) + _work(other)
         if any(x.diverged_at is not None for x in (fine, other, base_s, base_c)):
             return None
         estimate = _richardson_estimate(fine, coarse, estimate_floor)
@@ -835,7 +855,8 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         cross_abs = ((a - ref_s) - (_observed_curves(other) - ref_c)).abs()
         ok = torch.isfinite(a).all(0) & (fine.risk >= estimate_floor * fine.risk[0])
         cross = float((cross_abs / a.abs().clamp_min(1e-300))[:, ok].max()) if bool(ok.any()) else 0.0
-        if estimate + cross <= allowed or 2 * n_cells > max_cells or spent + 4 * fine.nfe > max_evaluations:
+        if (estimate + cross <= allowed or 2 * n_cells > max_cells or spent + 4 * fine.nfe > max_evaluations
+                or work + 2 * (_work(fine) + _work(other)) > max_work):
             break
         if cross > 0.5 * allowed and cross > 0.5 * cross_before:
             return None  # the correction's type dependence does not fall with the grid: check the final types instead
@@ -844,10 +865,16 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         warnings.warn(f"Fokker-Planck solve: estimated relative error {estimate + cross:.2g} of the grid "
                       f"({estimate:.2g} on the subset, {cross:.2g} from its types) exceeds {allowed:.2g} (tol={tol:g}) "
                       f"with {n_cells} cells and {spent} operator evaluations (max_cells={max_cells}, "
-                      f"max_evaluations={max_evaluations}); raise them or relax tol", RuntimeWarning, stacklevel=3)
+                      f"max_evaluations={max_evaluations}, max_work={max_work:.3g} cell updates, {work:.3g} spent); "
+                      "raise them or relax tol", RuntimeWarning, stacklevel=3)
     fine.error_estimate = estimate + cross
     fine.levels = level
     return fine, estimate, cross
+
+
+def _work(sol: "FokkerPlanckSolution") -> float:
+    """A solve's cost in cell updates: ``types x cells x operator evaluations`` (one member of a batch)."""
+    return float(sol.nfe) * sol.dynamics.types.num_types * sol.xi.numel()
 
 
 def _observed_curves(sol: "FokkerPlanckSolution") -> Tensor:

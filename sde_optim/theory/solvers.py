@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._validation import check_int
+from .._validation import check_float, check_int
 from ..divergence import first_divergence
 from ..observables import OBSERVABLES, Observable
 from .dynamics import CoefficientBatch, Coefficients, MeanFieldDynamics
 from .fokker_planck import (
+    MAX_WORK,
     Budget,
     FokkerPlanckSolution,
     cells_for_tolerance,
@@ -183,15 +184,15 @@ class PDESolver(Solver):
 
     Options: ``step_stability`` (also diverge at the discrete-step limit of a single coordinate, see
     :func:`~sde_optim.theory.predict`), ``num_cells`` (one fixed grid, no check), ``refine`` (False: the a
-    priori grid, no check), ``max_cells``, ``max_evaluations`` (the grid refinement's soft cap: it stops,
-    with a warning), ``estimate_floor``, ``half_width``, ``t0``, ``step_tol``, ``tail_limit``, ``max_steps``
+    priori grid, no check), ``max_cells``, ``max_evaluations`` and ``max_work`` (the grid refinement's soft
+    caps, in operator evaluations and in cell updates: it stops, with a warning), ``estimate_floor``, ``half_width``, ``t0``, ``step_tol``, ``tail_limit``, ``max_steps``
     (see :func:`~sde_optim.theory.fokker_planck.solve_fokker_planck`); ``types``: solve on these types as
     they are (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves).
     """
 
     name = "pde"
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
-                    estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05, max_steps=200_000,
+                    max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05, max_steps=200_000,
                     types=None)
 
     def solve(self, problem: Problem) -> Solution:
@@ -288,7 +289,8 @@ class PDESolver(Solver):
         default level 0)."""
         o = self.options
         return dict(tol=problem.tol, step_tol=o["step_tol"], tol_used=min(check.estimate, 0.5 * problem.tol),
-                    max_cells=o["max_cells"], max_evaluations=o["max_evaluations"], estimate_floor=o["estimate_floor"],
+                    max_cells=o["max_cells"], max_evaluations=o["max_evaluations"], max_work=check_float("max_work", o["max_work"], minimum=0.0, strict=True),
+                    estimate_floor=o["estimate_floor"],
                     base=base, **grid_opts)
 
     def _refine(self, problem: Problem, check: TypeCheck, grid_opts: dict, base: tuple[int, float] | None):
