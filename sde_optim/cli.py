@@ -246,7 +246,8 @@ def _add_solver_args(p: argparse.ArgumentParser, fn: Callable) -> None:
                         f"{_default(solve_fokker_planck, 'max_evaluations')})" + (unused if fn is critical_lr else ""))
     g.add_argument("--max-work", type=float_in(0, math.inf, strict=True), default=None,
                    help="cap on the cell updates (types x cells x evaluations) of the grid refinement (default: the "
-                        f"solver's, {_default(solve_fokker_planck, 'max_work'):g})" + (unused if fn is critical_lr else ""))
+                        f"solver's, {_default(solve_fokker_planck, 'max_work'):g})"
+                        + (unused if fn is critical_lr else ""))
 
 
 def _add_lr_search_args(p: argparse.ArgumentParser, fn: Callable) -> None:

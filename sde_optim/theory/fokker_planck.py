@@ -819,7 +819,8 @@ def _reduction(previous: float, latest: float) -> float:
 def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, base_s: FokkerPlanckSolution,
                           base_c: FokkerPlanckSolution, *, tol: float, step_tol: float | None, max_cells: int,
                           max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
-                          base: tuple[int, float] | None = None, max_work: float = MAX_WORK, **opts) -> tuple[FokkerPlanckSolution, float, float] | None:
+                          base: tuple[int, float] | None = None, max_work: float = MAX_WORK,
+                          **opts) -> tuple[FokkerPlanckSolution, float, float] | None:
     """The grid check of :func:`refine_grid` on a small type set ``S``, for a combination with many types ``F``.
 
     The many-type answer is then ``L_0(F) + [L_l(S) - L_0(S)]`` (level-0 solve of ``F`` plus the grid
@@ -828,9 +829,10 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     the types, estimated by the same correction on a coarser set ``C``: ``|G_l(S) - G_l(C)|`` with
     ``G_l = L_l - L_0``, relative to ``R`` and ``C`` (the correction varies less between ``S`` and ``F``,
     which are closer).  Both ``S`` and ``C`` at each level use the same time steps.  ``base_s``/``base_c``:
-    their solves on the grid ``base`` (``(cells, step tolerance)``, default :func:`grid_level`'s level 0).  Returns ``(L_l(S), grid estimate, cross estimate)``, or None if a solve diverges
-    (a divergence is decided on the many types: the caller refines them instead) or if the cross estimate stays
-    above half the tolerance without halving from one level to the next: it tends to the type dependence of
+    their solves on the grid ``base`` (``(cells, step tolerance)``, default :func:`grid_level`'s level 0).
+    Returns ``(L_l(S), grid estimate, cross estimate)``, or None if a solve diverges (a divergence is decided on
+    the many types: the caller refines them instead) or if the cross estimate stays above half the tolerance
+    without halving from one level to the next: it tends to the type dependence of
     level 0's own grid error, which no level removes (a steep power law at ``d = 4096``: 3.2e-3 at every level
     while the subset's grid estimate fell to 1.5e-5, and the levels went on to step tolerance 1.6e-5 for
     minutes).

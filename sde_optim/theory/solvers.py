@@ -185,15 +185,16 @@ class PDESolver(Solver):
     Options: ``step_stability`` (also diverge at the discrete-step limit of a single coordinate, see
     :func:`~sde_optim.theory.predict`), ``num_cells`` (one fixed grid, no check), ``refine`` (False: the a
     priori grid, no check), ``max_cells``, ``max_evaluations`` and ``max_work`` (the grid refinement's soft
-    caps, in operator evaluations and in cell updates: it stops, with a warning), ``estimate_floor``, ``half_width``, ``t0``, ``step_tol``, ``tail_limit``, ``max_steps``
-    (see :func:`~sde_optim.theory.fokker_planck.solve_fokker_planck`); ``types``: solve on these types as
-    they are (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves).
+    caps, in operator evaluations and in cell updates: it stops, with a warning), ``estimate_floor``,
+    ``half_width``, ``t0``, ``step_tol``, ``tail_limit``, ``max_steps`` (see
+    :func:`~sde_optim.theory.fokker_planck.solve_fokker_planck`); ``types``: solve on these types as they are
+    (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves).
     """
 
     name = "pde"
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
-                    max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05, max_steps=200_000,
-                    types=None)
+                    max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05,
+                    max_steps=200_000, types=None)
 
     def solve(self, problem: Problem) -> Solution:
         return self.solve_batch(problem)[0] if problem.members == 1 else _batch_error(self.name)
@@ -248,8 +249,8 @@ class PDESolver(Solver):
         finite_d = next(out[2] for _, out in outs if out[2] is not None)
         head: FokkerPlanckSolution = terms[0][1]
         grid = head.error_estimate
-        info = dict(num_cells=int(head.xi.numel()), type_check_cells=base_cells, operator_evaluations=problem.budget.used,
-                    tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
+        info = dict(num_cells=int(head.xi.numel()), type_check_cells=base_cells,
+                    operator_evaluations=problem.budget.used, tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
                     error_estimates={"grid": grid, "types": check.estimate},
                     error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
         info["finite_d"], scatter = _finite_d_parts(finite_d, head.t, head.risk, head.diverged_at,
@@ -273,7 +274,8 @@ class PDESolver(Solver):
         10 % of its time, else it stands on the coarser grid (the grid check confirms it on finer cells later).
         Only single predictions: a sweep's members diverge by design (:func:`~sde_optim.theory.best_lr`).
         """
-        n_prior, base = min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"]), None
+        n_prior = min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"])
+        base = None
         while sols[0].diverged_at is not None and grid[0] < n_prior:
             finer_grid = (2 * grid[0], grid[1])
             finer = solve_batch_on_grid(problem.dynamics(types), problem.t, *finer_grid, **grid_opts)
@@ -289,7 +291,8 @@ class PDESolver(Solver):
         default level 0)."""
         o = self.options
         return dict(tol=problem.tol, step_tol=o["step_tol"], tol_used=min(check.estimate, 0.5 * problem.tol),
-                    max_cells=o["max_cells"], max_evaluations=o["max_evaluations"], max_work=check_float("max_work", o["max_work"], minimum=0.0, strict=True),
+                    max_cells=o["max_cells"], max_evaluations=o["max_evaluations"],
+                    max_work=check_float("max_work", o["max_work"], minimum=0.0, strict=True),
                     estimate_floor=o["estimate_floor"],
                     base=base, **grid_opts)
 
