@@ -858,7 +858,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         ok = torch.isfinite(a).all(0) & (fine.risk >= estimate_floor * fine.risk[0])
         cross = float((cross_abs / a.abs().clamp_min(1e-300))[:, ok].max()) if bool(ok.any()) else 0.0
         if (estimate + cross <= allowed or 2 * n_cells > max_cells or spent + 4 * fine.nfe > max_evaluations
-                or work + 2 * (_work(fine) + _work(other)) > max_work):
+                or work + 4 * (_work(fine) + _work(other)) > max_work):  # a level: cells x 2 and about 2x the steps
             break
         if cross > 0.5 * allowed and cross > 0.5 * cross_before:
             return None  # the correction's type dependence does not fall with the grid: check the final types instead
