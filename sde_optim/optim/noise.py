@@ -266,6 +266,10 @@ class EmpiricalNoise(GradientNoise):
         self.increments = check_choice("increments", increments, INCREMENTS)
         self._batch: tuple[Tensor, Tensor] | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("increments", "gaussian")  # pickled before the option existed
+
     @property
     def params(self) -> list[Tensor]:  # type: ignore[override]
         """The model's parameters that require grad *now*: a layer frozen after the optimizer was
@@ -301,8 +305,7 @@ class EmpiricalNoise(GradientNoise):
         if c2 == 0.0 or not params:  # M = B: the drift already has SGD's noise; or nothing is trained
             return [None] * len(params)
         ref = params[0]
-        z = draw_increments_(torch.empty(m, dtype=ref.dtype, device=ref.device), generator,
-                             getattr(self, "increments", "gaussian"))  # pickled before the option: Gaussian
+        z = draw_increments_(torch.empty(m, dtype=ref.dtype, device=ref.device), generator, self.increments)
         weights = (z - z.mean()) * math.sqrt(c2 / (m - 1))
         with torch.enable_grad():
             losses = self.per_sample_loss(self.model(inputs), targets)

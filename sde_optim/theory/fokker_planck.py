@@ -86,8 +86,9 @@ def _stretch(xi: Tensor) -> Tensor:
 WINDOW_GROWTH, WINDOW_BASE_CELLS = 3.0, 60
 
 # Default cap of the grid refinement in cell updates (types x cells x operator evaluations, summed over its solves).
-# One cell update costs ~0.1-0.2 us here (a 193-type, 539-cell solve of 6950 evaluations: 106 s), so 1e9 is a few
-# minutes at most; the largest refinement of the accuracy tables' settings spends ~4e8 (pl-sparse-gauss at d = 16384).
+# One cell update costs ~0.1-0.3 us here (a 193-type, 539-cell solve of 6950 evaluations: 106 s), so 1e9 is a few
+# minutes at most; the accuracy tables' predictions spend at most 2.7e8 in all their solves (pl-sparse-gauss at
+# d = 16384), THEORY §6 and two-level-noisy at 0.8x the critical lr 2.0e8 and 4.0e8 (docs/benchmarks.md).
 MAX_WORK = 1e9
 
 
@@ -504,13 +505,13 @@ def grid_level(tol: float, half_width: float, step_tol: float | None, level: int
     return max(8, round(max(8, n_prior // 4) * 2.0**level)), 16.0 * st / 4.0**level
 
 
-def base_levels(tol: float, half_width: float, step_tol: float | None, max_cells: int,
-                base: tuple[int, float] | None, count: int) -> list[tuple[int, float]]:
-    """The first ``count`` levels of a grid check that starts on ``base`` (``(cells, step tolerance)``; None:
-    :func:`grid_level`'s levels): each doubles the cells and divides the step tolerance by 4."""
+def check_level(tol: float, half_width: float, step_tol: float | None, max_cells: int,
+                base: tuple[int, float] | None, level: int) -> tuple[int, float]:
+    """``(cells, step tolerance)`` of level ``level`` of a grid check that starts on ``base`` (``(cells, step
+    tolerance)``; None: :func:`grid_level`'s levels): each level doubles the cells and divides the step tolerance by 4."""
     if base is None:
-        return [grid_level(tol, half_width, step_tol, k, max_cells) for k in range(count)]
-    return [(base[0] * 2**k, base[1] / 4.0**k) for k in range(count)]
+        return grid_level(tol, half_width, step_tol, level, max_cells)
+    return base[0] * 2**level, base[1] / 4.0**level
 
 
 def solve_fokker_planck(
@@ -666,8 +667,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     a time step refined on too few cells to resolve the law) hands the next refinement to the other source.
 
     Members are solved together whenever they need the same next solve; a member leaves as soon as its own
-    estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``, ``max_work``) apply to each member's own
-    solves; a member stopped by one keeps its last solve, with a warning giving its estimate.
+    estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``, ``max_work``) apply to each member's
+    own solves; a member stopped by one keeps its last solve, with a warning giving its estimate.
     """
     half_width = opts["half_width"]
     n_prior = min(cells_for_tolerance(tol, half_width), max_cells)
@@ -707,7 +708,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
         # can blow up spuriously, and two such grids may agree).
         return sol.diverged_at is not None and sol.xi.numel() < n_prior
 
-    (n0, st0), (n1, st1) = base_levels(tol, half_width, step_tol, max_cells, base, 2)
+    (n0, st0), (n1, st1) = (check_level(tol, half_width, step_tol, max_cells, base, k) for k in (0, 1))
     fine = dict(zip(range(groups), solve(list(range(groups)), n1, st1, None)))
     state: dict[int, _CheckState] = {}  # member -> where its split check stands
     split: list[int] = []
@@ -845,7 +846,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     ref_s, ref_c = _observed_curves(base_s), _observed_curves(base_c)
     while True:
         level += 1
-        n_cells, st = base_levels(tol, half_width, step_tol, max_cells, base, level + 1)[level]
+        n_cells, st = check_level(tol, half_width, step_tol, max_cells, base, level)
         fine = solve_on_grid(dyn_s, t_out, n_cells, st, **opts)
         other = solve_on_grid(dyn_c, t_out, n_cells, st, schedule=fine.schedule, **opts)
         spent += fine.nfe + other.nfe
