@@ -20,6 +20,7 @@ from sde_optim import (
     TeacherProblem,
     svag_weights,
 )
+from sde_optim.optim._base import _SGDFamily
 from sde_optim.optim.increments import draw_increments_
 
 
@@ -269,6 +270,15 @@ def test_save_load_mid_run_continues_bit_identically(kind, tmp_path):
         assert torch.equal(opt2.generator.get_state(), opt_ref.generator.get_state())
 
 
+@pytest.fixture(params=["host", "device"])
+def skip_decided_on(request, monkeypatch):
+    """Where "skip" decides: on the host on a CPU (the default there), or on the device as on an
+    accelerator (a gate, no synchronization), forced here so that a CI without a GPU runs both paths."""
+    if request.param == "device":
+        monkeypatch.setattr(_SGDFamily, "_decide_on_cpu", False)
+    return request.param
+
+
 def _nan_grad_setup(nonfinite):
     p = TeacherProblem.sparse(8, 0.25, seed=0)
     m = _random_dln(8)
@@ -283,7 +293,7 @@ def _nan_grad_setup(nonfinite):
     return m, opt
 
 
-def test_nonfinite_gradient_is_skipped_and_counted():
+def test_nonfinite_gradient_is_skipped_and_counted(skip_decided_on):
     m, opt = _nan_grad_setup("skip")
     before = [t.detach().clone() for t in m.parameters()]
     opt.step()
@@ -297,7 +307,7 @@ def test_nonfinite_gradient_is_skipped_and_counted():
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_finite_step_of_a_group_with_a_noise_free_parameter_is_taken(nonfinite):
+def test_finite_step_of_a_group_with_a_noise_free_parameter_is_taken(nonfinite, skip_decided_on):
     """A group mixing noisy and noise-free parameters (foreach=False): the noise-free one's direction is its own
     gradient, never written into the workspace; the finiteness check read its slot there (torch.empty: whatever
     memory held), so a finite step could be skipped or raised on by chance. The workspace is filled with nan here
@@ -738,7 +748,7 @@ def _momentum_state(m, opt):
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_skipped_step_leaves_params_and_momentum_buffers_unchanged(nesterov):
+def test_skipped_step_leaves_params_and_momentum_buffers_unchanged(nesterov, skip_decided_on):
     m, opt, step, _ = _dln_run("structured", momentum=0.9)
     opt.param_groups[0]["nesterov"] = nesterov
     for _ in range(3):
@@ -756,7 +766,7 @@ def test_skipped_step_leaves_params_and_momentum_buffers_unchanged(nesterov):
     assert not torch.equal(params[0], m.u.detach())
 
 
-def test_skipped_first_step_creates_no_momentum_buffer():
+def test_skipped_first_step_creates_no_momentum_buffer(skip_decided_on):
     """torch creates the buffer (= the first gradient) at a parameter's first step; a skipped first
     step must not, or the next step would start from a zero buffer and be damped."""
     m, opt, step, _ = _dln_run("structured", momentum=0.9)
@@ -787,9 +797,15 @@ def test_raise_leaves_params_buffers_and_generator_unchanged():
 
 
 # ----------------------------------------------------------------------------- non-finite check (issue 15)
-def test_all_finite_is_not_fooled_by_large_finite_values():
-    """float32 entries of 1e35 in 1e4 coordinates overflow a sum (the old check) but are finite."""
-    from sde_optim.optim.functional import all_finite
+@pytest.mark.parametrize("check", ["all_finite", "finite_on_host"])
+def test_all_finite_is_not_fooled_by_large_finite_values(check):
+    """float32 entries of 1e35 in 1e4 coordinates overflow a sum (the old check; finite_on_host's first
+    look on a CPU, which then reads the extremes) but are finite."""
+    from sde_optim.optim import functional
+
+    def all_finite(tensors):
+        return torch.tensor(functional.finite_on_host(tensors)) if check == "finite_on_host" else \
+            functional.all_finite(tensors)
 
     big = torch.full((10_000,), 1e35)
     assert bool(all_finite([big, -big]))
@@ -804,7 +820,7 @@ def test_all_finite_is_not_fooled_by_large_finite_values():
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_large_finite_update_is_neither_skipped_nor_raised(nonfinite):
+def test_large_finite_update_is_neither_skipped_nor_raised(nonfinite, skip_decided_on):
     """A finite step of 1e35 per entry (float32, 1e4 entries) is taken under both policies."""
     x = nn.Parameter(torch.zeros(10_000))
     opt = SVAG([x], lr=1.0, nonfinite=nonfinite)
@@ -815,9 +831,10 @@ def test_large_finite_update_is_neither_skipped_nor_raised(nonfinite):
 
 
 def test_skip_policy_takes_no_host_sync(monkeypatch):
-    """Under "skip" a step (noise, momentum, finite or not) never reads a device value on the host:
-    every way of doing so raises here. (The only exception, the step that creates momentum
-    buffers, happens before the guard.)"""
+    """Under "skip" on an accelerator a step (noise, momentum, finite or not) never reads a device value
+    on the host: every way of doing so raises here, on the device path forced on the CPU. (The only
+    exception, the step that creates momentum buffers, happens before the guard.)"""
+    monkeypatch.setattr(_SGDFamily, "_decide_on_cpu", False)
     m, opt, step, _ = _dln_run("structured", momentum=0.9)
     step(m, opt)  # creates the buffers
 
@@ -830,15 +847,48 @@ def test_skip_policy_takes_no_host_sync(monkeypatch):
         p.population_risk(m.beta).backward()
         if bad:
             m.u.grad[0] = float("nan")
-        for name in ("__bool__", "item", "tolist", "cpu", "__float__", "__int__", "numpy"):
-            monkeypatch.setattr(torch.Tensor, name, no_sync)
-        opt.step()
-        monkeypatch.undo()
+        with pytest.MonkeyPatch.context() as guard:
+            for name in ("__bool__", "item", "tolist", "cpu", "__float__", "__int__", "numpy"):
+                guard.setattr(torch.Tensor, name, no_sync)
+            opt.step()
     assert int(opt.skipped_steps) == 1
 
 
+def test_skip_policy_on_a_cpu_decides_on_the_host_and_takes_the_plain_update():
+    """On a CPU, "skip" reads the finiteness on the host (no synchronization there): a finite step
+    is the same update as under "raise", bitwise, with no sanitizing pass or gate; a non-finite one
+    changes nothing and is counted, and a later finite step is counted as finite."""
+    runs = {}
+    for policy in ("skip", "raise"):
+        m, opt, step, _ = _dln_run("structured", momentum=0.9, nonfinite=policy)
+        for _ in range(4):
+            step(m, opt)
+        runs[policy] = (m, opt)
+    (ms, opts), (mr, _) = runs["skip"], runs["raise"]
+    assert torch.equal(ms.u, mr.u) and torch.equal(ms.v, mr.v)
+    assert int(opts.skipped_steps) == 0
+    sanitize_calls = []
+    import sde_optim.optim._base as base
+
+    original = base.sanitize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(base, "sanitize", lambda *a: sanitize_calls.append(1) or original(*a))
+        p = TeacherProblem.sparse(16, 0.25, noise_std=0.1, seed=0)
+        before = [t.detach().clone() for t in ms.parameters()]
+        opts.zero_grad()
+        p.population_risk(ms.beta).backward()
+        ms.v.grad[1] = float("-inf")
+        opts.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, ms.parameters()))
+        opts.zero_grad()
+        p.population_risk(ms.beta).backward()
+        opts.step()
+        assert not torch.equal(before[0], ms.u.detach())
+    assert sanitize_calls == [] and int(opts.skipped_steps) == 1
+
+
 @pytest.mark.parametrize("increments", ["gaussian", "rademacher"])
-def test_structured_step_allocates_no_d_sized_temporaries(increments):
+def test_structured_step_allocates_no_d_sized_temporaries(increments, skip_decided_on):
     """After the first step (which sizes the reused buffers), a structured HomogenizedSGD step with
     momentum allocates only 0-d tensors: under 1 % of one 400-KB parameter at d = 1e5, where the
     old step allocated ~5 MiB (profiler, CPU: the sum of all allocations). Rademacher increments keep

@@ -781,6 +781,54 @@ def test_step_pre_and_post_hooks(case):
 
 
 @cases()
+def test_step_hooks_see_and_replace_torchs_arguments(case):
+    """As torch's wrapper: a hook gets (optimizer, args with the optimizer first, kwargs); a pre-hook
+    returning (args, kwargs) replaces them (here: hands step a closure); anything else is an error."""
+    param = torch.tensor([1.0, 1.0], requires_grad=True)
+    optim = case.build([param])
+    seen, calls = [], []
+
+    def closure():
+        calls.append(1)
+        optim.zero_grad()
+        loss = (param ** 2).sum()
+        loss.backward()
+        return loss
+
+    h1 = optim.register_step_pre_hook(lambda o, a, k: seen.append((o, a, dict(k))) or ((a[0],), {"closure": closure}))
+    h2 = optim.register_step_post_hook(lambda o, a, k: seen.append((o, a, dict(k))))
+    loss = optim.step()
+    assert calls == [1] and torch.equal(loss, torch.tensor(2.0))
+    assert seen[0][0] is optim and seen[0][1] == (optim,) and seen[0][2] == {}
+    assert seen[1][1] == (optim,) and seen[1][2] == {"closure": closure}
+    h1.remove()
+    h2.remove()
+    optim.register_step_pre_hook(lambda o, a, k: 1)
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        optim.step()
+
+
+@cases()
+def test_step_carries_torchs_profiler_label_only_while_profiling(case, monkeypatch):
+    """The trace of torch.profiler names the step 'Optimizer.step#<class>.step' as torch's wrapper
+    does; outside the profiler no record_function scope is entered (it costs per operation)."""
+    param = torch.tensor([1.0, 1.0], requires_grad=True)
+    optim = case.build([param])
+    param.grad = torch.ones_like(param)
+    with torch.profiler.profile() as prof:
+        optim.step()
+    names = {e.name for e in prof.events()}
+    assert f"Optimizer.step#{type(optim).__name__}.step" in names
+    if not isinstance(optim, SGD):
+        entered = []
+        original = torch.autograd.profiler.record_function
+        monkeypatch.setattr(torch.autograd.profiler, "record_function",
+                            lambda *a, **k: entered.append(a) or original(*a, **k))
+        optim.step()
+        assert entered == []
+
+
+@cases()
 def test_step_all_hooks(case):
     """test_step_all_hooks"""
     params = [torch.tensor([1.0, 1.0])]

@@ -4,7 +4,9 @@ update), step counting, pickling and the extra entries of ``state_dict``."""
 
 from __future__ import annotations
 
+import functools
 import math
+from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -19,6 +21,8 @@ from .functional import (
     all_finite,
     apply_,
     directions,
+    finite_on_cpu,
+    finite_on_host,
     momentum_,
     nesterov,
     resolve_foreach,
@@ -40,6 +44,54 @@ class _Batch(NamedTuple):
     grads: list[Tensor]
 
 
+try:  # the registries torch.optim.Optimizer's step wrapper reads (torch >= 2.0)
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+except ImportError:  # pragma: no cover - another torch: keep torch's own wrapper
+    _global_optimizer_pre_hooks = _global_optimizer_post_hooks = None
+
+
+def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` wrapped as ``torch.optim.Optimizer`` wraps it (global and per-optimizer pre/post hooks,
+    in torch's order and with torch's arguments; ``_optimizer_step_code``; the profiler label
+    ``Optimizer.step#<class>.step``), except that the label's ``record_function`` is entered only
+    while the autograd profiler runs. Outside it the scope does nothing but cost: on the CPU
+    build measured it made each operation inside dearer, ~60-100 us per HomogenizedSGD step at
+    d = 1e5 in a training loop (docs/benchmarks.md). Marked ``hooked`` so torch does not wrap it again."""
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        self = args[0]
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return _run_with_hooks(step, args, kwargs)
+        if (_global_optimizer_pre_hooks or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _global_optimizer_post_hooks):
+            return _run_with_hooks(step, args, kwargs)
+        out = step(*args, **kwargs)  # no hooks registered
+        self._optimizer_step_code()
+        return out
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _run_with_hooks(step: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """torch.optim.Optimizer.profile_hook_step's body: pre-hooks (may replace args/kwargs), step, post-hooks."""
+    self = args[0]
+    for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+        result = pre_hook(self, args, kwargs)
+        if result is not None:
+            if isinstance(result, tuple) and len(result) == 2:
+                args, kwargs = result
+            else:
+                raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+    out = step(*args, **kwargs)
+    self._optimizer_step_code()
+    for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+        post_hook(self, args, kwargs)
+    return out
+
+
 class _SGDFamily(Optimizer):
     """Base class. Subclasses supply the noise (if any); this class validates and applies updates.
 
@@ -57,9 +109,13 @@ class _SGDFamily(Optimizer):
     Non-finite policy (``nonfinite=``), decided on the whole step (all groups) before anything changes:
 
     * ``"skip"`` (default): a step whose direction ``d`` has any NaN/Inf entry leaves every
-      parameter and momentum buffer unchanged and increments :attr:`skipped_steps`. Decided
-      on the device, so it costs no host synchronization (except once per parameter, at the
-      step that creates its momentum buffer); the noise drawn for the skipped step is consumed.
+      parameter and momentum buffer unchanged and increments :attr:`skipped_steps`. On an
+      accelerator it is decided on the device, so it costs no host synchronization (except once
+      per parameter, at the step that creates its momentum buffer): a 0-d flag gates the update
+      after the directions were made finite. On a CPU, where reading a tensor is no
+      synchronization, it is decided on the host: a finite step is the plain update (no
+      sanitizing pass, no gate), a skipped one returns before anything changes. Either way the
+      noise drawn for the skipped step is consumed.
     * ``"raise"``: :class:`NonFiniteUpdateError` naming the step number; parameters, optimizer
       state and the random stream are exactly as before the call. Checking needs one host
       synchronization per step.
@@ -71,16 +127,24 @@ class _SGDFamily(Optimizer):
     _extra_key = "sde_optim"
     _pickled: tuple[str, ...] = ("nonfinite", "_steps", "_skipped_before", "_finite", "_skip_calls")  # beyond torch's 3
     _group_keys: tuple[str, ...] = ("lr", "weight_decay")  # a state_dict without them is not ours
+    _decide_on_cpu = True  # "skip" on a CPU decided on the host (tests turn it off to run the device path there)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "hooked", False) and _global_optimizer_pre_hooks is not None:
+            cls.step = _hooked_step(step)  # type: ignore[method-assign]
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str) -> None:
         _check_hyperparameters(defaults)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self._steps = 0
         # skipped steps = _skipped_before + _skip_calls - _finite: one kernel per step (counting the
-        # finite ones on the device) instead of two
+        # finite ones on the device) instead of two; a step decided on the host is counted only
+        # when skipped (in _skip_calls alone)
         self._skipped_before: Tensor | None = None  # as loaded from a state_dict
         self._finite: Tensor | None = None  # finite steps under "skip" since then (device)
-        self._skip_calls = 0  # steps under "skip" since then (host)
+        self._skip_calls = 0  # steps under "skip" counted since then (host)
         self._workspace = _Workspace()
         self._gate_constants: dict[tuple, Tensor] = {}  # 0-d constants of the skip gate, never saved
         super().__init__(params, defaults)
@@ -145,9 +209,15 @@ class _SGDFamily(Optimizer):
         # every direction written into the workspace (a noise-free parameter's is its own gradient, which the
         # workspace's slot for it never receives: checking that slot read uninitialized memory)
         in_workspace = all(out is not None and all(d is o for d, o in zip(dirs, out)) for _, dirs, out, _ in plans)
-        ok = all_finite(layout.spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs])
-        gate = self._policy(ok, rng)
-        if gate is not None:
+        checked = layout.spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs]
+        gate = None
+        if self.nonfinite == "raise" or (layout.on_cpu and self._decide_on_cpu):
+            if not (finite_on_cpu(checked) if layout.on_cpu else finite_on_host(checked)):
+                self._reject(checked[0].device, rng)  # raises under "raise"
+                return
+        else:  # "skip" on an accelerator: decided on the device, no synchronization
+            ok = all_finite(checked)
+            gate = self._gate(ok)
             if in_workspace:
                 sanitize(layout.spans, layout.spans)
             else:
@@ -159,26 +229,33 @@ class _SGDFamily(Optimizer):
             lr = bt.group["lr"] if lr_factor == 1.0 else bt.group["lr"] * lr_factor
             apply_(bt.params, updates, lr=lr, gate=gate, foreach=f)
 
-    def _policy(self, ok: Tensor, rng: tuple[torch.Generator, Tensor] | None) -> Gate | None:
-        """``"raise"``: sync, and on failure restore and raise (returns None when fine);
-        ``"skip"``: count on the device and return the gate."""
+    def _reject(self, device: torch.device, rng: tuple[torch.Generator, Tensor] | None) -> None:
+        """A step with a non-finite direction, decided on the host: ``"raise"`` restores the random
+        stream and raises; ``"skip"`` counts it (the step then changes nothing)."""
         if self.nonfinite == "raise":
-            if not bool(ok):
-                self._steps -= 1
-                if rng is not None:
-                    rng[0].set_state(rng[1])
-                raise NonFiniteUpdateError(
-                    f"{type(self).__name__}: non-finite gradient or noise at step {self._steps + 1} "
-                    "(1-based); parameters and optimizer state are unchanged"
-                )
-            return None
-        if self._finite is None or self._finite.device != ok.device:  # first step, or parameters moved
-            self._skipped_before = None if self._finite is None and self._skipped_before is None else \
-                self.skipped_steps.to(ok.device)
-            self._finite, self._skip_calls = torch.zeros((), dtype=torch.int64, device=ok.device), 0
-        self._finite.add_(ok)
+            self._steps -= 1
+            if rng is not None:
+                rng[0].set_state(rng[1])
+            raise NonFiniteUpdateError(
+                f"{type(self).__name__}: non-finite gradient or noise at step {self._steps + 1} "
+                "(1-based); parameters and optimizer state are unchanged"
+            )
+        self._counter(device)
+        self._skip_calls += 1  # a call not counted finite: skipped
+
+    def _gate(self, ok: Tensor) -> Gate:
+        """``"skip"`` decided on the device: count the step there and return the gate."""
+        self._counter(ok.device).add_(ok)
         self._skip_calls += 1
         return Gate(ok, self._gate_constants)
+
+    def _counter(self, device: torch.device) -> Tensor:
+        """The device-side count of finite steps (made at the first count, or anew when the parameters moved)."""
+        if self._finite is None or self._finite.device != device:
+            self._skipped_before = None if self._finite is None and self._skipped_before is None else \
+                self.skipped_steps.to(device)
+            self._finite, self._skip_calls = torch.zeros((), dtype=torch.int64, device=device), 0
+        return self._finite
 
     def _creates_buffers(self, batches: list[_Batch]) -> bool:
         return any(b.group["momentum"] != 0 and any("momentum_buffer" not in self.state.get(p, ()) for p in b.params)
@@ -276,6 +353,7 @@ class _Layout(NamedTuple):
     foreach: list[bool]
     outs: list[list[Tensor] | None]
     spans: list[Tensor]
+    on_cpu: bool  # every parameter on a CPU
 
 
 class _Workspace:
@@ -289,23 +367,23 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._flat: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._layouts: dict[tuple, tuple[list[Tensor], _Layout]] = {}
+        self._layouts: dict[tuple, tuple[list[torch.Size], _Layout, list[Tensor]]] = {}  # shapes, layout, params
 
     def layout(self, batches: list[_Batch]) -> _Layout:
         """The step's layout; cached while the parameters with a gradient (and their shapes) stay the same."""
         params = [p for b in batches for p in b.params]
-        key = tuple(map(id, params)) + tuple(b.group["foreach"] for b in batches)
-        hit = self._layouts.get(key)
-        if hit is not None and all(p is q and p.shape == shape for p, (q, shape) in zip(params, hit[0])):
+        key = (*map(id, params), *[b.group["foreach"] for b in batches])
+        hit = self._layouts.get(key)  # holds its parameters: a live object with one of their ids is one of them
+        if hit is not None and [p.shape for p in params] == hit[0]:
             return hit[1]
         foreach = [resolve_foreach(b.params, b.group["foreach"]) for b in batches]
         views, spans = self._carve([p for b, f in zip(batches, foreach) if not f for p in b.params])
         it = iter(views)
         result = _Layout(foreach, [None if f else [next(it) for _ in b.params] for b, f in zip(batches, foreach)],
-                         spans)
+                         spans, all(p.device.type == "cpu" for p in params))
         if len(self._layouts) >= 8:
             self._layouts.clear()
-        self._layouts[key] = ([(p, p.shape) for p in params], result)
+        self._layouts[key] = ([p.shape for p in params], result, params)
         return result
 
     def _carve(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:

@@ -162,8 +162,8 @@ class HomogenizedSGD(_SGDFamily):
         """The step's noise by ``id(param)``, drawn only when a covered parameter is updated with a
         nonzero noise_scale; and the generator's prior state when ``"raise"`` may need it back."""
         noisy = {id(p) for b in batches if b.group["noise_scale"] != 0 for p in b.params}
-        covered = list(self.noise.params)
-        if not any(id(p) in noisy for p in covered):
+        covered = self.noise.params
+        if noisy.isdisjoint(map(id, covered)):
             return {}, None
         gen = self.generator
         if not self._synced:
@@ -171,7 +171,7 @@ class HomogenizedSGD(_SGDFamily):
             self._synced = True
         rng = (gen, gen.get_state()) if self.nonfinite == "raise" else None
         terms = self.noise.draw(self.batch_size, gen, loss)
-        return {id(p): t for p, t in zip(covered, terms) if t is not None}, rng
+        return dict(zip(map(id, covered), terms)), rng  # a None term: no noise, as an absent one
 
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()

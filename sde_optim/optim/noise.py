@@ -16,7 +16,7 @@ so that drift plus noise has SGD's covariance ``Sigma / B`` (THEORY §2, ``c^2 =
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,17 @@ class GradientNoise:
         ids = {id(p) for p in optimizer_params}
         if not all(id(p) in ids for p in self.params):
             raise ValueError(f"{type(self).__name__}: all of the model's parameters must be in the optimizer's params")
+
+
+class _Constants(NamedTuple):
+    """What a structured step needs besides the parameters, on their device and dtype: ``beta*``,
+    ``sqrt(h)`` (a number for an isotropic spectrum), the 0-d offset added to the risk's sum
+    (``sigma^2``, or ``sigma^2 / h`` when isotropic; ``None`` for 0) and a 0-d buffer for the risk."""
+
+    beta_star: Tensor
+    sqrt_h: Tensor | float
+    offset: Tensor | None
+    risk: Tensor
 
 
 class StructuredNoise(GradientNoise):
@@ -125,9 +136,9 @@ class StructuredNoise(GradientNoise):
         self.risk = check_choice("risk", risk, ("exact", "loss"))
         self.increments = check_choice("increments", increments, INCREMENTS)
         self.params = list(model._pair())
-        self._consts: tuple[Tensor, Tensor | float] | None = None  # (beta_star, sqrt(h)) on the params' device/dtype
+        self._consts: _Constants | None = None  # on the params' device and dtype
         self._buffer: Tensor | None = None  # the beta-noise, reused every step; never saved
-        self._draw_scratch: dict[str, Tensor] = {}  # the increments' integer buffers; never saved
+        self._draw_scratch: dict[str, Any] = {}  # the increments' buffers and views; never saved
 
     def __getstate__(self) -> dict:
         """Pickles (and deep copies) leave out the cached constants and buffers; they are rebuilt."""
@@ -140,51 +151,62 @@ class StructuredNoise(GradientNoise):
         self._buffer = None
         self._draw_scratch = {}
 
-    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor | float]:
-        """``(beta_star, sqrt(h))`` on ``like``'s device and dtype, computed once (not per step; the
+    def _constants(self, like: Tensor) -> _Constants:
+        """The step's constants on ``like``'s device and dtype, made once (not per step; the
         problem's own tensors when they are already there, so the step shares them with the drift).
 
         For an isotropic spectrum ``sqrt(h)`` is one number (a Python float): then it scales the
         risk and the noise as a scalar and saves two passes over ``d`` entries per step.
         """
         c = self._consts
-        if c is None or c[0].device != like.device or c[0].dtype != like.dtype:
+        if c is None or c.beta_star.device != like.device or c.beta_star.dtype != like.dtype:
             p = self.problem.to(like.device, like.dtype)
             fv = self.problem.feature_variance
-            sqrt_h = math.sqrt(float(fv[0])) if bool((fv == fv[0]).all()) else p.feature_variance.sqrt()
-            self._consts = c = (p.beta_star, sqrt_h)
+            isotropic = bool((fv == fv[0]).all())
+            sqrt_h = math.sqrt(float(fv[0])) if isotropic else p.feature_variance.sqrt()
+            s2 = self.problem.noise_std ** 2 / (float(fv[0]) if isotropic else 1.0)
+            offset = torch.full((), s2, dtype=like.dtype, device=like.device) if s2 else None
+            self._consts = c = _Constants(p.beta_star, sqrt_h, offset, torch.empty((), dtype=like.dtype, device=like.device))
         return c
 
-    def _twice_risk(self, loss: Tensor | None, scratch: Tensor) -> Tensor:
-        """``2 R`` as a 0-d tensor (E1: ``sum_i h_i r_i^2 + sigma^2``, or twice the closure's loss);
-        ``scratch`` (shape ``(d,)``) is overwritten."""
+    def _noise_scale(self, loss: Tensor | None, scratch: Tensor, k: _Constants | None = None) -> tuple[Tensor, float]:
+        """``(s, f)`` with ``sqrt(2 R) = f s``: ``s`` a 0-d tensor (reused across steps), ``f`` a number.
+
+        ``2 R`` is E1, ``sum_i h_i r_i^2 + sigma^2``, or twice the closure's loss. With an isotropic
+        spectrum ``2 R = h (sum_i r_i^2 + sigma^2 / h)``, so ``f = sqrt(h)`` and ``h`` costs no
+        operation. ``scratch`` (shape ``(d,)``) is overwritten; ``k``: :meth:`_constants`, when at hand."""
         if self.risk == "loss":
             if loss is None:
                 raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
             risk = loss.detach().to(scratch.dtype).clone()
             all_reduce_mean_([risk])
-            return risk.mul_(2.0)
+            return risk.mul_(2.0).sqrt_(), 1.0
         a, b = self.params
-        beta_star, sqrt_h = self._constants(a)
+        k = self._constants(a) if k is None else k
         if self.model.parametrization == "uv":  # scratch = -r = beta* - beta (the sign squares away)
-            torch.addcmul(beta_star, a, b, value=-1.0, out=scratch)
+            torch.addcmul(k.beta_star, a, b, value=-1.0, out=scratch)
         elif self.model.depth == 2:
-            torch.addcmul(beta_star, a, a, value=-1.0, out=scratch).addcmul_(b, b)
+            torch.addcmul(k.beta_star, a, a, value=-1.0, out=scratch).addcmul_(b, b)
         else:
-            torch.sub(b.pow(self.model.depth), a.pow(self.model.depth), out=scratch).add_(beta_star)
-        if isinstance(sqrt_h, Tensor):
-            twice = torch.dot(scratch.mul_(sqrt_h), scratch)
+            torch.sub(b.pow(self.model.depth), a.pow(self.model.depth), out=scratch).add_(k.beta_star)
+        if isinstance(k.sqrt_h, Tensor):
+            torch.dot(scratch.mul_(k.sqrt_h), scratch, out=k.risk)
+            f = 1.0
         else:
-            twice = torch.dot(scratch, scratch).mul_(sqrt_h * sqrt_h)
-        return twice.add_(self.problem.noise_std ** 2) if self.problem.noise_std else twice
+            torch.dot(scratch, scratch, out=k.risk)
+            f = k.sqrt_h
+        if k.offset is not None:
+            k.risk.add_(k.offset)
+        return k.risk.sqrt_(), f
 
     def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm]:
         """The noise of :meth:`sample` as chain-rule products with one shared beta-noise buffer.
 
         ``t = sqrt(2 R) sqrt(h) z`` (shape ``(d,)``, reused across steps) and, with ``c^2`` the missing
         variance, u-noise ``= c v t``, v-noise ``= c u t`` (``"uv"``); ``+-c k w+-^(k-1) t`` (``"pm"``).
-        Passes over ``d`` entries: 3 for the risk, 1 draw, 2 to scale ``t`` (isotropic spectrum: 2,
-        1, 1); no temporaries for ``"uv"`` and depth-2 ``"pm"``.
+        Passes over ``d`` entries: 3 for the risk, 2 for the draw (written, then scaled by
+        ``sqrt(2 R)``), 1 for ``sqrt(h)`` (isotropic spectrum: 2 for the risk, none for ``sqrt(h)``, a
+        number in the coefficient); no temporaries for ``"uv"`` and depth-2 ``"pm"``.
         """
         if torch.is_grad_enabled():  # the optimizer calls it under no_grad already
             with torch.no_grad():
@@ -203,16 +225,16 @@ class StructuredNoise(GradientNoise):
         return buf
 
     def _terms(self, batch_size: int, generator: torch.Generator, loss: Tensor | None, t: Tensor) -> list[NoiseTerm]:
-        c = math.sqrt(missing_variance(batch_size, self.drift_batch_size))
         a, b = self.params
-        scale = self._twice_risk(loss, t).sqrt_()
-        draw_increments_(t, generator, self.increments, self._draw_scratch)
-        sqrt_h = self._constants(a)[1]
+        k = self._constants(a)
+        scale, f = self._noise_scale(loss, t, k)
+        c = f * math.sqrt(missing_variance(batch_size, self.drift_batch_size))
+        draw_increments_(t, generator, self.increments, self._draw_scratch, scale=scale)
+        sqrt_h = k.sqrt_h
         if isinstance(sqrt_h, Tensor):
             t.mul_(sqrt_h)
         else:
             c *= sqrt_h  # a scalar: into the coefficient, no pass
-        t.mul_(scale)
         if self.model.parametrization == "uv":
             return [NoiseTerm(b, t, c), NoiseTerm(a, t, c)]
         k = self.model.depth
