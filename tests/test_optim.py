@@ -20,7 +20,7 @@ from sde_optim import (
     TeacherProblem,
     svag_weights,
 )
-from sde_optim.optim._base import _SGDFamily
+from sde_optim.optim import functional as optim_functional
 from sde_optim.optim.increments import draw_increments_
 
 
@@ -271,11 +271,12 @@ def test_save_load_mid_run_continues_bit_identically(kind, tmp_path):
 
 
 @pytest.fixture(params=["host", "device"])
-def skip_decided_on(request, monkeypatch):
-    """Where "skip" decides: on the host on a CPU (the default there), or on the device as on an
-    accelerator (a gate, no synchronization), forced here so that a CI without a GPU runs both paths."""
+def cpu_path(request, monkeypatch):
+    """What a step reads on the host: on a CPU (the default) the "skip" decision and the noise scale are
+    read there; "device" forces, on the CPU, what an accelerator runs (a gate, the scale kept on the
+    device, no synchronization), so that a CI without a GPU runs both paths."""
     if request.param == "device":
-        monkeypatch.setattr(_SGDFamily, "_decide_on_cpu", False)
+        monkeypatch.setattr(optim_functional, "CPU_READS_ON_HOST", False)
     return request.param
 
 
@@ -293,7 +294,7 @@ def _nan_grad_setup(nonfinite):
     return m, opt
 
 
-def test_nonfinite_gradient_is_skipped_and_counted(skip_decided_on):
+def test_nonfinite_gradient_is_skipped_and_counted(cpu_path):
     m, opt = _nan_grad_setup("skip")
     before = [t.detach().clone() for t in m.parameters()]
     opt.step()
@@ -307,7 +308,7 @@ def test_nonfinite_gradient_is_skipped_and_counted(skip_decided_on):
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_finite_step_of_a_group_with_a_noise_free_parameter_is_taken(nonfinite, skip_decided_on):
+def test_finite_step_of_a_group_with_a_noise_free_parameter_is_taken(nonfinite, cpu_path):
     """A group mixing noisy and noise-free parameters (foreach=False): the noise-free one's direction is its own
     gradient, never written into the workspace; the finiteness check read its slot there (torch.empty: whatever
     memory held), so a finite step could be skipped or raised on by chance. The workspace is filled with nan here
@@ -748,7 +749,7 @@ def _momentum_state(m, opt):
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_skipped_step_leaves_params_and_momentum_buffers_unchanged(nesterov, skip_decided_on):
+def test_skipped_step_leaves_params_and_momentum_buffers_unchanged(nesterov, cpu_path):
     m, opt, step, _ = _dln_run("structured", momentum=0.9)
     opt.param_groups[0]["nesterov"] = nesterov
     for _ in range(3):
@@ -766,7 +767,7 @@ def test_skipped_step_leaves_params_and_momentum_buffers_unchanged(nesterov, ski
     assert not torch.equal(params[0], m.u.detach())
 
 
-def test_skipped_first_step_creates_no_momentum_buffer(skip_decided_on):
+def test_skipped_first_step_creates_no_momentum_buffer(cpu_path):
     """torch creates the buffer (= the first gradient) at a parameter's first step; a skipped first
     step must not, or the next step would start from a zero buffer and be damped."""
     m, opt, step, _ = _dln_run("structured", momentum=0.9)
@@ -820,7 +821,7 @@ def test_all_finite_is_not_fooled_by_large_finite_values(check):
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_large_finite_update_is_neither_skipped_nor_raised(nonfinite, skip_decided_on):
+def test_large_finite_update_is_neither_skipped_nor_raised(nonfinite, cpu_path):
     """A finite step of 1e35 per entry (float32, 1e4 entries) is taken under both policies."""
     x = nn.Parameter(torch.zeros(10_000))
     opt = SVAG([x], lr=1.0, nonfinite=nonfinite)
@@ -834,7 +835,7 @@ def test_skip_policy_takes_no_host_sync(monkeypatch):
     """Under "skip" on an accelerator a step (noise, momentum, finite or not) never reads a device value
     on the host: every way of doing so raises here, on the device path forced on the CPU. (The only
     exception, the step that creates momentum buffers, happens before the guard.)"""
-    monkeypatch.setattr(_SGDFamily, "_decide_on_cpu", False)
+    monkeypatch.setattr(optim_functional, "CPU_READS_ON_HOST", False)
     m, opt, step, _ = _dln_run("structured", momentum=0.9)
     step(m, opt)  # creates the buffers
 
@@ -888,7 +889,7 @@ def test_skip_policy_on_a_cpu_decides_on_the_host_and_takes_the_plain_update():
 
 
 @pytest.mark.parametrize("increments", ["gaussian", "rademacher"])
-def test_structured_step_allocates_no_d_sized_temporaries(increments, skip_decided_on):
+def test_structured_step_allocates_no_d_sized_temporaries(increments, cpu_path):
     """After the first step (which sizes the reused buffers), a structured HomogenizedSGD step with
     momentum allocates only 0-d tensors: under 1 % of one 400-KB parameter at d = 1e5, where the
     old step allocated ~5 MiB (profiler, CPU: the sum of all allocations). Rademacher increments keep
@@ -913,7 +914,7 @@ def test_structured_step_allocates_no_d_sized_temporaries(increments, skip_decid
 @pytest.mark.parametrize("parametrization, depth", [("uv", 2), ("pm", 2), ("pm", 3)])
 @pytest.mark.parametrize("spectrum", ["isotropic", "power-law"])
 @pytest.mark.parametrize("drift_batch", [None, 8])
-def test_structured_noise_equals_its_formula(parametrization, depth, spectrum, drift_batch):
+def test_structured_noise_equals_its_formula(parametrization, depth, spectrum, drift_batch, cpu_path):
     """The fused draw (risk in one pass, isotropic sqrt(h) as a scalar, beta* - beta squared) gives
     exactly E3's noise: d beta/d theta * sqrt(c^2 2 R h) z with R = problem.population_risk(beta)
     and z the generator's next normals (float64; 1e-12 relative)."""
@@ -969,7 +970,7 @@ def test_rademacher_increments_are_fair_and_independent():
         assert abs(float((z[:-lag] * z[lag:]).mean())) < 5 / math.sqrt(z.numel() - lag)
 
 
-def test_structured_noise_with_rademacher_increments_equals_its_formula():
+def test_structured_noise_with_rademacher_increments_equals_its_formula(cpu_path):
     """E3's noise with z = +-1: |u-noise| = |v| s exactly (s^2 = c^2 2 R h), u-noise u = v-noise v
     (one shared z per coordinate), and over K = 4000 draws each coordinate's z has mean ~0 (se
     1/sqrt(K) = 0.016, accept 5 se over 32 coordinates)."""
@@ -1011,3 +1012,24 @@ def test_empirical_noise_with_rademacher_increments_has_the_per_sample_covarianc
     c2 = 1 / B - 1 / M
     want = c2 * g.T.cov()
     assert float((emp - want).abs().max()) < 0.12 * float(want.diagonal().max())
+
+
+def test_a_negative_loss_gives_nan_noise_on_both_paths(cpu_path):
+    """risk='loss' takes sqrt(2 loss): a negative loss (a user's loss that is not a risk) gives NaN noise
+    on both paths (torch.sqrt on the device; the host path must not raise from math.sqrt), and the
+    step is then skipped."""
+    p = TeacherProblem.sparse(8, 0.25, seed=0)
+    m = DiagonalLinearNetwork(8, dtype=torch.float64)
+    noise = StructuredNoise(p, m, risk="loss")
+    drawn = noise.sample(1, torch.Generator().manual_seed(0), torch.tensor(-1.0, dtype=torch.float64))
+    assert all(bool(t.isnan().all()) for t in drawn)
+    opt = HomogenizedSGD(m.parameters(), lr=0.1, batch_size=1, noise=noise, seed=0)
+    before = [t.detach().clone() for t in m.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = p.population_risk(m.beta)
+        loss.backward()
+        return loss - 1.0  # negative
+    opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())) and int(opt.skipped_steps) == 1

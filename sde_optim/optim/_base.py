@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from itertools import chain
+from operator import is_
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._validation import check_choice
+from . import functional
 from .functional import (
     Gate,
     NoiseTerm,
@@ -127,7 +129,6 @@ class _SGDFamily(Optimizer):
     _extra_key = "sde_optim"
     _pickled: tuple[str, ...] = ("nonfinite", "_steps", "_skipped_before", "_finite", "_skip_calls")  # beyond torch's 3
     _group_keys: tuple[str, ...] = ("lr", "weight_decay")  # a state_dict without them is not ours
-    _decide_on_cpu = True  # "skip" on a CPU decided on the host (tests turn it off to run the device path there)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -208,10 +209,10 @@ class _SGDFamily(Optimizer):
             plans.append((bt, dirs, out, f))
         # every direction written into the workspace (a noise-free parameter's is its own gradient, which the
         # workspace's slot for it never receives: checking that slot read uninitialized memory)
-        in_workspace = all(out is not None and all(d is o for d, o in zip(dirs, out)) for _, dirs, out, _ in plans)
+        in_workspace = all(out is not None and all(map(is_, dirs, out)) for _, dirs, out, _ in plans)
         checked = layout.spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs]
         gate = None
-        if self.nonfinite == "raise" or (layout.on_cpu and self._decide_on_cpu):
+        if self.nonfinite == "raise" or (layout.on_cpu and functional.CPU_READS_ON_HOST):
             if not (finite_on_cpu(checked) if layout.on_cpu else finite_on_host(checked)):
                 self._reject(checked[0].device, rng)  # raises under "raise"
                 return

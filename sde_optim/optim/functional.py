@@ -103,6 +103,12 @@ class Gate:
         return c
 
 
+# Reading a CPU tensor on the host is no synchronization: on a CPU a step decides "skip" on the host
+# and folds 0-d factors (the noise scale) into Python numbers. False runs, on a CPU, what an
+# accelerator runs (the tests set it so, so that a CI without a GPU covers both paths).
+CPU_READS_ON_HOST = True
+
+
 def resolve_foreach(tensors: Sequence[Tensor], foreach: bool | None) -> bool:
     """``foreach`` as given, or torch's default: the multi-tensor path only on devices with foreach kernels."""
     if foreach is not None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_int
 from ._dist import all_reduce_mean_, world_size
+from . import functional
 from .functional import NoiseTerm
 from .increments import INCREMENTS, draw_increments_
 from ..models import DiagonalLinearNetwork
@@ -74,12 +75,14 @@ class GradientNoise:
 class _Constants(NamedTuple):
     """What a structured step needs besides the parameters, on their device and dtype: ``beta*``,
     ``sqrt(h)`` (a number for an isotropic spectrum), the 0-d offset added to the risk's sum
-    (``sigma^2``, or ``sigma^2 / h`` when isotropic; ``None`` for 0) and a 0-d buffer for the risk."""
+    (``sigma^2``, or ``sigma^2 / h`` when isotropic; ``None`` for 0), a 0-d buffer for the risk, and
+    whether they are on a CPU (where the risk is read on the host, see ``functional.CPU_READS_ON_HOST``)."""
 
     beta_star: Tensor
     sqrt_h: Tensor | float
     offset: Tensor | None
     risk: Tensor
+    on_cpu: bool
 
 
 class StructuredNoise(GradientNoise):
@@ -166,11 +169,12 @@ class StructuredNoise(GradientNoise):
             sqrt_h = math.sqrt(float(fv[0])) if isotropic else p.feature_variance.sqrt()
             s2 = self.problem.noise_std ** 2 / (float(fv[0]) if isotropic else 1.0)
             offset = torch.full((), s2, dtype=like.dtype, device=like.device) if s2 else None
-            self._consts = c = _Constants(p.beta_star, sqrt_h, offset, torch.empty((), dtype=like.dtype, device=like.device))
+            self._consts = c = _Constants(p.beta_star, sqrt_h, offset, torch.empty((), dtype=like.dtype, device=like.device),
+                                          like.device.type == "cpu")
         return c
 
-    def _noise_scale(self, loss: Tensor | None, scratch: Tensor, k: _Constants | None = None) -> tuple[Tensor, float]:
-        """``(s, f)`` with ``sqrt(2 R) = f s``: ``s`` a 0-d tensor (reused across steps), ``f`` a number.
+    def _twice_risk(self, loss: Tensor | None, scratch: Tensor, k: _Constants | None = None) -> tuple[Tensor, float]:
+        """``(s, f)`` with ``2 R = f^2 s``: ``s`` a 0-d tensor (reused across steps), ``f`` a number.
 
         ``2 R`` is E1, ``sum_i h_i r_i^2 + sigma^2``, or twice the closure's loss. With an isotropic
         spectrum ``2 R = h (sum_i r_i^2 + sigma^2 / h)``, so ``f = sqrt(h)`` and ``h`` costs no
@@ -180,7 +184,7 @@ class StructuredNoise(GradientNoise):
                 raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
             risk = loss.detach().to(scratch.dtype).clone()
             all_reduce_mean_([risk])
-            return risk.mul_(2.0).sqrt_(), 1.0
+            return risk.mul_(2.0), 1.0
         a, b = self.params
         k = self._constants(a) if k is None else k
         if self.model.parametrization == "uv":  # scratch = -r = beta* - beta (the sign squares away)
@@ -197,16 +201,17 @@ class StructuredNoise(GradientNoise):
             f = k.sqrt_h
         if k.offset is not None:
             k.risk.add_(k.offset)
-        return k.risk.sqrt_(), f
+        return k.risk, f
 
     def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm]:
         """The noise of :meth:`sample` as chain-rule products with one shared beta-noise buffer.
 
         ``t = sqrt(2 R) sqrt(h) z`` (shape ``(d,)``, reused across steps) and, with ``c^2`` the missing
         variance, u-noise ``= c v t``, v-noise ``= c u t`` (``"uv"``); ``+-c k w+-^(k-1) t`` (``"pm"``).
-        Passes over ``d`` entries: 3 for the risk, 2 for the draw (written, then scaled by
-        ``sqrt(2 R)``), 1 for ``sqrt(h)`` (isotropic spectrum: 2 for the risk, none for ``sqrt(h)``, a
-        number in the coefficient); no temporaries for ``"uv"`` and depth-2 ``"pm"``.
+        Passes over ``d`` entries: 3 for the risk, 1 for the draw (on an accelerator 2: scaled by
+        ``sqrt(2 R)`` on the device; on a CPU that number goes into the coefficient), 1 for ``sqrt(h)``
+        (isotropic spectrum: 2 for the risk, none for ``sqrt(h)``, a number in the coefficient); no
+        temporaries for ``"uv"`` and depth-2 ``"pm"``.
         """
         if torch.is_grad_enabled():  # the optimizer calls it under no_grad already
             with torch.no_grad():
@@ -227,9 +232,14 @@ class StructuredNoise(GradientNoise):
     def _terms(self, batch_size: int, generator: torch.Generator, loss: Tensor | None, t: Tensor) -> list[NoiseTerm]:
         a, b = self.params
         k = self._constants(a)
-        scale, f = self._noise_scale(loss, t, k)
+        twice, f = self._twice_risk(loss, t, k)  # 2 R = f^2 twice
         c = f * math.sqrt(missing_variance(batch_size, self.drift_batch_size))
-        draw_increments_(t, generator, self.increments, self._draw_scratch, scale=scale)
+        if k.on_cpu and functional.CPU_READS_ON_HOST:  # sqrt(2 R) into the coefficient as a number, no pass
+            r2 = float(twice)
+            c *= math.sqrt(r2) if r2 >= 0 else math.nan  # a negative loss gives NaN noise, as torch.sqrt
+            draw_increments_(t, generator, self.increments, self._draw_scratch)
+        else:  # on an accelerator a read would synchronize: scale t on the device
+            draw_increments_(t, generator, self.increments, self._draw_scratch, scale=twice.sqrt_())
         sqrt_h = k.sqrt_h
         if isinstance(sqrt_h, Tensor):
             t.mul_(sqrt_h)
