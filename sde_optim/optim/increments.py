@@ -10,7 +10,7 @@ independent entries of mean 0 and variance 1. Two kinds:
   their laws over runs) converges at the same weak order 1 in ``dt = 1/d``; only the single
   path differs. SGD's own gradient noise is not Gaussian either: at one step per ``1/d`` of
   time each coordinate's noise adds up over many steps, and only its covariance survives in the
-  limit (THEORY §2). It is drawn from 64-bit random words, one bit per entry, 7-10x cheaper
+  limit (THEORY §2). It is drawn from 64-bit random words, one bit per entry, ~14x cheaper
   than ``normal_`` on a CPU (whose mt19937 stream costs one 32-bit word per Gaussian): see
   docs/benchmarks.md, "Optimizer step".
 

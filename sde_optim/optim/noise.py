@@ -111,7 +111,7 @@ class StructuredNoise(GradientNoise):
             that every replica draws the same noise from the global-batch estimate).
         increments: the law of ``z``: ``"gaussian"`` (default, E3's Brownian increment) or
             ``"rademacher"`` (``z_i = +-1``: the simplified weak Euler scheme, the same risk and
-            curvature laws at weak order 1, 7-10x cheaper to draw on a CPU; see
+            curvature laws at weak order 1, ~14x cheaper to draw on a CPU; see
             :mod:`sde_optim.optim.increments`).
     """
 
