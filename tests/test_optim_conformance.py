@@ -808,6 +808,30 @@ def test_step_hooks_see_and_replace_torchs_arguments(case):
         optim.step()
 
 
+def test_a_subclass_whose_step_calls_super_runs_the_hooks_once():
+    """Each class's step is wrapped (hooks, profiler label); a subclass overriding step and calling
+    super().step() must not run the hooks twice (torch's own wrapper patches only the instance's class)."""
+
+    class Logged(HomogenizedSGD):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().step(closure)
+
+    p = TeacherProblem.sparse(8, 0.25, seed=0)
+    m = DiagonalLinearNetwork(8)
+    opt = Logged(m.parameters(), lr=0.1, batch_size=1, noise=StructuredNoise(p, m), seed=0)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    p.population_risk(m.beta).backward()
+    opt.step()
+    assert seen == ["pre", "post"] and opt.calls == 1
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert sum(e.name == "Optimizer.step#Logged.step" for e in prof.events()) == 1
+    assert opt.state_dict()["sde_optim"]["steps"] == 2
+
+
 @cases()
 def test_step_carries_torchs_profiler_label_only_while_profiling(case, monkeypatch):
     """The trace of torch.profiler names the step 'Optimizer.step#<class>.step' as torch's wrapper

@@ -58,20 +58,28 @@ def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
     ``Optimizer.step#<class>.step``), except that the label's ``record_function`` is entered only
     while the autograd profiler runs. Outside it the scope does nothing but cost: on the CPU
     build measured it made each operation inside dearer, ~60-100 us per HomogenizedSGD step at
-    d = 1e5 in a training loop (docs/benchmarks.md). Marked ``hooked`` so torch does not wrap it again."""
+    d = 1e5 in a training loop (docs/benchmarks.md). Marked ``hooked`` so torch does not wrap it again.
+    Every subclass's ``step`` is wrapped (:meth:`_SGDFamily.__init_subclass__`); one that calls
+    ``super().step()`` runs the hooks once, in the outermost wrapper."""
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
-        if torch.autograd.profiler._is_profiler_enabled:
-            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+        if self.__dict__.get("_stepping"):  # a subclass's step calling super().step(): its wrapper ran the hooks
+            return step(*args, **kwargs)
+        self._stepping = True
+        try:
+            if torch.autograd.profiler._is_profiler_enabled:
+                with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                    return _run_with_hooks(step, args, kwargs)
+            if (_global_optimizer_pre_hooks or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                    or _global_optimizer_post_hooks):
                 return _run_with_hooks(step, args, kwargs)
-        if (_global_optimizer_pre_hooks or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                or _global_optimizer_post_hooks):
-            return _run_with_hooks(step, args, kwargs)
-        out = step(*args, **kwargs)  # no hooks registered
-        self._optimizer_step_code()
-        return out
+            out = step(*args, **kwargs)  # no hooks registered
+            self._optimizer_step_code()
+            return out
+        finally:
+            self._stepping = False
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return wrapper
