@@ -56,7 +56,7 @@ def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
     """``step`` wrapped as ``torch.optim.Optimizer`` wraps it (global and per-optimizer pre/post hooks,
     in torch's order and with torch's arguments; ``_optimizer_step_code``; the profiler label
     ``Optimizer.step#<class>.step``), except that the label's ``record_function`` is entered only
-    while the autograd profiler runs. Outside it the scope does nothing but cost: on the CPU
+    while a profiler runs (``torch.profiler``, the legacy one, NVTX or ITT ranges). Outside it the scope does nothing but cost: on the CPU
     build measured it made each operation inside dearer, ~60-100 us per HomogenizedSGD step at
     d = 1e5 in a training loop (docs/benchmarks.md). Marked ``hooked`` so torch does not wrap it again.
     Every subclass's ``step`` is wrapped (:meth:`_SGDFamily.__init_subclass__`); one that calls
@@ -69,7 +69,7 @@ def _hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
             return step(*args, **kwargs)
         self._stepping = True
         try:
-            if torch.autograd.profiler._is_profiler_enabled:
+            if torch.autograd._profiler_enabled():  # any profiler: torch.profiler, legacy, NVTX, ITT
                 with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
                     return _run_with_hooks(step, args, kwargs)
             if (_global_optimizer_pre_hooks or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
