@@ -798,14 +798,14 @@ def test_raise_leaves_params_buffers_and_generator_unchanged():
 
 
 # ----------------------------------------------------------------------------- non-finite check (issue 15)
-@pytest.mark.parametrize("check", ["all_finite", "finite_on_host"])
+@pytest.mark.parametrize("check", ["all_finite", "finite_on_cpu"])
 def test_all_finite_is_not_fooled_by_large_finite_values(check):
-    """float32 entries of 1e35 in 1e4 coordinates overflow a sum (the old check; finite_on_host's first
-    look on a CPU, which then reads the extremes) but are finite."""
+    """float32 entries of 1e35 in 1e4 coordinates overflow a sum (the old check; finite_on_cpu's first
+    look, which then reads the extremes) but are finite."""
     from sde_optim.optim import functional
 
     def all_finite(tensors):
-        return torch.tensor(functional.finite_on_host(tensors)) if check == "finite_on_host" else \
+        return torch.tensor(functional.finite_on_cpu(tensors)) if check == "finite_on_cpu" else \
             functional.all_finite(tensors)
 
     big = torch.full((10_000,), 1e35)

@@ -24,7 +24,6 @@ from .functional import (
     apply_,
     directions,
     finite_on_cpu,
-    finite_on_host,
     momentum_,
     nesterov,
     resolve_foreach,
@@ -221,7 +220,7 @@ class _SGDFamily(Optimizer):
         checked = layout.spans if in_workspace else [d for _, dirs, _, _ in plans for d in dirs]
         gate = None
         if self.nonfinite == "raise" or (layout.on_cpu and functional.CPU_READS_ON_HOST):
-            if not (finite_on_cpu(checked) if layout.on_cpu else finite_on_host(checked)):
+            if not (finite_on_cpu(checked) if layout.on_cpu else bool(all_finite(checked))):  # "raise": one sync
                 self._reject(checked[0].device, rng)  # raises under "raise"
                 return
         else:  # "skip" on an accelerator: decided on the device, no synchronization

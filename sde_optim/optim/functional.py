@@ -7,8 +7,8 @@ can be checked for non-finite values *before* any parameter or momentum buffer c
 
 1. :func:`directions`: ``d = g + weight_decay * p + noise_scale * xi`` per parameter (``g``
    the gradient, negated with ``maximize``; ``xi`` the noise, THEORY §2/E3);
-2. :func:`all_finite`: one device-side flag for all ``d`` (no host synchronization), or
-   :func:`finite_on_host` where the decision is read on the host anyway (``"raise"``, a CPU);
+2. :func:`all_finite`: one device-side flag for all ``d`` (no host synchronization), or on a CPU
+   :func:`finite_on_cpu`, read on the host;
 3. :func:`momentum_` (and :func:`nesterov`): ``torch.optim.SGD``'s momentum buffer on ``d``
    (THEORY §7, E11);
 4. :func:`apply_`: ``p <- p - lr * u``.
@@ -34,7 +34,6 @@ __all__ = [
     "Gate",
     "directions",
     "all_finite",
-    "finite_on_host",
     "finite_on_cpu",
     "sanitize",
     "momentum_",
@@ -229,18 +228,10 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     return ok
 
 
-def finite_on_host(tensors: Sequence[Tensor]) -> bool:
-    """:func:`all_finite` read on the host: on an accelerator one synchronization; on a CPU, where
-    reading a tensor is none, a sum per tensor (one read, half the cost of ``aminmax`` there): a
-    finite sum proves every entry finite; a non-finite one (a NaN/Inf entry, or finite entries whose
-    sum overflows) is decided by the extremes, as in :func:`all_finite`."""
-    if not all(t.device.type == "cpu" for t in tensors):
-        return bool(all_finite(tensors))
-    return finite_on_cpu(tensors)
-
-
 def finite_on_cpu(tensors: Sequence[Tensor]) -> bool:
-    """:func:`finite_on_host` for tensors known to be on a CPU."""
+    """:func:`all_finite` for CPU tensors, read on the host (which on a CPU is no synchronization): a sum
+    per tensor (one read, half the cost of ``aminmax`` there); a finite sum proves every entry finite, a
+    non-finite one (a NaN/Inf entry, or finite entries whose sum overflows) is decided by the extremes."""
     for t in tensors:
         if t.numel() and not math.isfinite(t.sum()):
             lo, hi = torch.aminmax(t)
