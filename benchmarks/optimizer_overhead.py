@@ -20,7 +20,7 @@ measurement behind not using torch.compile in the optimizer (see docs/benchmarks
 ``step()`` (torch profiler on CPU: the sum of all allocations, an upper bound on the step's
 peak extra memory; on CUDA the peak allocated above the baseline).
 
-    python benchmarks/optimizer_overhead.py [--device cuda] [--reps 30] [--threads 1] [--compile-prototype]
+    python benchmarks/optimizer_overhead.py [--device cuda] [--reps 30] [--threads 1] [--runs 5] [--compile-prototype]
 """
 
 from __future__ import annotations
@@ -105,9 +105,12 @@ def _case(name, make, device, reps, inner):
         mem[k] = _step_memory(opt.step, device)
     base = "SGD"
     s0, t0 = statistics.median(step_t[base]), statistics.median(train_t[base])
+    ratios = {}
     for k in kinds:
         s, t = statistics.median(step_t[k]), statistics.median(train_t[k])
         print(f"{name:<22} {k:<24} {s * 1e6:10.1f} {s / s0:8.2f}x {t * 1e6:12.1f} {t / t0:8.2f}x {mem[k] / 2**20:10.2f}")
+        ratios[k] = t / t0
+    return ratios
 
 
 class _RandnFloor:
@@ -193,7 +196,7 @@ def dln_case(device, dtype, reps, inner, compile_prototype=False):
              "H rademacher mom 0.9", "floor: SGD + signs(d)"]
     if compile_prototype:
         kinds.append("compiled post-draw proto")
-    _case("DLN d=1e5 structured", {k: build(k) for k in kinds}, device, reps, inner)
+    return _case("DLN d=1e5 structured", {k: build(k) for k in kinds}, device, reps, inner)
 
 
 def mlp_case(device, dtype, reps, inner, batch=32):
@@ -231,14 +234,23 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--compile-prototype", action="store_true",
                     help="add the torch.compile prototype row (compiles for tens of seconds first)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the DLN case this many times (fresh models) and summarize its training-step ratios")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"# device={device}, dtype={args.dtype}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"median of {args.reps} interleaved repetitions x {args.inner} steps")
     print(f"{'case':<22} {'optimizer':<24} {'step us':>10} {'ratio':>9} {'train us':>12} {'ratio':>9} {'alloc MiB':>10}")
-    dln_case(device, dtype, args.reps, args.inner, args.compile_prototype)
+    runs = [dln_case(device, dtype, args.reps, args.inner, args.compile_prototype) for _ in range(args.runs)]
+    if args.runs > 1:  # the run-to-run spread on a shared machine: a ratio claim should hold over it
+        print(f"# DLN training step vs SGD over {args.runs} runs: min / median / max")
+        for k in runs[0]:
+            xs = sorted(r[k] for r in runs)
+            print(f"{'DLN d=1e5 structured':<22} {k:<24} {xs[0]:8.2f}x {statistics.median(xs):8.2f}x {xs[-1]:8.2f}x")
     mlp_case(device, dtype, args.reps, args.inner)
 
 
