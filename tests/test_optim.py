@@ -1033,3 +1033,19 @@ def test_a_negative_loss_gives_nan_noise_on_both_paths(cpu_path):
         return loss - 1.0  # negative
     opt.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())) and int(opt.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_structured_noise_in_a_half_dtype_does_not_overflow_where_the_risk_does_not(dtype, cpu_path):
+    """The isotropic risk is 2R = h sum r^2 + sigma^2; folding h into the coefficient divides sigma^2 by h
+    (= 1/d here), which overflows float16 (65504) at sigma = 1, d = 7e4 although 2R ~ 1 does not. In half
+    dtypes the fold is not used: the noise stays finite and within float16's resolution of the formula."""
+    d = 70_000
+    p = TeacherProblem.sparse(d, 0.1, noise_std=1.0, seed=0)
+    m = DiagonalLinearNetwork(d, dtype=dtype)
+    noise = StructuredNoise(p, m, increments="rademacher")
+    nu, nv = noise.sample(1, torch.Generator().manual_seed(0), None)
+    assert bool(torch.isfinite(nu).all()) and bool(torch.isfinite(nv).all())
+    s = torch.sqrt(2 * p.population_risk(m.beta.detach().double()) * p.feature_variance)  # float64 reference
+    z = nv.double() / (m.u.detach().double() * s)  # v-noise = u s z (the default init has v = 0: u-noise is 0)
+    assert float((z.abs() - 1).abs().max()) < 0.02  # |z| = 1 up to float16's 2^-10 per rounding, a few of them

@@ -73,13 +73,17 @@ class GradientNoise:
 
 
 class _Constants(NamedTuple):
-    """What a structured step needs besides the parameters, on their device and dtype: ``beta*``,
-    ``sqrt(h)`` (a number for an isotropic spectrum), the 0-d offset added to the risk's sum
-    (``sigma^2``, or ``sigma^2 / h`` when isotropic; ``None`` for 0), a 0-d buffer for the risk, and
+    """What a structured step needs besides the parameters, on their device and dtype: ``beta*``;
+    ``sqrt(h)`` (a number for an isotropic spectrum); ``f`` and ``h_left`` with ``2 R = f^2 (h_left
+    sum r^2 + offset)`` for an isotropic spectrum (``f = sqrt(h)``, ``h_left = 1`` in float32/64;
+    ``f = 1``, ``h_left = h`` in a half dtype, where ``sigma^2 / h`` could overflow); the 0-d offset
+    (``sigma^2``, or ``sigma^2 / h`` when folded; ``None`` for 0); a 0-d buffer for the risk; and
     whether they are on a CPU (where the risk is read on the host, see ``functional.CPU_READS_ON_HOST``)."""
 
     beta_star: Tensor
     sqrt_h: Tensor | float
+    f: float
+    h_left: float
     offset: Tensor | None
     risk: Tensor
     on_cpu: bool
@@ -167,10 +171,14 @@ class StructuredNoise(GradientNoise):
             fv = self.problem.feature_variance
             isotropic = bool((fv == fv[0]).all())
             sqrt_h = math.sqrt(float(fv[0])) if isotropic else p.feature_variance.sqrt()
-            s2 = self.problem.noise_std ** 2 / (float(fv[0]) if isotropic else 1.0)
+            # isotropic: 2R = h (sum r^2 + sigma^2 / h), h in the coefficient; in a half dtype sigma^2 / h can
+            # overflow (65504 in float16: sigma = 1 at d = 7e4), so there 2R = h sum r^2 + sigma^2 as it stands
+            fold = isotropic and like.dtype in (torch.float32, torch.float64)
+            h_left = float(fv[0]) if isotropic and not fold else 1.0  # multiplies the sum when not folded
+            s2 = self.problem.noise_std ** 2 / (float(fv[0]) if fold else 1.0)
             offset = torch.full((), s2, dtype=like.dtype, device=like.device) if s2 else None
-            self._consts = c = _Constants(p.beta_star, sqrt_h, offset, torch.empty((), dtype=like.dtype, device=like.device),
-                                          like.device.type == "cpu")
+            self._consts = c = _Constants(p.beta_star, sqrt_h, sqrt_h if fold else 1.0, h_left, offset,
+                                          torch.empty((), dtype=like.dtype, device=like.device), like.device.type == "cpu")
         return c
 
     def _twice_risk(self, loss: Tensor | None, scratch: Tensor, k: _Constants | None = None) -> tuple[Tensor, float]:
@@ -178,7 +186,7 @@ class StructuredNoise(GradientNoise):
 
         ``2 R`` is E1, ``sum_i h_i r_i^2 + sigma^2``, or twice the closure's loss. With an isotropic
         spectrum ``2 R = h (sum_i r_i^2 + sigma^2 / h)``, so ``f = sqrt(h)`` and ``h`` costs no
-        operation. ``scratch`` (shape ``(d,)``) is overwritten; ``k``: :meth:`_constants`, when at hand."""
+        operation (float32/64; see :class:`_Constants` for half dtypes). ``scratch`` (shape ``(d,)``) is overwritten; ``k``: :meth:`_constants`, when at hand."""
         if self.risk == "loss":
             if loss is None:
                 raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
@@ -195,13 +203,13 @@ class StructuredNoise(GradientNoise):
             torch.sub(b.pow(self.model.depth), a.pow(self.model.depth), out=scratch).add_(k.beta_star)
         if isinstance(k.sqrt_h, Tensor):
             torch.dot(scratch.mul_(k.sqrt_h), scratch, out=k.risk)
-            f = 1.0
         else:
             torch.dot(scratch, scratch, out=k.risk)
-            f = k.sqrt_h
+            if k.h_left != 1.0:
+                k.risk.mul_(k.h_left)
         if k.offset is not None:
             k.risk.add_(k.offset)
-        return k.risk, f
+        return k.risk, k.f
 
     def draw(self, batch_size: int, generator: torch.Generator, loss: Tensor | None) -> list[NoiseTerm]:
         """The noise of :meth:`sample` as chain-rule products with one shared beta-noise buffer.
