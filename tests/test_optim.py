@@ -1049,3 +1049,30 @@ def test_structured_noise_in_a_half_dtype_does_not_overflow_where_the_risk_does_
     s = torch.sqrt(2 * p.population_risk(m.beta.detach().double()) * p.feature_variance)  # float64 reference
     z = nv.double() / (m.u.detach().double() * s)  # v-noise = u s z (the default init has v = 0: u-noise is 0)
     assert float((z.abs() - 1).abs().max()) < 0.02  # |z| = 1 up to float16's 2^-10 per rounding, a few of them
+
+
+@pytest.mark.parametrize("increments", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_host_and_device_paths_take_the_same_steps(increments, momentum, monkeypatch):
+    """On a CPU the step reads the finite check and the noise scale on the host; forced onto the accelerator's
+    path (gate, scale on the device) it must take the same steps: 20 steps with a non-finite gradient at step 10,
+    the same parameters to rounding (the scale multiplies as a number or as a 0-d tensor: 1e-12 relative in
+    float64) and the same skipped count."""
+    runs = []
+    for host in (True, False):
+        monkeypatch.setattr(optim_functional, "CPU_READS_ON_HOST", host)
+        p = TeacherProblem.sparse(64, 0.25, noise_std=0.2, seed=0)
+        m = _random_dln(64)
+        opt = HomogenizedSGD(m.parameters(), lr=0.3, batch_size=2, noise=StructuredNoise(p, m, increments=increments),
+                             momentum=momentum, weight_decay=1e-3, seed=9)
+        for k in range(20):
+            opt.zero_grad()
+            p.population_risk(m.beta).backward()
+            if k == 10:
+                m.v.grad[5] = float("nan")
+            opt.step()
+        runs.append((m.u.detach().clone(), m.v.detach().clone(), int(opt.skipped_steps)))
+    (u1, v1, s1), (u2, v2, s2) = runs
+    torch.testing.assert_close(u1, u2, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(v1, v2, rtol=1e-12, atol=1e-15)
+    assert s1 == s2 == 1
