@@ -439,6 +439,35 @@ def test_cuda_homogenized_step_and_state():
     assert m.u.is_cuda and torch.isfinite(m.u).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("increments", ["gaussian", "rademacher"])
+def test_cuda_step_matches_the_device_path_on_the_cpu(increments):
+    """On CUDA the step takes the device path (gate, scale on the device); the same run with the same
+    generator stream is not available across devices, so: the CUDA step is finite, skips a non-finite step
+    and counts it on the device, its Rademacher draws are exactly +-scale, and state survives a round trip."""
+    p = TeacherProblem.sparse(256, 0.1, noise_std=0.1, seed=0, dtype=torch.float32, device="cuda")
+    m = DiagonalLinearNetwork(256, device="cuda")
+    noise = StructuredNoise(p, m, increments=increments)
+    opt = HomogenizedSGD(m.parameters(), lr=0.5, batch_size=1, noise=noise, momentum=0.9, seed=3)
+    for k in range(6):
+        opt.zero_grad()
+        p.population_risk(m.beta).backward()
+        if k == 3:
+            m.u.grad[7] = float("nan")
+        before = m.u.detach().clone()
+        opt.step()
+        if k == 3:
+            assert torch.equal(before, m.u.detach())
+    assert int(opt.skipped_steps) == 1 and bool(torch.isfinite(m.u).all()) and bool(torch.isfinite(m.v).all())
+    if increments == "rademacher":
+        nu, nv = noise.sample(1, torch.Generator(device="cuda").manual_seed(0), None)
+        z = nv / m.u.detach()
+        assert bool(torch.isclose(z.abs(), z.abs()[0].expand_as(z), rtol=1e-5).all())
+    opt.load_state_dict(opt.state_dict())
+    assert opt.generator.device.type == "cuda"
+
+
 # ----------------------------------------------------------------------------- torch.optim behaviour (issue 16)
 def _dln_run(kind, *, momentum=0.0, nonfinite="skip", dtype=torch.float64, d=16):
     """A (model, optimizer, step) triple; step(model, opt) takes one optimizer step with fresh drift."""
