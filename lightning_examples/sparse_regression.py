@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                     help="torch.optim.SGD, HomogenizedSGD (its SDE) or SVAG")
     ap.add_argument("--svag-l", type=float, default=4.0, help="SVAG amplification l (optimizer svag)")
+    ap.add_argument("--increments", default="gaussian", choices=["gaussian", "rademacher"],
+                    help="HomogenizedSGD's noise draws (optimizer homogenized): Gaussian, or +-1 (same laws, cheaper)")
     add_sgd_arguments(ap, schedule_flag="--scheduler")  # --momentum --dampening --nesterov --weight-decay --scheduler
     ap.add_argument("--alpha", type=float, default=0.1, help="initialization scale")
     ap.add_argument("--init", default="unbalanced", choices=["unbalanced", "balanced"], help="initialization")
@@ -67,7 +69,7 @@ def build(args: argparse.Namespace) -> tuple[TeacherRegression, TeacherDataModul
     module = TeacherRegression(teacher, lr=args.lr, sgd_batch_size=args.batch_size, optimizer=args.optimizer,
                                svag_l=args.svag_l, alpha=args.alpha, init=args.init, momentum=args.momentum,
                                dampening=args.dampening, nesterov=args.nesterov, weight_decay=args.weight_decay,
-                               scheduler=args.schedule)
+                               scheduler=args.schedule, increments=args.increments)
     max_steps = args.max_steps if args.max_steps is not None else math.ceil(6 * args.dim / module.sgd_steps_per_step)
     if max_steps < 1:
         raise ValueError(f"--max-steps must be an integer >= 1, got {max_steps}")

@@ -315,6 +315,22 @@ def test_teacher_regression_declares_what_the_monitor_reads(tmp_path, optimizer,
         assert module.global_batch_size == batch
 
 
+def test_teacher_regression_draws_homogenized_noise_with_the_chosen_increments(tmp_path):
+    """increments="rademacher" reaches HomogenizedSGD's noise model (the cheaper draws on a CPU), is kept in
+    the hyperparameters (so a checkpoint rebuilds it), and is refused with the optimizers that draw no noise."""
+    module = TeacherRegression(TeacherSpec(32, 0.25), lr=0.5, sgd_batch_size=2, optimizer="homogenized",
+                               increments="rademacher", noise_seed=0)
+    trainer = _tiny_fit(tmp_path, [], max_steps=4, module=module)
+    opt = trainer.optimizers[0]
+    assert opt.noise.increments == "rademacher" and module.hparams["increments"] == "rademacher"
+    assert bool(torch.isfinite(module.model.beta).all())
+    assert TeacherRegression(TeacherSpec(32, 0.25), lr=0.5, optimizer="homogenized").increments == "gaussian"
+    with pytest.raises(ValueError, match="increments applies to optimizer 'homogenized'"):
+        TeacherRegression(TeacherSpec(32, 0.25), lr=0.5, optimizer="sgd", increments="rademacher")
+    with pytest.raises(ValueError, match="increments"):
+        TeacherRegression(TeacherSpec(32, 0.25), lr=0.5, optimizer="homogenized", increments="uniform")
+
+
 def test_a_declared_batch_that_contradicts_the_optimizer_is_warned_about(tmp_path):
     module = TeacherRegression(TeacherSpec(32, 0.25), lr=0.5, sgd_batch_size=2, optimizer="homogenized")
     with pytest.warns(UserWarning, match="predicts SGD with batch 5, but HomogenizedSGD simulates batch 2"):
