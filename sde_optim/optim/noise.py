@@ -181,12 +181,12 @@ class StructuredNoise(GradientNoise):
                                           torch.empty((), dtype=like.dtype, device=like.device), like.device.type == "cpu")
         return c
 
-    def _twice_risk(self, loss: Tensor | None, scratch: Tensor, k: _Constants | None = None) -> tuple[Tensor, float]:
+    def _twice_risk(self, loss: Tensor | None, scratch: Tensor, k: _Constants) -> tuple[Tensor, float]:
         """``(s, f)`` with ``2 R = f^2 s``: ``s`` a 0-d tensor (reused across steps), ``f`` a number.
 
         ``2 R`` is E1, ``sum_i h_i r_i^2 + sigma^2``, or twice the closure's loss. With an isotropic
         spectrum ``2 R = h (sum_i r_i^2 + sigma^2 / h)``, so ``f = sqrt(h)`` and ``h`` costs no
-        operation (float32/64; see :class:`_Constants` for half dtypes). ``scratch`` (shape ``(d,)``) is overwritten; ``k``: :meth:`_constants`, when at hand."""
+        operation (float32/64; see :class:`_Constants` for half dtypes). ``scratch`` (shape ``(d,)``) is overwritten; ``k``: :meth:`_constants`."""
         if self.risk == "loss":
             if loss is None:
                 raise ValueError("StructuredNoise(risk='loss') needs the loss: pass a closure to step() that returns it")
@@ -194,7 +194,6 @@ class StructuredNoise(GradientNoise):
             all_reduce_mean_([risk])
             return risk.mul_(2.0), 1.0
         a, b = self.params
-        k = self._constants(a) if k is None else k
         if self.model.parametrization == "uv":  # scratch = -r = beta* - beta (the sign squares away)
             torch.addcmul(k.beta_star, a, b, value=-1.0, out=scratch)
         elif self.model.depth == 2:

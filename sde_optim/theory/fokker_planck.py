@@ -690,7 +690,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
 
     def over_budget(g: int, sol: FokkerPlanckSolution) -> bool:
         # the next solve costs about twice this one (cells x 2 on its steps, or about twice its steps)
-        return spent[g] + 2 * sol.nfe > max_evaluations or work[g] + 2 * _work(sol) > max_work
+        return _next_exceeds(spent[g], 2 * sol.nfe, max_evaluations, work[g], 2 * _work(sol), max_work)
 
     def finish(g: int, sol: FokkerPlanckSolution, estimate: float) -> None:
         sol.error_estimate, sol.levels = estimate, solves[g] - 1
@@ -858,8 +858,8 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         cross_abs = ((a - ref_s) - (_observed_curves(other) - ref_c)).abs()
         ok = torch.isfinite(a).all(0) & (fine.risk >= estimate_floor * fine.risk[0])
         cross = float((cross_abs / a.abs().clamp_min(1e-300))[:, ok].max()) if bool(ok.any()) else 0.0
-        if (estimate + cross <= allowed or 2 * n_cells > max_cells or spent + 4 * fine.nfe > max_evaluations
-                or work + 4 * (_work(fine) + _work(other)) > max_work):  # a level: cells x 2 and about 2x the steps
+        if (estimate + cross <= allowed or 2 * n_cells > max_cells  # a level: cells x 2 and about 2x the steps
+                or _next_exceeds(spent, 4 * fine.nfe, max_evaluations, work, 4 * (_work(fine) + _work(other)), max_work)):
             break
         if cross > 0.5 * allowed and cross > 0.5 * cross_before:
             return None  # the correction's type dependence does not fall with the grid: check the final types instead
@@ -873,6 +873,13 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     fine.error_estimate = estimate + cross
     fine.levels = level
     return fine, estimate, cross
+
+
+def _next_exceeds(spent: int, next_evaluations: float, max_evaluations: int, work: float, next_work: float,
+                  max_work: float) -> bool:
+    """Whether the grid check's next solve(s), costing about ``next_evaluations`` operator evaluations and
+    ``next_work`` cell updates, would take it past either soft cap (the caller then stops and warns)."""
+    return spent + next_evaluations > max_evaluations or work + next_work > max_work
 
 
 def _work(sol: "FokkerPlanckSolution") -> float:
