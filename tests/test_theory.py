@@ -608,3 +608,31 @@ def test_a_spectrum_whose_top_coordinates_take_large_steps_warns_that_the_limit_
         iso = predict(TeacherProblem.sparse(d, 0.2, noise_std=0.1, seed=1), DiagonalLinearNetwork(d, alpha=0.1),
                       lr=0.5, batch_size=1, steps=3 * d, num_points=21)
     assert iso.info["finite_d"]["curvature_step"] < 0.01
+
+
+def test_a_point_without_weight_adds_nothing_to_an_expectation():
+    """Zero-weight points contribute 0 even where the density is inf; a nan density with weight stays nan."""
+    from sde_optim.theory.statistics import expectation
+
+    values = torch.tensor([[math.inf, 2.0, -math.inf]], dtype=F64)
+    weight = torch.tensor([[0.0, 0.25, 0.0]], dtype=F64)
+    assert float(expectation(values, weight)) == 0.5
+    assert math.isnan(float(expectation(torch.tensor([[math.nan, 1.0]], dtype=F64), torch.tensor([[0.5, 0.5]], dtype=F64))))
+
+
+def test_a_wide_law_gives_finite_curves_where_a_density_overflows():
+    """THEORY §6 (noiseless) at lr 11, past the decay-critical lr (~10) but bounded: the off-support type's law is
+    wide in phi, its grid reaches |phi| ~ 300 (the state clamp), where lambda^2 r^2 rho (E8's S1, ``grad_norm``)
+    is inf on cells without mass.  Before zero-weight points added 0 (``inf * 0 = nan``), the E8 rate and the
+    ``grad_norm`` curve were nan from step 8448 of 10240 on, with no warning."""
+    d = 1024
+    problem = TeacherProblem.sparse(d, 0.1, noise_std=0.0, seed=0)
+    model = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+    pred = predict(problem, model, lr=11.0, steps=10 * d, num_points=41, tol=3e-3, observables="all",
+                   options={"refine": False})
+    assert pred.divergence_step is None
+    assert bool(torch.isfinite(pred.local_rate).all())
+    for name, curve in pred.curves.items():
+        assert bool(torch.isfinite(curve).all()), name
+    for name, curve in pred.scatter.items():
+        assert bool(torch.isfinite(curve).all()), name

@@ -67,6 +67,7 @@ from torch import Tensor
 from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
 from .dynamics import MeanFieldDynamics
+from .statistics import weighted
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
@@ -225,7 +226,7 @@ class FokkerPlanckSolution:
         if self.curves is not None:
             return self.curves.transpose(0, 1)
         c, w = self.points()
-        return torch.stack([(_RISK.density(c) * w).sum(-1), (_CURVATURE.density(c) * w).sum(-1)])
+        return torch.stack([weighted(_RISK.density(c), w).sum(-1), weighted(_CURVATURE.density(c), w).sum(-1)])
 
 
 def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, ends_zero: bool = False,

@@ -13,16 +13,28 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import Tensor
 
 from ..observables import OBSERVABLES, CoordinateState, Observable
 
-__all__ = ["expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate", "finite_d_indicators"]
+__all__ = ["weighted", "expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate", "finite_d_indicators"]
+
+
+def weighted(values: Tensor, weight: Tensor) -> Tensor:
+    """``values * weight`` with exactly 0 where the weight is 0 (broadcast shapes).
+
+    A point without weight adds nothing, even where its density overflows: a wide law's grid reaches
+    ``|phi| ~ 300`` (:class:`~sde_optim.theory.dynamics.MeanFieldDynamics` clamps there), where ``beta^2`` is finite
+    but ``lambda^2 r^2 rho`` (E8, ``grad_norm``) is ``inf``, and ``inf * 0`` was a ``nan`` curve (THEORY §6 at
+    ``lr = 11``, noiseless: the E8 rate and ``grad_norm`` were ``nan`` from ``t = 2.5`` on).
+    """
+    return torch.where(weight == 0, 0.0, values * weight)
 
 
 def expectation(values: Tensor, weight: Tensor) -> Tensor:
-    """``sum_{tau,k} w[tau,k] values[..., tau, k]``: shape ``(...)``."""
-    return (values * weight).sum(dim=(-2, -1))
+    """``sum_{tau,k} w[tau,k] values[..., tau, k]`` (zero-weight points add 0, :func:`weighted`): shape ``(...)``."""
+    return weighted(values, weight).sum(dim=(-2, -1))
 
 
 def observable_values(c: CoordinateState, weight: Tensor, observables: Iterable[Observable], noise_std: float) -> dict[str, Tensor]:
@@ -79,8 +91,8 @@ def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Ten
     pi = weight.sum(-1)
     for o in {o.name: o for o in (OBSERVABLES["risk"], OBSERVABLES["curvature"], *observables)}.values():
         g = o.density(c)
-        gw = g * weight
-        m1, m2 = gw.sum(-1), (g * gw).sum(-1)
+        gw = weighted(g, weight)
+        m1, m2 = gw.sum(-1), weighted(g, gw).sum(-1)
         within = (m2 - m1 * m1 / pi.clamp_min(1e-300)).clamp_min(0.0).sum(-1)
         total = m1.sum(-1)
         out[f"{o.name}_scatter"] = (within / dim).sqrt() / (total + o.offset(noise_std)).abs().clamp_min(1e-300)
