@@ -25,6 +25,7 @@ diffusion and imbalance of E4-E6 per type, used by the PDE, the particles and th
 from __future__ import annotations
 
 import bisect
+import math
 import copy
 import warnings
 from dataclasses import dataclass, field, replace
@@ -433,6 +434,19 @@ class CoefficientBatch:
 _X_MAX = 300.0  # largest |phi| or |psi| a state is evaluated at (see MeanFieldDynamics.state)
 
 
+def _narrow_bound(q: Tensor, is_phi: Tensor, dtype: torch.dtype) -> Tensor:
+    """The largest ``|x|`` a state is evaluated at in a dtype narrower than float64 (``(T, 1)``, with ``q``'s shape).
+
+    ``e^300`` overflows float32, and so did ``beta^2`` at a window's edge (``x ~ 60`` with ``|q| ~ 1e-3``): the risk
+    there was ``inf``, ``inf * 0`` a nan in the cell masses, and the solve diverged at its first steps, silently
+    (a power law with a Gaussian teacher, ``d = 4096``).  Here ``|beta|`` and ``rho`` stay below ``max^(1/8)``
+    (``beta^8``, the highest power any statistic takes, finite): ``|phi| <= log(max)/8 + log(2/|q|)`` and
+    ``|psi| <= log(max)/8``, and ``e^x`` itself finite.  Cells that far out hold no mass unless the run diverges."""
+    top = math.log(torch.finfo(dtype).max)
+    phi_bound = top / 8.0 + torch.log(2.0 / q.abs().clamp_min(torch.finfo(dtype).tiny))
+    return torch.where(is_phi, phi_bound.clamp_max(top - 1.0), torch.full_like(phi_bound, top / 8.0))
+
+
 class MeanFieldDynamics:
     """Drift, diffusion and imbalance of E4-E6 (with E10-E12) for a set of types: used by every solver.
 
@@ -513,8 +527,12 @@ class MeanFieldDynamics:
 
         ``x`` is clamped to ``|x| <= 300`` (``|beta| <= e^300``, so ``beta^2`` and the drift stay finite): a grid
         cell further out holds no mass unless the run diverges, and an overflow there put ``inf * 0 = nan`` into
-        the risk and the operator (a 20-std window on a wide law, at 0.7x the critical lr)."""
+        the risk and the operator (a 20-std window on a wide law, at 0.7x the critical lr).  In float32 tighter, so
+        that ``|beta|`` and ``rho`` stay below ``max^(1/8)`` (:func:`_narrow_bound`)."""
         x = x.clamp(-_X_MAX, _X_MAX)
+        if x.dtype != torch.float64:
+            bound = _narrow_bound(q, self.is_phi, x.dtype)
+            x = x.clamp(-bound, bound)
         if self.only == KIND_PHI:
             beta, rho = phi_to_state(q, x)
             return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
