@@ -657,3 +657,16 @@ def test_float32_follows_float64_where_a_window_edge_overflowed():
     for name in ("risk", "curvature"):
         rel = (low.curves[name].double() - ref.curves[name]).abs() / ref.curves[name].abs()
         assert float(rel[window].max()) <= 2e-3, name
+
+
+@pytest.mark.parametrize("method", ["pde", "gradient_flow"])
+def test_float32_outputs_are_finite_where_an_observable_starts_at_zero(method):
+    """``l1`` is 0 at an unbalanced start (``v0 = 0``): its scatter divided 0 by ``clamp_min(1e-300)``, which is 0 in
+    float32, and came out nan; the guards now take the dtype's own floor (``statistics.tiny``)."""
+    d = 256
+    problem = TeacherProblem.sparse(d, 0.1, noise_std=0.1, seed=1)
+    model = DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
+    pred = predict(problem, model, lr=0.5, steps=4 * d, method=method, observables="all", dtype=torch.float32,
+                   num_points=21)
+    for name, values in {**pred.curves, **pred.scatter, "local_rate": pred.local_rate}.items():
+        assert bool(torch.isfinite(values).all()), name

@@ -67,7 +67,7 @@ from torch import Tensor
 from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
 from .dynamics import MeanFieldDynamics
-from .statistics import weighted
+from .statistics import tiny, weighted
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
@@ -331,7 +331,7 @@ class _Statistics:
         """Per group ``(G,)``: the largest relative change of ``R`` or ``C`` that a mass change of size ``change``
         (``|dmass|``, ``(G, T, N)``) can cause (weighted L1)."""
         num = (change * self.observed).sum(dim=(-2, -1))
-        return (num / self.observed_total.clamp_min(1e-300)).amax(0)
+        return (num / self.observed_total.clamp_min(tiny(num))).amax(0)
 
 
 @dataclass
@@ -431,7 +431,7 @@ class _Grid:
                                None, None, per_type)
         dens = observed[0] * mass
         ends = dens[..., :2].sum(dim=(-2, -1)) + dens[..., -2:].sum(dim=(-2, -1))
-        tail_share = ends / dens.sum(dim=(-2, -1)).clamp_min(1e-300)
+        tail_share = ends / dens.sum(dim=(-2, -1)).clamp_min(tiny(ends))
         if self.step_limit is not None:
             factor, dim = self.step_limit  # past gamma lam rho / d > factor one discrete step is unstable
             limit = factor * dim / dyn.coef.gamma(t, side)
@@ -468,7 +468,7 @@ class _Grid:
         phi1 = torch.where(small, 1.0 - 0.5 * kh, -torch.expm1(-safe) / safe)  # (1 - e^-kh) / kh
         phi2 = torch.where(small, 1.0 - kh, -torch.expm1(-2.0 * safe) / (2.0 * safe))  # (1 - e^-2kh) / 2kh
         mu_end = mu + h * st.e_a * phi1
-        std_end = torch.sqrt((var * torch.exp(-2.0 * kh) + 2.0 * h * st.diffusion * phi2).clamp_min(1e-300))
+        std_end = torch.sqrt((var * torch.exp(-2.0 * kh) + 2.0 * h * st.diffusion * phi2).clamp_min(tiny(var)))
         keep = torch.exp(-h * (1.0 + k.abs() + st.diffusion / var))  # share of the grid's offset left after the step
         m_end = mu_end + (m - mu) * keep
         s_end = std_end * (1.0 + (s / std - 1.0) * keep)
@@ -479,7 +479,7 @@ class _Grid:
         n = self.xi.numel()
         a_f = st.a[..., n:]
         vel = (a_f - vm[..., None] - vs[..., None] * self.inner) / s[..., None]  # drift in xi at interior faces (ALE)
-        dxi = torch.clamp(st.diffusion / (s * s), min=1e-300)[..., None]  # diffusion in xi
+        dxi = torch.clamp(st.diffusion / (s * s), min=tiny(s))[..., None]  # diffusion in xi
         pe = vel * self.gap / dxi
         # flux J_{j+1/2} = cp_j mass_j - cm_j mass_{j+1}, cp = D B(-pe) / (gap width_j), cm = D B(pe) / (gap width_j+1);
         # one Bernoulli evaluation through B(-z) = B(z) + z, so B(-pe) = B(|pe|) + max(pe, 0) and
@@ -858,7 +858,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         a = _observed_curves(fine)
         cross_abs = ((a - ref_s) - (_observed_curves(other) - ref_c)).abs()
         ok = torch.isfinite(a).all(0) & (fine.risk >= estimate_floor * fine.risk[0])
-        cross = float((cross_abs / a.abs().clamp_min(1e-300))[:, ok].max()) if bool(ok.any()) else 0.0
+        cross = float((cross_abs / a.abs().clamp_min(tiny(a)))[:, ok].max()) if bool(ok.any()) else 0.0
         if (estimate + cross <= allowed or 2 * n_cells > max_cells  # a level: cells x 2 and about 2x the steps
                 or _next_exceeds(spent, 4 * fine.nfe, max_evaluations, work, 4 * (_work(fine) + _work(other)), max_work)):
             break
@@ -924,7 +924,7 @@ def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution
             ok &= fine.t < div
     if not bool(ok.any()):
         return 0.0
-    rel = ((a - b).abs() / a.abs().clamp_min(1e-300))[:, ok]
+    rel = ((a - b).abs() / a.abs().clamp_min(tiny(a)))[:, ok]
     return float(rel.max())
 
 
@@ -1111,7 +1111,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
                 change = torch.sub(y2, y1).abs_()
                 tv = change.sum(-1)  # (G, T)
-                rel_i = torch.where(i2 > 0, (i2 - i1).abs() / i2.clamp_min(1e-300), torch.zeros_like(i2))
+                rel_i = torch.where(i2 > 0, (i2 - i1).abs() / i2.clamp_min(tiny(i2)), torch.zeros_like(i2))
                 errs = torch.stack([(weight * tv).sum(-1), st1.observable_error(change), rel_i]).amax(0)  # (G,)
                 errs = torch.where(torch.isfinite(errs), errs, torch.full_like(errs, math.inf))
                 errs = torch.maximum(errs, step_tol * tv.amax(-1) / _MAX_TYPE_TV * (tv.amax(-1) > _MAX_TYPE_TV))

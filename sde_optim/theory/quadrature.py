@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .._validation import check_int
 from .coords import phi_to_uv
+from .statistics import tiny
 from .types import CoordinateTypes, binning_error, exact_types
 
 __all__ = ["TypeTree", "TypeQuadrature", "TypeSolve", "TypeCheck", "coordinate_columns", "coordinate_types",
@@ -491,7 +492,7 @@ def _type_estimate(per_node: Tensor, fine: TypeSolve, coarse: TypeSolve, t: Tens
         ends = [x for x in (ends_c[g], ends_f[g]) if x is not None]
         if ends:
             valid &= t < min(ends)
-        rel = nodes[g].abs() / total.abs().clamp_min(1e-300)[..., None]
+        rel = nodes[g].abs() / total.abs().clamp_min(tiny(total))[..., None]
         rel = torch.where(valid[None, :, None], rel, torch.zeros_like(rel))
         any_valid = bool(valid.any())
         member = float(rel.sum(-1).amax()) if any_valid else 0.0

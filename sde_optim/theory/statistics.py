@@ -18,7 +18,14 @@ from torch import Tensor
 
 from ..observables import OBSERVABLES, CoordinateState, Observable
 
-__all__ = ["weighted", "expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate", "finite_d_indicators"]
+__all__ = ["tiny", "weighted", "expectation", "observable_values", "risk_of", "e8_terms", "e8_local_rate", "finite_d_indicators"]
+
+
+def tiny(x: Tensor) -> float:
+    """The floor that keeps a division by a non-negative quantity of ``x``'s dtype finite: ``1e-300`` in float64, the
+    smallest normal number where that underflows (float32: there ``1e-300`` is 0, and a zero ``l1`` at the start made
+    its scatter ``0 / 0``)."""
+    return max(1e-300, torch.finfo(x.dtype).tiny)
 
 
 def weighted(values: Tensor, weight: Tensor) -> Tensor:
@@ -93,9 +100,9 @@ def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Ten
         g = o.density(c)
         gw = weighted(g, weight)
         m1, m2 = gw.sum(-1), weighted(g, gw).sum(-1)
-        within = (m2 - m1 * m1 / pi.clamp_min(1e-300)).clamp_min(0.0).sum(-1)
+        within = (m2 - m1 * m1 / pi.clamp_min(tiny(pi))).clamp_min(0.0).sum(-1)
         total = m1.sum(-1)
-        out[f"{o.name}_scatter"] = (within / dim).sqrt() / (total + o.offset(noise_std)).abs().clamp_min(1e-300)
+        out[f"{o.name}_scatter"] = (within / dim).sqrt() / (total + o.offset(noise_std)).abs().clamp_min(tiny(total))
         if o.name in ("risk", "curvature"):
-            out[f"{o.name}_step"] = (step * gw).sum(dim=(-2, -1)) / total.abs().clamp_min(1e-300)
+            out[f"{o.name}_step"] = (step * gw).sum(dim=(-2, -1)) / total.abs().clamp_min(tiny(total))
     return out
