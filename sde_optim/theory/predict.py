@@ -201,7 +201,10 @@ def predict(
             If a cap stops a refinement first, a ``RuntimeWarning`` gives the estimate and the cap.
         max_types: cap on the number of quadrature types (sigma points) in one solve.
         blowup_factor: divergence threshold on ``R / R(0)`` (> 1, :mod:`sde_optim.divergence`).
-        dtype: computation dtype, float64 (default) or float32.
+        dtype: computation dtype, float64 (default) or float32.  float32 agrees with float64 within 2.5e-4 on the
+            benchmark settings and is 1.2-1.4x faster with many types, but its rounding is not part of the error
+            estimate, and near the critical lr it keeps the grid check from converging (it then warns: 5e-3 to
+            8e-3 where float64 reaches 1e-3, docs/benchmarks.md).
         options: the method's own options (:mod:`sde_optim.theory.solvers`; e.g. ``{"num_particles": ...,
             "num_replicas": ..., "dt": ..., "generator": ...}`` for ``"particles"``, ``{"max_cells": ...}`` or
             ``{"step_stability": False}`` for ``"pde"``).  ``solver_options`` is the older name for the PDE's.
