@@ -25,8 +25,8 @@ diffusion and imbalance of E4-E6 per type, used by the PDE, the particles and th
 from __future__ import annotations
 
 import bisect
-import math
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence, Union

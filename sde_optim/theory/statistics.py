@@ -34,7 +34,7 @@ def weighted(values: Tensor, weight: Tensor) -> Tensor:
     A point without weight adds nothing, even where its density overflows: a wide law's grid reaches
     ``|phi| ~ 300`` (:class:`~sde_optim.theory.dynamics.MeanFieldDynamics` clamps there), where ``beta^2`` is finite
     but ``lambda^2 r^2 rho`` (E8, ``grad_norm``) is ``inf``, and ``inf * 0`` was a ``nan`` curve (THEORY §6 at
-    ``lr = 11``, noiseless: the E8 rate and ``grad_norm`` were ``nan`` from ``t = 2.5`` on).
+    ``lr = 11``, noiseless, ``d = 4096``: the E8 rate and ``grad_norm`` were ``nan`` from ``t = 2.45`` on).
     """
     return torch.where(weight == 0, 0.0, values * weight)
 
