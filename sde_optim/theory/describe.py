@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 
 from .._validation import check_int
 from .dynamics import ScheduleLike, SGDConfig
@@ -58,9 +59,27 @@ def describe_sgd(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = (
                      f"the current learning rate {group['lr']:g} from now on")
         warnings.warn(f"describe_sgd: {notes[-1]}", RuntimeWarning, stacklevel=2)
     lr: ScheduleLike = float(group["lr"])
+    hyper = {k: group[k] for k in _HYPER}
     if replayable:
-        lr = torch.tensor(_replay(optimizer, replayable, steps * per_sgd_step)[::per_sgd_step], dtype=torch.float64)
-    return SGDConfig(lr=lr, batch_size=batch_size, **{k: group[k] for k in _HYPER}), notes
+        lrs, momenta = _replay(optimizer, replayable, steps * per_sgd_step)
+        lr = torch.tensor(lrs[::per_sgd_step], dtype=torch.float64)
+        if len(set(momenta)) > 1:
+            lr, hyper["momentum"] = _fold_momentum(lr, torch.tensor(momenta[::per_sgd_step], dtype=torch.float64))
+            notes.append(f"the momentum follows a schedule ({min(momenta):g} to {max(momenta):g}): it enters through the "
+                         f"effective step lr (1 - dampening) / (1 - momentum) of each step (E11 pointwise, as E10 takes "
+                         f"the lr), written as the lr schedule at the largest momentum, {hyper['momentum']:g}")
+    return SGDConfig(lr=lr, batch_size=batch_size, **hyper), notes
+
+
+def _fold_momentum(lr: Tensor, momentum: Tensor) -> tuple[Tensor, float]:
+    """A per-step momentum ``mu_k`` (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum``) as an lr schedule at one
+    momentum: ``lr_k (1 - mu_max) / (1 - mu_k)`` at ``mu_max`` has the effective step ``lr_k (1 - tau) / (1 - mu_k)``
+    of every step (E11; the buffer remembers ``1/(1 - mu)`` steps, while ``mu`` changes over ``O(d)`` of them).
+    ``mu_max`` is also what the E11 validity warning then checks (the largest ``1/((1 - mu) d)``)."""
+    top = float(momentum.max())
+    if top >= 1.0:
+        raise ValueError(f"the scheduled momentum reaches {top:g}; the prediction needs momentum in [0, 1)")
+    return lr * (1.0 - top) / (1.0 - momentum), top
 
 
 def named_sgd(steps: int, *, lr: float, batch_size: ScheduleLike = 1, momentum: float = 0.0, dampening: float = 0.0,
@@ -117,17 +136,19 @@ def _needs_metrics(sched) -> bool:
     return isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
-def _replay(optimizer, schedulers: list[tuple[Any, int]], steps: int) -> list[float]:
-    """Learning rates of optimizer steps ``0 .. steps - 1`` under ``schedulers``, stepped on a deep copy."""
+def _replay(optimizer, schedulers: list[tuple[Any, int]], steps: int) -> tuple[list[float], list[float]]:
+    """Learning rates and momenta of optimizer steps ``0 .. steps - 1`` under ``schedulers``, stepped on a deep copy
+    (momentum 0 for a group without one)."""
     copies = copy.deepcopy((optimizer, [s for s, _ in schedulers]))  # one memo: the copies share the copied optimizer
     opt, scheds = copies
-    lrs = []
+    lrs, momenta = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": nothing is optimized here
         for k in range(steps):
             lr = opt.param_groups[0]["lr"]
             lrs.append(float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr))
+            momenta.append(float(opt.param_groups[0].get("momentum", 0.0)))
             for sched, (_, every) in zip(scheds, schedulers):
                 if (k + 1) % every == 0:
                     sched.step()
-    return lrs
+    return lrs, momenta
