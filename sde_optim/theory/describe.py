@@ -38,7 +38,10 @@ def describe_sgd(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = (
             supported.
         schedulers: learning-rate schedulers of ``optimizer``, each as the scheduler itself (stepped after
             every optimizer step) or ``(scheduler, every_n_steps)`` (stepped after every ``n``-th, e.g. once
-            per epoch).  They are replayed on a deep copy: the originals are not touched.
+            per epoch).  They are replayed on a deep copy: the originals are not touched.  A momentum they
+            move too (``OneCycleLR``, ``CyclicLR``: ``cycle_momentum=True`` by default) enters through each step's
+            effective step ``lr (1 - dampening) / (1 - momentum)`` (E11 pointwise), written as the lr schedule at
+            the largest momentum, with a note.
         steps: horizon in SGD steps (>= 1).  batch_size: the SGD batch ``B`` (a number or a schedule).
 
     A scheduler whose ``step`` needs a metric (``ReduceLROnPlateau``) has no knowable future: the learning
