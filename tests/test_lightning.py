@@ -24,6 +24,7 @@ from tb_events import scalars as _scalars
 from sde_optim import SVAG, DiagonalLinearNetwork, TeacherProblem, TeacherSpec
 from sde_optim.lightning import CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
 from sde_optim.plotting import SCATTER_LABEL
+from sde_optim.theory import SGDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -406,3 +407,17 @@ def test_main_example_refuses_bad_arguments_before_training(argv, words, capsys)
         _load_example("sparse_regression").main(argv)
     assert exc.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_resumed_prediction_keeps_each_spans_effective_step_when_the_momentum_differs():
+    """The stored SGD's lr for the steps already taken, then the trainer's: with another momentum in the second span
+    (a momentum changed on resume, or a scheduler's cycle written at a different largest momentum by describe_sgd),
+    the first span's lr was read at the second's momentum (here 2x its effective step)."""
+    monitor = TheoryMonitor(TeacherProblem.sparse(16, 0.25, seed=0), save_figure=False)
+    monitor._sgd, monitor._sgd_horizon, monitor._time_per_step = SGDConfig(lr=0.1, momentum=0.9), 10, 1.0
+    later = SGDConfig(lr=torch.full((6,), 0.2, dtype=torch.float64), momentum=0.95)
+    monitor._describe = lambda trainer, steps, batch: later
+    trainer = type("Trainer", (), {"global_step": 4})()
+    sgd = monitor._extended(trainer, 10, 1)
+    effective = sgd.lr_schedule(10) * sgd.momentum_factor
+    torch.testing.assert_close(effective, torch.tensor([1.0] * 4 + [4.0] * 6, dtype=torch.float64))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Literal
 
 import pytorch_lightning as pl
@@ -262,10 +263,16 @@ class TheoryMonitor(MonitorCallback):
         later = self._describe(trainer, horizon - done, batch)
         if self._sgd.constant and later.constant and self._sgd.lr == later.lr:
             return later
+        # one momentum for both parts, each keeping its own effective step lr (1 - tau) / (1 - mu) (E11): a resumed
+        # run's momentum may differ from the stored one (changed, or moved by a scheduler: describe_sgd writes a
+        # scheduled momentum as the lr at its largest value, which differs between the two spans)
+        merged = SGDConfig(lr=1.0, batch_size=batch, momentum=max(self._sgd.momentum, later.momentum),
+                           dampening=later.dampening, nesterov=later.nesterov, weight_decay=later.weight_decay)
         past = self._sgd.lr_schedule(self._sgd_horizon).expand(self._sgd_horizon)[:done]
-        lr = torch.cat([past, later.lr_schedule(horizon - done).expand(horizon - done)])
-        return SGDConfig(lr=lr, batch_size=batch, momentum=later.momentum, dampening=later.dampening,
-                         nesterov=later.nesterov, weight_decay=later.weight_decay)
+        rest = later.lr_schedule(horizon - done).expand(horizon - done)
+        lr = torch.cat([past * (self._sgd.momentum_factor / merged.momentum_factor),
+                        rest * (later.momentum_factor / merged.momentum_factor)])
+        return replace(merged, lr=lr)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
