@@ -97,6 +97,25 @@ def test_critical_lr_scales_with_the_momentum_factor():
     assert heavy.evaluations == plain.evaluations
 
 
+def test_critical_lr_warns_with_the_finite_d_indicators_at_its_answer():
+    """critical_lr checked the finite-d indicators of its first solve, at the E8 estimate, where the steps are the
+    smallest of the search: THEORY §6 at d = 400 gave no warning and the answer 18.3, whose own solve has steps
+    gamma lam rho / d = 0.22 and scatter 0.51, past both of predict's thresholds (0.1, 0.25).  It now reports the
+    answer's indicators (``finite_d``) and warns with them."""
+    from sde_optim.theory import FiniteDimensionWarning
+    from sde_optim.theory.predict import FINITE_D_SCATTER, FINITE_D_STEP
+
+    problem, model = section6(400)
+    with pytest.warns(FiniteDimensionWarning, match=r"critical_lr: at its answer lr = ") as caught:
+        crit = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.5)
+    fd = crit.finite_d
+    step, scatter = max(fd["risk_step"], fd["curvature_step"]), max(fd["risk_scatter"], fd["curvature_scatter"])
+    assert step > FINITE_D_STEP and scatter > FINITE_D_SCATTER
+    message = str(next(w.message for w in caught if isinstance(w.message, FiniteDimensionWarning)))
+    assert f"{crit.bounded:.4g}" in message and f"{step:.2g}" in message
+    assert crit.to_dict()["finite_d"] == fd
+
+
 # ----------------------------------------------------------------------------- E10, E12 against SGD
 def test_step_decay_and_weight_decay_follow_sgd():
     # A StepLR-like jump (lr 0.5 -> 0.1 at t = 2) and coupled weight decay strong enough to move the curve

@@ -396,7 +396,8 @@ class FiniteDimensionWarning(RuntimeWarning):
 FINITE_D_STEP, FINITE_D_SCATTER = 0.1, 0.25
 
 
-def _warn_finite_d(finite_d: dict[str, float] | None, dim: int) -> None:
+def _warn_finite_d(finite_d: dict[str, float] | None, dim: int, where: str = "predict: at", stacklevel: int = 4,
+                   source: str = "info['finite_d']") -> None:
     """Warn when :func:`~.statistics.finite_d_indicators` (largest over the descent window) say the limit leaves out a
     large effect: the coordinates that carry ``R`` or ``C`` take steps that are not small against their own curvature
     (E3 is the small-step limit), or a few coordinates carry them, so one run scatters widely (THEORY §1)."""
@@ -413,9 +414,9 @@ def _warn_finite_d(finite_d: dict[str, float] | None, dim: int) -> None:
     if scatter > FINITE_D_SCATTER:
         causes.append(f"a few coordinates carry the risk or curvature, so one run is expected to scatter by "
                       f"{scatter:.0%} around the curves")
-    warnings.warn(f"predict: at d = {dim} SGD is not close to the d -> infinity limit this prediction solves: "
-                  f"{'; and '.join(causes)} (info['finite_d']; warned above step {FINITE_D_STEP:g} or scatter "
-                  f"{FINITE_D_SCATTER:g})", FiniteDimensionWarning, stacklevel=4)
+    warnings.warn(f"{where} d = {dim} SGD is not close to the d -> infinity limit this prediction solves: "
+                  f"{'; and '.join(causes)} ({source}; warned above step {FINITE_D_STEP:g} or scatter "
+                  f"{FINITE_D_SCATTER:g})", FiniteDimensionWarning, stacklevel=stacklevel)
 
 
 def _merge_options(options, solver_options, legacy) -> dict[str, Any]:

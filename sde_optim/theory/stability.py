@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ from ..divergence import check_blowup_factor
 from ..models import DiagonalLinearNetwork
 from ..teacher import TeacherProblem
 from .dynamics import SGDConfig
-from .predict import FiniteDimensionWarning, Prediction, _at_global_minimum, _check_model, _finish, _prepare, predict
+from .predict import (FiniteDimensionWarning, Prediction, _at_global_minimum, _check_model, _finish, _prepare,
+                      _warn_finite_d, predict)
 from .quadrature import coordinate_columns, coordinate_types
 from .solvers import PDESolver
 
@@ -40,6 +41,9 @@ class CriticalLR:
         e8_estimate: the cheap E8 bracket centre (see :func:`critical_lr`).
         rel_tol: relative width of the final bisection brackets.
         evaluations: number of PDE solves.
+        finite_d: the finite-``d`` indicators of the solve at ``bounded`` (:func:`~.statistics.finite_d_indicators`,
+            largest over its descent window, as a prediction's ``info["finite_d"]``): how far SGD at this ``d`` and
+            at the answer is from the limit the answer is computed in (``{}`` when the solve reports none).
     """
 
     bounded: float
@@ -47,6 +51,7 @@ class CriticalLR:
     e8_estimate: float
     rel_tol: float
     evaluations: int
+    finite_d: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +117,12 @@ def critical_lr(
     A horizon so short that nothing diverges up to ``2^20`` times the E8 estimate is a
     ``ValueError``; ``max_evaluations`` bounds the number of PDE solves (``RuntimeError`` past it).
 
+    The answer is the ``d -> infinity`` limit's.  Its finite-``d`` indicators (``finite_d``) are those of the solve at
+    ``bounded``, where the steps are largest, and a :class:`~sde_optim.theory.FiniteDimensionWarning` says when they
+    are past the thresholds of :func:`~sde_optim.theory.predict`'s: there SGD at this ``d`` can diverge well below
+    the answer (a power law with a Gaussian teacher, ``B = 2``, momentum 0.9, ``d = 512``: answer 2.78 with steps
+    ``gamma lam rho / d = 1.16`` at it, real SGD diverging at 1.0-1.4 for ``d`` = 512 to 8192, docs/benchmarks.md).
+
     Between the two thresholds the PDE predicts a bounded plateau (the noise keeps the
     support coordinates from converging; with balanced initialization it drives every
     ``beta`` to 0), not a divergence.  Divergence is ``R > blowup_factor R(0)``, an unresolved
@@ -140,7 +151,7 @@ def critical_lr(
         if count[0] > max_evaluations:
             raise RuntimeError(f"critical_lr needed more than max_evaluations={max_evaluations} PDE solves; raise "
                                "max_evaluations or rel_tol")
-        with warnings.catch_warnings():  # the first solve said it, at the estimate: not once per bisection step
+        with warnings.catch_warnings():  # said once, at the answer (below)
             warnings.simplefilter("ignore", FiniteDimensionWarning)
             seen[lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
                                observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
@@ -203,7 +214,10 @@ def critical_lr(
 
     lr_bounded = search_bounded()
     lr_decay = search_decay(lr_bounded) if problem.noise_std == 0 else None
-    return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0])
+    finite_d = dict(seen[lr_bounded].info.get("finite_d") or {})
+    _warn_finite_d(finite_d, problem.dim, where=f"critical_lr: at its answer lr = {lr_bounded:.4g} and", stacklevel=3,
+                   source="CriticalLR.finite_d")
+    return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0], finite_d)
 
 
 def _first_solve(problem, model, sgd: SGDConfig, steps: int, num_points: int, tol: float, blowup_factor: float,
@@ -220,4 +234,4 @@ def _first_solve(problem, model, sgd: SGDConfig, steps: int, num_points: int, to
                                      max_seconds=predict_kwargs.get("max_seconds"))
     sol = PDESolver(**{key: v for key, v in options.items() if key != "types"}).solve(setup)
     options["types"] = sol.types
-    return _finish(sol, setup, k, info)
+    return _finish(sol, setup, k, info, warn=False)  # critical_lr warns at its answer
