@@ -421,3 +421,17 @@ def test_a_resumed_prediction_keeps_each_spans_effective_step_when_the_momentum_
     sgd = monitor._extended(trainer, 10, 1)
     effective = sgd.lr_schedule(10) * sgd.momentum_factor
     torch.testing.assert_close(effective, torch.tensor([1.0] * 4 + [4.0] * 6, dtype=torch.float64))
+
+
+def test_a_resumed_prediction_keeps_each_spans_batch_size_and_says_when_the_weight_decay_changed():
+    """The join of the two spans took the trainer's batch size for the steps already taken too (here 2x their noise
+    factor gamma^2 / B, E10), and the new weight decay for both without a word (kappa = d lr_eff wd takes one)."""
+    monitor = TheoryMonitor(TeacherProblem.sparse(16, 0.25, seed=0), save_figure=False)
+    monitor._sgd, monitor._sgd_horizon, monitor._time_per_step = SGDConfig(lr=0.1, batch_size=2), 10, 1.0
+    later = SGDConfig(lr=0.1, batch_size=4, weight_decay=1e-3)
+    monitor._describe = lambda trainer, steps, batch: later
+    trainer = type("Trainer", (), {"global_step": 4})()
+    with pytest.warns(UserWarning, match=r"weight decay changed on resume \(0 -> 0.001\).* 4 SGD steps already taken"):
+        sgd = monitor._extended(trainer, 10, 4)
+    torch.testing.assert_close(sgd.batch_schedule(10), torch.tensor([2.0] * 4 + [4.0] * 6, dtype=torch.float64))
+    torch.testing.assert_close(sgd.lr_schedule(10), torch.full((10,), 0.1, dtype=torch.float64))

@@ -259,20 +259,29 @@ class TheoryMonitor(MonitorCallback):
     def _extended(self, trainer: pl.Trainer, horizon: int, batch: int) -> SGDConfig:
         """The stored SGD for the steps already taken, then the trainer's from the current step to ``horizon``."""
         assert self._sgd is not None
+        first = self._sgd
         done = min(int(trainer.global_step * self._time_per_step), self._sgd_horizon)
         later = self._describe(trainer, horizon - done, batch)
-        if self._sgd.constant and later.constant and self._sgd.lr == later.lr:
+        if first.constant and later.constant and (first.lr, first.batch_size) == (later.lr, later.batch_size):
             return later
+        if first.weight_decay != later.weight_decay:  # kappa = d lr_eff wd (E12) takes one weight decay
+            rank_zero_warn(f"TheoryMonitor: the weight decay changed on resume ({first.weight_decay:g} -> "
+                           f"{later.weight_decay:g}); the prediction applies {later.weight_decay:g} to the "
+                           f"{done} SGD steps already taken too (one weight decay per prediction, E12)")
         # one momentum for both parts, each keeping its own effective step lr (1 - tau) / (1 - mu) (E11): a resumed
         # run's momentum may differ from the stored one (changed, or moved by a scheduler: describe_sgd writes a
-        # scheduled momentum as the lr at its largest value, which differs between the two spans)
-        merged = SGDConfig(lr=1.0, batch_size=batch, momentum=max(self._sgd.momentum, later.momentum),
-                           dampening=later.dampening, nesterov=later.nesterov, weight_decay=later.weight_decay)
-        past = self._sgd.lr_schedule(self._sgd_horizon).expand(self._sgd_horizon)[:done]
-        rest = later.lr_schedule(horizon - done).expand(horizon - done)
-        lr = torch.cat([past * (self._sgd.momentum_factor / merged.momentum_factor),
-                        rest * (later.momentum_factor / merged.momentum_factor)])
-        return replace(merged, lr=lr)
+        # scheduled momentum as the lr at its largest value, which differs between the two spans); each part keeps
+        # its own batch size (E10)
+        merged = SGDConfig(lr=1.0, momentum=max(first.momentum, later.momentum), dampening=later.dampening,
+                           nesterov=later.nesterov, weight_decay=later.weight_decay)
+
+        def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a.expand(self._sgd_horizon)[:done], b.expand(horizon - done)])
+
+        lr = joined(first.lr_schedule(self._sgd_horizon) * (first.momentum_factor / merged.momentum_factor),
+                    later.lr_schedule(horizon - done) * (later.momentum_factor / merged.momentum_factor))
+        batches = joined(first.batch_schedule(self._sgd_horizon), later.batch_schedule(horizon - done))
+        return replace(merged, lr=lr, batch_size=batches)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
