@@ -170,7 +170,8 @@ def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
         curves.append(out[0])
         rates.append(out[1])
         if finite_d:
-            extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std, problem.observables))
+            extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std, problem.observables,
+                                             problem.coef.step_error))
     return _cat(curves), torch.cat(rates), _cat(extra) if finite_d else None
 
 
@@ -374,7 +375,8 @@ class GradientFlowSolver(Solver):
         risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
         curves, rate = _outputs(c, w, problem, risk, noise=False)
         largest, scatter = _finite_d_parts(finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std,
-                                                               problem.observables), problem.t, risk, None)  # 0: no noise
+                                                               problem.observables, problem.coef.step_error),
+                                           problem.t, risk, None)  # 0: no noise
         info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, finite_d=largest,
                     **_type_info(check))
         return Solution(curves, rate, None, {}, info, None, scatter)
