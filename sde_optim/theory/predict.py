@@ -410,7 +410,7 @@ def _warn_finite_d(finite_d: dict[str, float] | None, dim: int, where: str = "pr
     if step > FINITE_D_STEP:
         causes.append(f"the coordinates that carry the risk and curvature take steps gamma lambda rho / d = {step:.2g} of "
                       f"their own curvature scale, momentum's lag included (SGDConfig.step_error_factor; the SDE is the "
-                      f"limit of small steps: their drift is off by about half that fraction)")
+                      f"limit of small steps: their drift is off by a fraction of this order)")
     if scatter > FINITE_D_SCATTER:
         causes.append(f"a few coordinates carry the risk or curvature, so one run is expected to scatter by "
                       f"{scatter:.0%} around the curves")
