@@ -409,7 +409,8 @@ def _warn_finite_d(finite_d: dict[str, float] | None, dim: int, where: str = "pr
     causes = []
     if step > FINITE_D_STEP:
         causes.append(f"the coordinates that carry the risk and curvature take steps gamma lambda rho / d = {step:.2g} of "
-                      f"their own curvature scale, momentum's lag included (SGDConfig.step_error_factor; the SDE is the "
+                      f"their own curvature scale, weight decay's kappa / d and momentum's lag included "
+                      f"(SGDConfig.step_error_factor; the SDE is the "
                       f"limit of small steps: their drift is off by a fraction of this order)")
     if scatter > FINITE_D_SCATTER:
         causes.append(f"a few coordinates carry the risk or curvature, so one run is expected to scatter by "

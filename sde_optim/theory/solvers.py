@@ -111,6 +111,10 @@ class Problem:
         noise = torch.tensor([self.coef.noise(x, -1) for x in ts], dtype=self.dtype)
         return gamma, noise
 
+    def decay_rates(self) -> Tensor:
+        """``kappa(t)`` (E12) at the output times (the value before a jump): the finite-d step's weight-decay part."""
+        return torch.tensor([self.coef.kappa(x, -1) for x in self.t.tolist()], dtype=self.dtype)
+
 
 @dataclass
 class Solution:
@@ -163,6 +167,7 @@ def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
     """:func:`_outputs` of a grid solve, the output times in chunks (:meth:`FokkerPlanckSolution.chunks`), and with
     ``finite_d`` its :func:`~.statistics.finite_d_indicators` (else None)."""
     gamma, nu = problem.rates()
+    kappa = problem.decay_rates() if finite_d else None
     curves, rates, extra = [], [], []
     for sl in sol.chunks():
         c, w = sol.points(sl)
@@ -171,7 +176,7 @@ def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
         rates.append(out[1])
         if finite_d:
             extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std, problem.observables,
-                                             problem.coef.step_error))
+                                             problem.coef.step_error, kappa[sl]))
     return _cat(curves), torch.cat(rates), _cat(extra) if finite_d else None
 
 
@@ -375,7 +380,8 @@ class GradientFlowSolver(Solver):
         risk = observable_values(c, w, (OBSERVABLES["risk"],), problem.noise_std)["risk"]
         curves, rate = _outputs(c, w, problem, risk, noise=False)
         largest, scatter = _finite_d_parts(finite_d_indicators(c, w, problem.dim, problem.rates()[0], problem.noise_std,
-                                                               problem.observables, problem.coef.step_error),
+                                                               problem.observables, problem.coef.step_error,
+                                                               problem.decay_rates()),
                                            problem.t, risk, None)  # 0: no noise
         info = dict(error_estimates={"types": check.estimate}, error_estimate=check.estimate, finite_d=largest,
                     **_type_info(check))

@@ -77,7 +77,8 @@ def e8_local_rate(c: CoordinateState, weight: Tensor, risk: Tensor, gamma, noise
 
 
 def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Tensor, noise_std: float,
-                        observables: Iterable[Observable] = (), step_error: float = 1.0) -> dict[str, Tensor]:
+                        observables: Iterable[Observable] = (), step_error: float = 1.0,
+                        kappa: Tensor | float = 0.0) -> dict[str, Tensor]:
     """First-order effects of a finite ``d`` that the limit leaves out, shape ``(...)``: the scatter of the risk, the
     curvature and ``observables``, the step index of the risk and the curvature.
 
@@ -91,12 +92,14 @@ def finite_d_indicators(c: CoordinateState, weight: Tensor, dim: int, gamma: Ten
       coordinates to contribute, none dominating).
     * ``"<name>_step"``: the ``g``-weighted mean of ``gamma lambda rho / d``, one SGD step of a coordinate in units
       of its own curvature (E3 is the limit of small steps: a coordinate's drift per unit time is off by a relative
-      amount of this order; 2 is where it diverges, :func:`~sde_optim.theory.predict`'s step stability), times
-      ``step_error``: with momentum, the drift error of E11 at the same effective step is
+      amount of this order; 2 is where it diverges, :func:`~sde_optim.theory.predict`'s step stability), plus
+      weight decay's own contraction per step ``kappa / d = lr_eff wd`` (E12; ``kappa`` at each time like
+      ``gamma``), times ``step_error``: with momentum, the drift error of E11 at the same effective step is
       :attr:`~sde_optim.theory.SGDConfig.step_error_factor` times plain SGD's (19 at momentum 0.9).
     """
     out = {}
-    step = (step_error / dim) * gamma[..., None, None] * c.lam * c.rho
+    decay = torch.as_tensor(kappa, dtype=c.rho.dtype, device=c.rho.device)
+    step = (step_error / dim) * (gamma[..., None, None] * c.lam * c.rho + decay.reshape(*decay.shape, 1, 1))
     pi = weight.sum(-1)
     for o in {o.name: o for o in (OBSERVABLES["risk"], OBSERVABLES["curvature"], *observables)}.values():
         g = o.density(c)
