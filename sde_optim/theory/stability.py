@@ -120,8 +120,10 @@ def critical_lr(
     The answer is the ``d -> infinity`` limit's.  Its finite-``d`` indicators (``finite_d``) are those of the solve at
     ``bounded``, where the steps are largest, and a :class:`~sde_optim.theory.FiniteDimensionWarning` says when they
     are past the thresholds of :func:`~sde_optim.theory.predict`'s: there SGD at this ``d`` can diverge well below
-    the answer (a power law with a Gaussian teacher, ``B = 2``, momentum 0.9, ``d = 512``: answer 2.78 with steps
-    ``gamma lam rho / d = 1.16`` at it, real SGD diverging at 1.0-1.4 for ``d`` = 512 to 8192, docs/benchmarks.md).
+    the answer (a power law with a Gaussian teacher, ``B = 2``, momentum 0.9, ``d = 512``: answer 2.78, where one
+    effective step is ``gamma lam rho / d = 1.16`` of the curvature scale (22 with momentum's lag,
+    :attr:`~sde_optim.theory.SGDConfig.step_error_factor`), real SGD diverging at 1.0-1.4 for ``d`` = 512 to 8192,
+    docs/benchmarks.md).
 
     Between the two thresholds the PDE predicts a bounded plateau (the noise keeps the
     support coordinates from converging; with balanced initialization it drives every
