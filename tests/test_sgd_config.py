@@ -152,7 +152,7 @@ def test_momentum_multiplies_the_finite_d_step_indicator_and_warns():
 
 def test_weight_decay_enters_the_finite_d_step_indicator():
     """Weight decay contracts every coordinate by lr_eff wd = kappa / d per step (E12), whatever its loss curvature:
-    an isotropic spectrum of mean 1/d, a Gaussian teacher, wd 0.01, momentum 0.9, lr 0.3, d = 2048 (kappa = 60 per unit
+    an isotropic spectrum (lambda = 1), a Gaussian teacher, wd 0.01, momentum 0.9, lr 0.3, d = 2048 (kappa = 60 per unit
     time; a randomized scan, docs/benchmarks.md) predicted
     the weights' collapse at 2/3 of SGD's rate (curvature 3.9e-12 against 1.5e-17 at t = 0.2) with a step indicator
     of 0.003.  The indicator now adds kappa / d before the momentum factor."""
