@@ -163,8 +163,9 @@ class SGDConfig:
         ``s / 2``.  Heavy ball (raw step ``a = lr (1 - tau) h``) has the slow root ``1 - eps`` of
         ``r^2 - (1 + mu - a) r + mu``, ``eps = a / (1 - mu) + a^2 mu / (1 - mu)^3 + O(a^3)``: with ``s = a / (1 - mu)`` a
         relative rate error ``s (1/2 + mu / (1 - mu))``, i.e. ``(1 + mu) / (1 - mu)`` times plain SGD's (19 at
-        ``mu = 0.9``: the buffer remembers gradients ``1 / (1 - mu)`` steps old).  Nesterov: ``eps = s + s^2 mu^2 + ...``
-        (``s = a / (1 - mu)``), factor ``(1 - mu + 2 mu^2) / (1 - mu)``.  Measured: a power law with a Student-t
+        ``mu = 0.9``: the buffer remembers gradients ``1 / (1 - mu)`` steps old).  Nesterov (slow root of
+        ``r^2 - (1 + mu)(1 - a) r + mu (1 - a)``): ``eps = s + s^2 mu^2 / (1 - mu) + ...``, factor
+        ``(1 - mu + 2 mu^2) / (1 - mu)``.  Measured: a power law with a Student-t
         teacher, ``B = 4``, at a fixed effective step and ``d = 2048``: curvature 3.8 / 3.9 / 8.3 / 15.3 % off SGD (16
         runs) at ``mu = 0 / 0.5 / 0.8 / 0.9``, where the plain step indicator was 0.021 (docs/benchmarks.md)."""
         mu = self.momentum

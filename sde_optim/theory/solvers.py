@@ -104,16 +104,17 @@ class Problem:
                           f"max_types={self.max_types}); raise max_types or relax tol", RuntimeWarning, stacklevel=4)
         return check
 
+    def _at_outputs(self, coefficient) -> Tensor:
+        """A coefficient ``(t, side) -> float`` at the output times, the value before a jump: ``(n,)``."""
+        return torch.tensor([coefficient(x, -1) for x in self.t.tolist()], dtype=self.dtype)
+
     def rates(self) -> tuple[Tensor, Tensor]:
-        """``gamma(t)`` and ``nu(t)`` at the output times (for the E8 rate; the value before a jump)."""
-        ts = self.t.tolist()
-        gamma = torch.tensor([self.coef.gamma(x, -1) for x in ts], dtype=self.dtype)
-        noise = torch.tensor([self.coef.noise(x, -1) for x in ts], dtype=self.dtype)
-        return gamma, noise
+        """``gamma(t)`` and ``nu(t)`` at the output times (for the E8 rate)."""
+        return self._at_outputs(self.coef.gamma), self._at_outputs(self.coef.noise)
 
     def decay_rates(self) -> Tensor:
-        """``kappa(t)`` (E12) at the output times (the value before a jump): the finite-d step's weight-decay part."""
-        return torch.tensor([self.coef.kappa(x, -1) for x in self.t.tolist()], dtype=self.dtype)
+        """``kappa(t)`` (E12) at the output times: the finite-d step's weight-decay part."""
+        return self._at_outputs(self.coef.kappa)
 
 
 @dataclass
