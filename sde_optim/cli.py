@@ -579,7 +579,9 @@ def _cmd_critical_lr(args: argparse.Namespace) -> None:
     print(f"predicted critical lr (risk bounded over t <= {args.horizon:g}): {res.bounded:.6g}")
     if res.decay is not None:
         print(f"largest lr for which the risk decays to zero: {res.decay:.6g}")
-    print(f"({res.evaluations} PDE solves, bracket width {res.rel_tol:g})")
+    checked = ("grid fixed: not checked" if res.grid_estimate is None else
+               f"grid checked up to {res.num_cells} cells: the edges moved by {res.grid_estimate:.2g} (relative)")
+    print(f"({res.evaluations} PDE solves, bracket width {res.rel_tol:g}; {checked})")
 
 
 def _cmd_best_lr(args: argparse.Namespace) -> None:

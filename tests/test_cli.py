@@ -90,7 +90,7 @@ def test_cli_critical_lr_answers_and_names_its_work_bound(capsys):
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     lr = float(out.split("predicted critical lr")[1].split(":")[1].split()[0])
-    assert 0 < lr < math.inf and "PDE solves" in out
+    assert 0 < lr < math.inf and "PDE solves" in out and "grid checked up to" in out
     with pytest.raises(SystemExit) as exc:
         cli_main(argv + ["--max-solves", "2"])
     assert exc.value.code == 2

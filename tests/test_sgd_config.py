@@ -357,3 +357,70 @@ def test_tiny_lr_over_a_huge_horizon_is_an_answer_not_a_divergence():
     assert pred.divergence_step is None
     assert abs(float(pred.curves["risk"][-1]) / float(pred.curves["risk"][0]) - 1) < 1e-3
     assert math.isfinite(pred.info["error_estimate"])
+
+
+class _EdgeOnGrid:
+    """A stand-in for critical_lr's solves: R diverges above an edge that depends on the grid like a first-order
+    discretization, ``edge = 10 (1 + 24 / cells + 4 step_tol)``, and decays below ``4 (1 - 4 / cells)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def edge(self, options):
+        return 10.0 * (1.0 + 24.0 / options["num_cells"] + 4.0 * options["step_tol"])
+
+    def __call__(self, problem, model, *, sgd, options, **kwargs):
+        from types import SimpleNamespace
+
+        lr = float(sgd.lr_schedule(1)[0])
+        self.calls.append((lr, options["num_cells"], options["step_tol"]))
+        diverged = lr > self.edge(options)
+        decays = lr < 4.0 * (1.0 - 4.0 / options["num_cells"])
+        risk = torch.tensor([1.0, 0.01 if decays else 0.5], dtype=F64)
+        return SimpleNamespace(divergence_step=5 if diverged else None, curves={"risk": risk},
+                               local_rate=torch.tensor([1.0, 1.0 if decays else -1.0], dtype=F64),
+                               info={"finite_d": {}})
+
+
+def test_critical_lr_checks_each_edge_on_finer_grids(monkeypatch):
+    """The searches ran on the a priori grid of tol only, and the edges move with the grid: THEORY §6 at d = 16384
+    answered 24.85 on its 143 cells where the edge is 23.5 from 615 cells on (two-level-noisy 22.3 against 26.5),
+    with a bracket of 2 %.  Each edge is now carried to finer grids (cells x 2, then step tolerance / 4) until it
+    moves by at most rel_tol; against a stand-in whose edges move like a first-order discretization, the answers
+    are within rel_tol + grid_estimate of the converged edges, found on finer grids than the first."""
+    import sde_optim.theory.stability as stability
+
+    fake = _EdgeOnGrid()
+    monkeypatch.setattr(stability, "predict", fake)
+    monkeypatch.setattr(stability, "_first_solve", lambda problem, model, sgd, steps, num_points, tol, blowup, options,
+                        kw: (options.__setitem__("types", None), fake(problem, model, sgd=sgd, options=options))[1])
+    problem, model = section6(400)
+    crit = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02, options={"max_cells": 4096})
+    first = stability._EdgeGrids(3e-3, {"refine": False}).first
+    assert crit.num_cells > first[0]
+    assert fake.calls[0][1:] == first  # the search starts on the a priori grid, as predict(refine=False)
+    bound = crit.rel_tol + crit.grid_estimate
+    assert abs(crit.bounded / 10.0 - 1.0) <= bound  # the limit of the stand-in's edge (the first grid's: 19 % off)
+    assert abs(crit.decay / 4.0 - 1.0) <= bound
+    assert abs(fake.edge({"num_cells": first[0], "step_tol": first[1]}) / 10.0 - 1.0) > 3 * bound
+
+
+def test_critical_lr_warns_when_a_cap_stops_a_moving_edge(monkeypatch):
+    """An edge still moving by more than rel_tol when the check's cap (by default 4x the first grid's cells) stops
+    it is warned with that move, and grid_estimate carries it."""
+    import sde_optim.theory.stability as stability
+
+    fake = _EdgeOnGrid()
+    monkeypatch.setattr(stability, "predict", fake)
+    monkeypatch.setattr(stability, "_first_solve", lambda problem, model, sgd, steps, num_points, tol, blowup, options,
+                        kw: (options.__setitem__("types", None), fake(problem, model, sgd=sgd, options=options))[1])
+    problem, model = section6(400)
+    first = stability._EdgeGrids(3e-3, {"refine": False}).first
+    with pytest.warns(RuntimeWarning, match=r"critical_lr: the bounded edge moved by .* in space, above "
+                                            r"rel_tol=0.02, and max_cells=\d+ \(the check's default: 4x"):
+        crit = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02)  # 24 / cells: 4.4 % at 4x
+    assert crit.num_cells == 4 * first[0] and crit.grid_estimate > crit.rel_tol
+    with warnings.catch_warnings():  # a grid fixed by the caller: searched on it, no check, no estimate
+        warnings.simplefilter("error", RuntimeWarning)
+        fixed = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.01, options={"num_cells": 64})
+    assert fixed.grid_estimate is None and {c[1] for c in fake.calls[-fixed.evaluations:]} == {64}

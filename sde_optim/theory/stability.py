@@ -22,6 +22,7 @@ from ..divergence import check_blowup_factor
 from ..models import DiagonalLinearNetwork
 from ..teacher import TeacherProblem
 from .dynamics import SGDConfig
+from .fokker_planck import grid_level
 from .predict import (FiniteDimensionWarning, Prediction, _at_global_minimum, _check_model, _finish, _prepare,
                       _warn_finite_d, predict)
 from .quadrature import coordinate_columns, coordinate_types
@@ -44,6 +45,10 @@ class CriticalLR:
         finite_d: the finite-``d`` indicators of the solve at ``bounded`` (:func:`~.statistics.finite_d_indicators`,
             largest over its descent window, as a prediction's ``info["finite_d"]``): how far SGD at this ``d`` and
             at the answer is from the limit the answer is computed in (``{}`` when the solve reports none).
+        grid_estimate: the relative change of the edges between the last two grids of the grid check (space and
+            time added, the larger of the two edges; at most about ``rel_tol`` per source when the check held, see
+            :func:`critical_lr`); None on a grid fixed by ``options={"num_cells": ...}`` (no check).
+        num_cells: the cells of the grid ``bounded`` was found on.
     """
 
     bounded: float
@@ -52,9 +57,60 @@ class CriticalLR:
     rel_tol: float
     evaluations: int
     finite_d: dict[str, float] = field(default_factory=dict)
+    grid_estimate: float | None = None
+    num_cells: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _EdgeGrids:
+    """The grids ``(cells, step tolerance)`` of :func:`critical_lr`'s edge check.
+
+    The first is the a priori grid of ``tol`` (:func:`~.fokker_planck.grid_level`'s level 2: ``predict`` with
+    ``refine=False``); a refinement in space doubles the cells, up to ``max_cells`` in ``options`` (default
+    :attr:`SPACE_LEVELS` doublings of the first grid: an edge that needs more is warned, not chased for minutes), one
+    in time divides the step tolerance by 4 (at most :attr:`TIME_LEVELS` times).  ``options={"num_cells": N}`` fixes
+    the grid: no check.
+    """
+
+    SPACE_LEVELS, TIME_LEVELS = 2, 2
+
+    def __init__(self, tol: float, options: dict[str, Any]) -> None:
+        o = {**PDESolver.defaults, **options}
+        self.base, self.fixed = options, o["num_cells"]
+        if self.fixed is not None:
+            self.first = (self.fixed, o["step_tol"] if o["step_tol"] is not None else tol)
+        else:
+            self.first = grid_level(tol, o["half_width"], o["step_tol"], 2, o["max_cells"])
+        self.max_cells = o["max_cells"] if "max_cells" in options else min(o["max_cells"],
+                                                                            self.first[0] * 2**self.SPACE_LEVELS)
+
+    def options(self, grid: tuple[int, float]) -> dict[str, Any]:
+        """The solver options of one solve on ``grid``."""
+        return {**self.base, "num_cells": grid[0], "step_tol": grid[1]}
+
+    def refined(self, grid: tuple[int, float], source: str) -> tuple[int, float] | None:
+        """``grid`` refined in ``source`` ("space" or "time"), or None past the cap."""
+        cells, st = grid
+        if source == "space":
+            return (2 * cells, st) if 2 * cells <= self.max_cells else None
+        floor = self.first[1] / 4.0**self.TIME_LEVELS
+        return (cells, st / 4.0) if st / 4.0 >= floor * (1.0 - 1e-9) else None
+
+    def cap(self, source: str) -> str:
+        if source == "space":
+            return f"max_cells={self.max_cells}" + ("" if "max_cells" in self.base else " (the check's default: "
+                                                     f"{2**self.SPACE_LEVELS}x the first grid; options max_cells)")
+        return f"{self.TIME_LEVELS} step-tolerance refinements"
+
+    @staticmethod
+    def describe(grid: tuple[int, float]) -> str:
+        return f"{grid[0]} cells, step tolerance {grid[1]:.2g}"
+
+    @staticmethod
+    def cells(grid: tuple[int, float]) -> int:
+        return grid[0]
 
 
 def e8_estimate(problem: TeacherProblem, model: DiagonalLinearNetwork, batch_size: float) -> float:
@@ -99,7 +155,7 @@ def critical_lr(
     decay_fraction: float = 0.1,
     tol: float = 3e-3,
     num_points: int = 41,
-    max_evaluations: int = 40,
+    max_evaluations: int = 100,
     **predict_kwargs: Any,
 ) -> CriticalLR:
     """Largest ``lr`` whose PDE-predicted risk stays bounded over ``steps`` SGD steps (THEORY §5).
@@ -111,6 +167,18 @@ def critical_lr(
     ``hi / lo <= 1 + rel_tol``.  With ``noise_std = 0`` a second bisection finds the largest
     ``lr`` whose risk decays (``R(T) <= decay_fraction R(0)`` and ``dR/dt < 0`` at ``T``), bracketed by the
     first search's solves when one of them decays (THEORY §6 at ``d = 16384``: 15 solves instead of 17).
+
+    **Grid check of each edge.**  The searches run on the a priori grid of ``tol`` (``predict`` with
+    ``refine=False``), and an edge depends on it: THEORY §6 at ``d = 16384`` has its bounded edge at 24.9 on those
+    143 cells, 23.8 / 23.6 / 23.5 on 298 / 615 / 1264 (two-level-noisy 22.3, then 26.8 / 26.6 / 26.5), 6 and 16 %
+    from the converged value at a bracket of 2 %.  So each edge's bracket is carried to a grid with twice the
+    cells (re-bisected there if the edge left it) until the edge moves by at most ``rel_tol`` between two grids,
+    then to a quarter of the step tolerance until it does so in time too (:class:`_EdgeGrids`); the answer is the
+    finest grid's, ``grid_estimate`` the last changes, and a cap (``max_cells`` in ``options``, by default four times
+    the first grid's cells; two step refinements) that stops an edge still moving by more than ``rel_tol`` is warned
+    with that change.  Where the divergence is carried by the law's far tail (label noise, ``B > 1``: the noise
+    keeps the law wide), the bounded edge may not settle on any affordable grid (iso-noisy-B4-bal at ``d = 16384``:
+    66, 65, 74 and above 87 on 136 to 1088 cells): that is the warning's case.
     Boundedness is assumed monotone in ``lr``; decay holds on a window of ``lr`` (too small makes
     no progress within the horizon), so its upper edge is searched below the stability limit and
     ``decay`` is ``None`` when no ``lr`` in ``[bounded / 256, bounded]`` decays within the horizon.
@@ -143,25 +211,30 @@ def critical_lr(
         raise ValueError("the model starts at a global minimizer (R(0) = 0, noise_std = 0): SGD never moves, so every "
                          "lr is stable and there is no critical lr")
     options = {"refine": False, **(predict_kwargs.pop("options", None) or predict_kwargs.pop("solver_options", None) or {})}
+    grids = _EdgeGrids(tol, options)
     batch0 = float(shape.batch_schedule(1)[0])
     est = e8_estimate(problem, model, batch0) / (float(model.lr_scale) * shape.momentum_factor)
     count = [0]
-    seen: dict[float, Prediction] = {}  # every solve so far, by lr
+    seen: dict[tuple[Any, float], Prediction] = {}  # every solve so far, by grid and lr
 
-    def run(lr: float) -> Prediction:
+    def run(lr: float, grid: Any) -> Prediction:
+        if (grid, lr) in seen:
+            return seen[grid, lr]
         count[0] += 1
         if count[0] > max_evaluations:
             raise RuntimeError(f"critical_lr needed more than max_evaluations={max_evaluations} PDE solves; raise "
                                "max_evaluations or rel_tol")
         with warnings.catch_warnings():  # said once, at the answer (below)
             warnings.simplefilter("ignore", FiniteDimensionWarning)
-            seen[lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
-                               observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
-                               options=options, **predict_kwargs)
-        return seen[lr]
+            seen[grid, lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
+                                     observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
+                                     options=grids.options(grid), **predict_kwargs)
+        return seen[grid, lr]
 
-    first = seen[est] = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol, blowup_factor,
-                                     options, predict_kwargs)
+    opts0 = grids.options(grids.first)
+    first = seen[grids.first, est] = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol,
+                                                  blowup_factor, opts0, predict_kwargs)
+    options["types"] = opts0["types"]  # the checked types of the first solve, for every later one
     count[0] += 1
 
     def bounded(p: Prediction) -> bool:
@@ -171,19 +244,19 @@ def critical_lr(
         r = p.curves["risk"]
         return p.divergence_step is None and float(r[-1]) <= decay_fraction * float(r[0]) and float(p.local_rate[-1]) > 0
 
-    def bisect(pred, lo: float, hi: float) -> float:
+    def bisect(pred, lo: float, hi: float, grid) -> float:
         while hi / lo > 1.0 + rel_tol:
             mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if pred(run(mid)) else (lo, mid)
-        return lo
+            lo, hi = (mid, hi) if pred(run(mid, grid)) else (lo, mid)
+        return lo, hi
 
-    def search_bounded() -> float:
+    def search_bounded(grid) -> tuple[float, float]:
         lo = hi = est
         if bounded(first):
             while True:
                 hi = 2.0 * lo
-                if not bounded(run(hi)):
-                    return bisect(bounded, lo, hi)
+                if not bounded(run(hi, grid)):
+                    return bisect(bounded, lo, hi, grid)
                 lo = hi
                 if lo > 2.0**20 * est:
                     raise ValueError(
@@ -192,34 +265,104 @@ def critical_lr(
                     )
         while True:
             lo = hi / 2.0
-            if bounded(run(lo)):
-                return bisect(bounded, lo, hi)
+            if bounded(run(lo, grid)):
+                return bisect(bounded, lo, hi, grid)
             hi = lo
             if lo < 1e-12 * est:
                 raise RuntimeError("critical_lr found no stable learning rate")
 
-    def search_decay(limit: float) -> float | None:
+    def search_decay(limit: float, grid) -> tuple[float, float] | None:
         # decay holds on a window of lr (too small: no progress within the horizon; too large: noise
         # floor), so look below the stability limit for a decaying lr, then bisect its upper edge.  The
         # stability search's solves already say where R decays: start from the largest that does, if any.
-        decaying = [x for x, p in seen.items() if x <= limit and decays(p)]
+        decaying = [x for (g, x), p in seen.items() if g == grid and x <= limit and decays(p)]
         if decaying:
             lo = max(decaying)
-            return bisect(decays, lo, min(x for x in seen if x > lo))  # none above lo decays: the edge is inside
+            return bisect(decays, lo, min(x for g, x in seen if g == grid and x > lo), grid)  # none above lo decays
         hi = limit
         for _ in range(8):
             lo = hi / 2.0
-            if decays(run(lo)):
-                return bisect(decays, lo, hi)
+            if decays(run(lo, grid)):
+                return bisect(decays, lo, hi, grid)
             hi = lo
         return None  # no lr in [limit / 256, limit] brings R below decay_fraction R(0) within the horizon
 
-    lr_bounded = search_bounded()
-    lr_decay = search_decay(lr_bounded) if problem.noise_std == 0 else None
-    finite_d = dict(seen[lr_bounded].info.get("finite_d") or {})
+    def relocate(pred, lo: float, hi: float, grid, floor: float) -> tuple[float, float] | None:
+        """The edge of ``pred`` on ``grid`` from its bracket ``[lo, hi]`` on another grid (None: nothing above
+        ``floor`` satisfies ``pred`` on this grid)."""
+        if pred(run(lo, grid)):
+            if not pred(run(hi, grid)):
+                return lo, hi  # the bracket holds: the edge moved by less than its width
+            step = hi / lo
+            while True:  # the edge moved up: widen geometrically above hi
+                lo, hi = hi, hi * step
+                if not pred(run(hi, grid)):
+                    return bisect(pred, lo, hi, grid)
+                step *= step
+        step = hi / lo
+        while True:  # the edge moved down
+            hi, lo = lo, lo / step
+            if lo < floor:
+                return None
+            if pred(run(lo, grid)):
+                return bisect(pred, lo, hi, grid)
+            step *= step
+
+    def check(name: str, pred, bracket: tuple[float, float], floor: float):
+        """The grid check of one edge (see :class:`_EdgeGrids`): ``(bracket, grid, estimate)`` on the finest grid,
+        or None when the edge vanished on a finer grid.
+
+        Space is refined until resolved, then time.  A source is resolved when refining it moved the edge by at most
+        ``rel_tol``; a move of the bracket unresolves the other source (its change was measured on a grid that no
+        longer holds the edge: at ``tol = 1e-2`` on THEORY §6 a time refinement moved the bounded edge by 1 %, after
+        which twice the cells moved it by 4 %).  Done when both are resolved, or capped (warned when a capped source
+        still moved by more).
+        """
+        grid, estimate = grids.first, {"space": math.inf, "time": math.inf}
+        resolved = {"space": grids.fixed is not None, "time": grids.fixed is not None}
+        while not all(resolved.values()):
+            # space first: its refinements keep the step tolerance, so they are the cheaper solves (a power law at
+            # d = 16384: 12 s at 544 cells on the first grid's step tolerance, 25 s on a quarter of it)
+            source = "space" if not resolved["space"] else "time"
+            finer = grids.refined(grid, source)
+            if finer is None:  # a cap stops this source
+                resolved[source] = True
+                if estimate[source] > rel_tol:
+                    moved_by = "has not been measured" if math.isinf(estimate[source]) else (
+                        f"moved by {estimate[source]:.2g} (relative) between the last two grids")
+                    warnings.warn(f"critical_lr: the {name} edge {moved_by} in {source}, above rel_tol={rel_tol:g}, "
+                                  f"and {grids.cap(source)} stops the check at {grids.describe(grid)}: the answer "
+                                  f"{bracket[0]:.4g} carries that error; raise the cap or relax tol", RuntimeWarning,
+                                  stacklevel=3)
+                continue
+            moved = relocate(pred, *bracket, finer, floor)
+            if moved is None:
+                return None
+            # the edge's change: at most the bracket's width when the bracket held, else the move of its centre
+            estimate[source] = (bracket[1] / bracket[0] - 1.0) if moved == bracket else abs(
+                math.log(math.sqrt(moved[0] * moved[1] / (bracket[0] * bracket[1]))))
+            resolved[source] = estimate[source] <= rel_tol
+            if moved != bracket:
+                other = "time" if source == "space" else "space"
+                resolved[other] = resolved[other] and grids.refined(finer, other) is None
+            bracket, grid = moved, finer
+        return bracket, grid, sum(e for e in estimate.values() if not math.isinf(e))
+
+    checked = check("bounded", bounded, search_bounded(grids.first), 1e-12 * est)
+    if checked is None:
+        raise RuntimeError("critical_lr found no stable learning rate on a finer grid")
+    (lo, hi), grid_b, estimate = checked
+    lr_bounded, lr_decay = lo, None
+    if problem.noise_std == 0:
+        found = search_decay(lr_bounded, grids.first)
+        checked = check("decay", decays, found, lr_bounded / 256.0) if found is not None else None
+        if checked is not None:
+            lr_decay, estimate = checked[0][0], max(estimate, checked[2])
+    finite_d = dict(seen[grid_b, lr_bounded].info.get("finite_d") or {})
     _warn_finite_d(finite_d, problem.dim, where=f"critical_lr: at its answer lr = {lr_bounded:.4g} and", stacklevel=3,
                    source="CriticalLR.finite_d")
-    return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0], finite_d)
+    return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0], finite_d,
+                      None if grids.fixed is not None else estimate, grids.cells(grid_b))
 
 
 def _first_solve(problem, model, sgd: SGDConfig, steps: int, num_points: int, tol: float, blowup_factor: float,
