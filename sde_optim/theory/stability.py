@@ -244,7 +244,7 @@ def critical_lr(
         r = p.curves["risk"]
         return p.divergence_step is None and float(r[-1]) <= decay_fraction * float(r[0]) and float(p.local_rate[-1]) > 0
 
-    def bisect(pred, lo: float, hi: float, grid) -> float:
+    def bisect(pred, lo: float, hi: float, grid) -> tuple[float, float]:
         while hi / lo > 1.0 + rel_tol:
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if pred(run(mid, grid)) else (lo, mid)
@@ -328,12 +328,12 @@ def critical_lr(
             if finer is None:  # a cap stops this source
                 resolved[source] = True
                 if estimate[source] > rel_tol:
-                    moved_by = "has not been measured" if math.isinf(estimate[source]) else (
-                        f"moved by {estimate[source]:.2g} (relative) between the last two grids")
-                    warnings.warn(f"critical_lr: the {name} edge {moved_by} in {source}, above rel_tol={rel_tol:g}, "
-                                  f"and {grids.cap(source)} stops the check at {grids.describe(grid)}: the answer "
-                                  f"{bracket[0]:.4g} carries that error; raise the cap or relax tol", RuntimeWarning,
-                                  stacklevel=3)
+                    moved_by = (f"moved by {estimate[source]:.2g} (relative) between the last two grids in {source}, "
+                                f"above rel_tol={rel_tol:g}") if math.isfinite(estimate[source]) else (
+                                f"was not checked in {source} (no finer grid allowed)")
+                    warnings.warn(f"critical_lr: the {name} edge {moved_by}, and {grids.cap(source)} stops the check "
+                                  f"at {grids.describe(grid)}: the answer {bracket[0]:.4g} carries that error; raise "
+                                  "the cap or relax tol", RuntimeWarning, stacklevel=3)
                 continue
             moved = relocate(pred, *bracket, finer, floor)
             if moved is None:
