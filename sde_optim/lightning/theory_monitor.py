@@ -56,7 +56,8 @@ class TheoryMonitor(MonitorCallback):
     from one declared place (below). It computes the prediction once (:func:`sde_optim.predict`,
     THEORY E6/E7) up to ``trainer.max_steps``, on global rank zero, broadcast to the others. If
     the prediction diverges, it warns before the first step, naming the predicted critical
-    learning rate (in units of the schedule's peak).
+    learning rate (in units of the schedule's peak; :func:`sde_optim.critical_lr` at ``rel_tol=0.05``,
+    whose grid-checked search takes tens of seconds to minutes at large ``d`` before training starts).
 
     Only the SGD of THEORY is predicted: ``torch.optim.SGD``, :class:`~sde_optim.HomogenizedSGD`
     and :class:`~sde_optim.SVAG`, one learning rate and one set of hyper-parameters for every

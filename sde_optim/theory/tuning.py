@@ -85,7 +85,8 @@ def best_lr(
 
     The SGD is given by the keywords (as :func:`~sde_optim.theory.predict`) or by ``sgd``, whose learning-rate
     schedule sets the shape that is scaled (the result is its peak).  ``critical`` (default: computed by
-    :func:`~sde_optim.theory.critical_lr` over the same budget) bounds the search: a first sweep of
+    :func:`~sde_optim.theory.critical_lr` over the same budget, grid-checked: often the larger part of the cost;
+    pass it when known) bounds the search: a first sweep of
     ``sweep_size`` learning rates geometric in ``[lower critical, upper critical]`` at ``max(tol, coarse_tol)``
     (it only has to bracket the minimum), then ``sweep_size`` from one neighbour of its minimum to the other at
     ``tol``; the best of those is returned.  A minimum at the top of the range means the budget rewards the
