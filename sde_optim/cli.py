@@ -580,7 +580,8 @@ def _cmd_critical_lr(args: argparse.Namespace) -> None:
     if res.decay is not None:
         print(f"largest lr for which the risk decays to zero: {res.decay:.6g}")
     checked = ("grid fixed: not checked" if res.grid_estimate is None else
-               f"grid checked up to {res.num_cells} cells: the edges moved by {res.grid_estimate:.2g} (relative)")
+               f"grid checked up to {res.num_cells} cells, grid estimate {res.grid_estimate:.2g}: the edges' relative "
+               "change between the last grids, space + time, at most the bracket where it held")
     print(f"({res.evaluations} PDE solves, bracket width {res.rel_tol:g}; {checked})")
 
 
