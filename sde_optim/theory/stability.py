@@ -179,6 +179,7 @@ def critical_lr(
     with that change.  Where the divergence is carried by the law's far tail (label noise, ``B > 1``: the noise
     keeps the law wide), the bounded edge may not settle on any affordable grid (iso-noisy-B4-bal at ``d = 16384``:
     66, 65, 74 and above 87 on 136 to 1088 cells): that is the warning's case.
+
     Boundedness is assumed monotone in ``lr``; decay holds on a window of ``lr`` (too small makes
     no progress within the horizon), so its upper edge is searched below the stability limit and
     ``decay`` is ``None`` when no ``lr`` in ``[bounded / 256, bounded]`` decays within the horizon.
@@ -215,9 +216,9 @@ def critical_lr(
     batch0 = float(shape.batch_schedule(1)[0])
     est = e8_estimate(problem, model, batch0) / (float(model.lr_scale) * shape.momentum_factor)
     count = [0]
-    seen: dict[tuple[Any, float], Prediction] = {}  # every solve so far, by grid and lr
+    seen: dict[tuple[tuple[int, float], float], Prediction] = {}  # every solve so far, by grid and lr
 
-    def run(lr: float, grid: Any) -> Prediction:
+    def run(lr: float, grid: tuple[int, float]) -> Prediction:
         if (grid, lr) in seen:
             return seen[grid, lr]
         count[0] += 1
