@@ -403,6 +403,8 @@ def test_critical_lr_checks_each_edge_on_finer_grids(monkeypatch):
     assert abs(crit.bounded / 10.0 - 1.0) <= bound  # the limit of the stand-in's edge (the first grid's: 19 % off)
     assert abs(crit.decay / 4.0 - 1.0) <= bound
     assert abs(fake.edge({"num_cells": first[0], "step_tol": first[1]}) / 10.0 - 1.0) > 3 * bound
+    alone = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02, options={"max_cells": 4096}, decay=False)
+    assert alone.decay is None and alone.bounded == crit.bounded and alone.evaluations < crit.evaluations
 
 
 def test_critical_lr_warns_when_a_cap_stops_a_moving_edge(monkeypatch):

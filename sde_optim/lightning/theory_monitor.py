@@ -324,7 +324,8 @@ class TheoryMonitor(MonitorCallback):
                              observables=self.observables)
         if prediction.divergence_step is None:
             return prediction, None
-        return prediction, critical_lr(self.problem, model, sgd=self._sgd, steps=horizon, rel_tol=0.05).bounded
+        return prediction, critical_lr(self.problem, model, sgd=self._sgd, steps=horizon, rel_tol=0.05,
+                                       decay=False).bounded
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

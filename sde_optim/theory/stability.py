@@ -156,6 +156,7 @@ def critical_lr(
     tol: float = 3e-3,
     num_points: int = 41,
     max_evaluations: int = 100,
+    decay: bool = True,
     **predict_kwargs: Any,
 ) -> CriticalLR:
     """Largest ``lr`` whose PDE-predicted risk stays bounded over ``steps`` SGD steps (THEORY §5).
@@ -185,6 +186,8 @@ def critical_lr(
     ``decay`` is ``None`` when no ``lr`` in ``[bounded / 256, bounded]`` decays within the horizon.
     A horizon so short that nothing diverges up to ``2^20`` times the E8 estimate is a
     ``ValueError``; ``max_evaluations`` bounds the number of PDE solves (``RuntimeError`` past it).
+    ``decay=False`` skips the decay edge (``decay`` is then None): a caller that needs only ``bounded`` saves that
+    search and its grid check (TheoryMonitor, best_lr).
 
     The answer is the ``d -> infinity`` limit's.  Its finite-``d`` indicators (``finite_d``) are those of the solve at
     ``bounded``, where the steps are largest, and a :class:`~sde_optim.theory.FiniteDimensionWarning` says when they
@@ -354,7 +357,7 @@ def critical_lr(
         raise RuntimeError("critical_lr found no stable learning rate on a finer grid")
     (lo, hi), grid_b, estimate = checked
     lr_bounded, lr_decay = lo, None
-    if problem.noise_std == 0:
+    if problem.noise_std == 0 and decay:
         found = search_decay(lr_bounded, grids.first)
         checked = check("decay", decays, found, lr_bounded / 256.0) if found is not None else None
         if checked is not None:

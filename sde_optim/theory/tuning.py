@@ -102,7 +102,7 @@ def best_lr(
         sgd = SGDConfig(lr=1.0, batch_size=batch_size, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
     if critical is None:
-        critical = critical_lr(problem, model, sgd=sgd, steps=steps,
+        critical = critical_lr(problem, model, sgd=sgd, steps=steps, decay=False,
                                **{k: v for k, v in predict_kwargs.items() if k in ("dtype", "max_types")}).bounded
     critical = check_float("critical", critical, minimum=0.0, strict=True)
 
