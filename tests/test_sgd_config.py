@@ -366,6 +366,18 @@ class _EdgeOnGrid:
     def __init__(self):
         self.calls = []
 
+    @classmethod
+    def install(cls, monkeypatch) -> "_EdgeOnGrid":
+        """Put a stand-in in place of critical_lr's solves (its first solve included)."""
+        import sde_optim.theory.stability as stability
+
+        fake = cls()
+        monkeypatch.setattr(stability, "predict", fake)
+        monkeypatch.setattr(stability, "_first_solve", lambda problem, model, sgd, steps, num_points, tol, blowup,
+                            options, kw: (options.__setitem__("types", None), fake(problem, model, sgd=sgd,
+                                                                                    options=options))[1])
+        return fake
+
     def edge(self, options):
         return 10.0 * (1.0 + 24.0 / options["num_cells"] + 4.0 * options["step_tol"])
 
@@ -390,10 +402,7 @@ def test_critical_lr_checks_each_edge_on_finer_grids(monkeypatch):
     are within rel_tol + grid_estimate of the converged edges, found on finer grids than the first."""
     import sde_optim.theory.stability as stability
 
-    fake = _EdgeOnGrid()
-    monkeypatch.setattr(stability, "predict", fake)
-    monkeypatch.setattr(stability, "_first_solve", lambda problem, model, sgd, steps, num_points, tol, blowup, options,
-                        kw: (options.__setitem__("types", None), fake(problem, model, sgd=sgd, options=options))[1])
+    fake = _EdgeOnGrid.install(monkeypatch)
     problem, model = section6(400)
     crit = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02, options={"max_cells": 4096})
     first = stability._EdgeGrids(3e-3, {"refine": False}).first
@@ -412,10 +421,7 @@ def test_critical_lr_warns_when_a_cap_stops_a_moving_edge(monkeypatch):
     it is warned with that move, and grid_estimate carries it."""
     import sde_optim.theory.stability as stability
 
-    fake = _EdgeOnGrid()
-    monkeypatch.setattr(stability, "predict", fake)
-    monkeypatch.setattr(stability, "_first_solve", lambda problem, model, sgd, steps, num_points, tol, blowup, options,
-                        kw: (options.__setitem__("types", None), fake(problem, model, sgd=sgd, options=options))[1])
+    fake = _EdgeOnGrid.install(monkeypatch)
     problem, model = section6(400)
     first = stability._EdgeGrids(3e-3, {"refine": False}).first
     with pytest.warns(RuntimeWarning, match=r"critical_lr: the bounded edge moved by .* in space, above "

@@ -108,10 +108,6 @@ class _EdgeGrids:
     def describe(grid: tuple[int, float]) -> str:
         return f"{grid[0]} cells, step tolerance {grid[1]:.2g}"
 
-    @staticmethod
-    def cells(grid: tuple[int, float]) -> int:
-        return grid[0]
-
 
 def e8_estimate(problem: TeacherProblem, model: DiagonalLinearNetwork, batch_size: float) -> float:
     """Cheap E8 estimate of the critical ``gamma`` (in ``(u, v)`` units, the momentum-effective step of E11).
@@ -366,7 +362,7 @@ def critical_lr(
     _warn_finite_d(finite_d, problem.dim, where=f"critical_lr: at its answer lr = {lr_bounded:.4g} and", stacklevel=3,
                    source="CriticalLR.finite_d")
     return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0], finite_d,
-                      None if grids.fixed is not None else estimate, grids.cells(grid_b))
+                      None if grids.fixed is not None else estimate, grid_b[0])
 
 
 def _first_solve(problem, model, sgd: SGDConfig, steps: int, num_points: int, tol: float, blowup_factor: float,
