@@ -336,32 +336,31 @@ class _Statistics:
 
 @dataclass
 class _Operator:
-    """Tridiagonal generator ``d mass/dt = A mass``: ``diag``, ``upper`` (coefficient of ``mass[j+1]`` in
-    row ``j``), ``lower`` (of ``mass[j-1]``), each ``(T, N)`` with unused ends zero."""
+    """Tridiagonal generator ``d mass/dt = A mass``: ``bands`` ``(3, G, T, N)`` = lower (coefficient of ``mass[j-1]`` in
+    row ``j``), diagonal, upper (of ``mass[j+1]``), with the unused ends zero (``lower[..., 0]``, ``upper[..., -1]``).
+    One buffer for the three: scaling them is one pass."""
 
-    diag: Tensor
-    upper: Tensor
-    lower: Tensor
+    bands: Tensor
 
     def implicit_solve(self, h: float, rhs: Tensor, col_scale: Tensor | None = None, other: "_Operator | None" = None) -> Tensor:
         """Solve ``(I - h M) y = rhs`` with ``M = A diag(col_scale)`` (+ ``other``'s ``A``, same grid).
 
         A column scaling keeps ``M`` tridiagonal: entry ``(j, k)`` is multiplied by ``col_scale[k]``.  The bands of
-        ``I - h M`` are formed in fresh buffers, in place, and handed to the solve as scratch.
+        ``I - h M`` are formed in a fresh buffer, in place, and handed to the solve as scratch.
         """
-        dg, up, lo = self.diag, self.upper, self.lower
         if col_scale is None and other is None:
-            lo, dg, up = lo * -h, dg * -h, up * -h
+            bands = self.bands * -h
         else:
+            bands = self.bands.clone()
             if col_scale is not None:
-                dg = dg * col_scale
-                up = torch.nn.functional.pad(up[..., :-1] * col_scale[..., 1:], (0, 1))
-                lo = torch.nn.functional.pad(lo[..., 1:] * col_scale[..., :-1], (1, 0))
+                lo, dg, up = bands.unbind(0)
+                lo[..., 1:].mul_(col_scale[..., :-1])
+                dg.mul_(col_scale)
+                up[..., :-1].mul_(col_scale[..., 1:])
             if other is not None:
-                dg, up, lo = dg + other.diag, up + other.upper, lo + other.lower
-            lo.mul_(-h)
-            dg.mul_(-h)
-            up.mul_(-h)
+                bands.add_(other.bands)
+            bands.mul_(-h)
+        lo, dg, up = bands.unbind(0)
         dg.add_(1.0)  # 1 - h d: the same rounding as forming h d first
         return tridiagonal_solve(lo, dg, up, rhs, ends_zero=True, scratch=True)  # the operator's ends are 0
 
@@ -406,6 +405,8 @@ class _Grid:
         self.points = torch.cat([self.xi, self.inner])
         self.width = self.faces[1:] - self.faces[:-1]  # (N,)
         self.gap = self.xi[1:] - self.xi[:-1]  # centre-to-centre distance across each interior face, (N-1,)
+        self.flux_left = 1.0 / (self.gap * self.width[:-1])  # the SG flux's geometry (assemble), (N-1,)
+        self.flux_right = 1.0 / (self.gap * self.width[1:])
         self.step_limit = step_limit
         self.var_floor = float(self.width.min()) ** 2 / 12.0  # a uniform cell's variance (once: no sync per step)
 
@@ -416,11 +417,13 @@ class _Grid:
         stage, whose state only needs its operator and error) leaves out the moments, tail share and step limit."""
         dyn, xi, n = self.dyn, self.xi, self.xi.numel()
         q = dyn.q(integral[:, None, None], t)  # (G, T, 1)
-        both = dyn.state(m[..., None] + s[..., None] * self.points, q)  # cell centres, then interior faces
+        both = dyn.state(torch.addcmul(m[..., None], s[..., None], self.points), q)  # cell centres, then interior faces
         c = CoordinateState(dyn.lam, dyn.bstar, both.beta[..., :n], both.rho[..., :n], both.q[..., :n], dyn.param_scale)
         qw = quadrature_weights(mass)
         # E7 densities from the registry (the same definitions as the measurement), times pi_tau
-        observed = torch.stack([_RISK.density(c), _CURVATURE.density(c)]) * dyn.weight  # (2, G, T, N)
+        observed = mass.new_empty(2, *mass.shape)  # (2, G, T, N)
+        torch.mul(_RISK.density(c), dyn.weight, out=observed[0])
+        torch.mul(_CURVATURE.density(c), dyn.weight, out=observed[1])
         per_type = (observed * qw).sum(-1)  # (2, G, T)
         totals = per_type.sum(-1)  # (2, G)
         risk = totals[0] + _RISK.offset(dyn.noise_std)
@@ -435,7 +438,8 @@ class _Grid:
         if self.step_limit is not None:
             factor, dim = self.step_limit  # past gamma lam rho / d > factor one discrete step is unstable
             limit = factor * dim / dyn.coef.gamma(t, side)
-            unstable = dim * ((c.lam * c.rho > limit).to(mass.dtype) * mass * dyn.weight).sum(dim=(-2, -1))
+            past = torch.where(c.rho > limit / c.lam, mass, torch.zeros((), dtype=mass.dtype, device=mass.device))
+            unstable = dim * (past.sum(-1) * dyn.weight[:, 0]).sum(-1)
         else:
             unstable = torch.zeros_like(risk)
         a_c = a[..., :n]
@@ -478,18 +482,24 @@ class _Grid:
         """SG operator of the state ``st`` on the grid of spread ``s`` moving with velocity ``(vm, vs)``."""
         n = self.xi.numel()
         a_f = st.a[..., n:]
-        vel = (a_f - vm[..., None] - vs[..., None] * self.inner) / s[..., None]  # drift in xi at interior faces (ALE)
-        dxi = torch.clamp(st.diffusion / (s * s), min=tiny(s))[..., None]  # diffusion in xi
-        pe = vel * self.gap / dxi
+        dxi = torch.clamp(st.diffusion / (s * s), min=tiny(s))  # diffusion in xi, (G, T)
+        # Peclet number pe = vel gap / dxi of the drift in xi at the interior faces, vel = (a - vm - vs g) / s (ALE)
+        pe = (a_f - torch.addcmul(vm[..., None], vs[..., None], self.inner)).mul_((1.0 / (s * dxi))[..., None])
+        pe.mul_(self.gap)
         # flux J_{j+1/2} = cp_j mass_j - cm_j mass_{j+1}, cp = D B(-pe) / (gap width_j), cm = D B(pe) / (gap width_j+1);
         # one Bernoulli evaluation through B(-z) = B(z) + z, so B(-pe) = B(|pe|) + max(pe, 0) and
         # B(pe) = B(|pe|) - min(pe, 0) (sums of non-negative terms: no cancellation)
-        coef = dxi / self.gap
         small = _bernoulli_abs(pe)
-        cp = coef * (small + pe.clamp_min(0.0)) / self.width[:-1]
-        cm = coef * (small - pe.clamp_max(0.0)) / self.width[1:]
-        pad = torch.nn.functional.pad
-        return _Operator(-(pad(cp, (0, 1)) + pad(cm, (1, 0))), pad(cm, (0, 1)), pad(cp, (1, 0)))
+        bands = pe.new_empty(3, *pe.shape[:-1], n)  # lower, diagonal, upper: written in place, no padded copies
+        lo, dg, up = bands.unbind(0)
+        cp = torch.mul(dxi[..., None] * self.flux_left, small + pe.clamp_min(0.0), out=lo[..., 1:])
+        cm = torch.mul(dxi[..., None] * self.flux_right, small - pe.clamp_max(0.0), out=up[..., :-1])
+        lo[..., 0] = 0.0
+        up[..., -1] = 0.0
+        torch.neg(cp, out=dg[..., :-1])
+        dg[..., -1] = 0.0
+        dg[..., 1:].sub_(cm)
+        return _Operator(bands)
 
 
 def grid_level(tol: float, half_width: float, step_tol: float | None, level: int, max_cells: int = 4096) -> tuple[int, float]:
