@@ -432,3 +432,29 @@ def test_critical_lr_warns_when_a_cap_stops_a_moving_edge(monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)
         fixed = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.01, options={"num_cells": 64})
     assert fixed.grid_estimate is None and {c[1] for c in fake.calls[-fixed.evaluations:]} == {64}
+
+
+class _EdgeMovesOnce(_EdgeOnGrid):
+    """A stand-in edge at 10 on the first grid and at 12 on every finer one (a first grid that blows up early)."""
+
+    first_cells = None
+
+    def edge(self, options):
+        self.first_cells = self.first_cells or options["num_cells"]
+        return 10.0 if options["num_cells"] == self.first_cells and options["step_tol"] >= 3e-3 else 12.0
+
+
+def test_critical_lr_walks_to_a_far_edge_and_accepts_a_bracket_of_rel_tol(monkeypatch):
+    """An edge that left its bracket is found by a walk whose steps start at (1 + rel_tol)^4 (two-level-noisy at
+    d = 16384: 7 solves instead of 11 on the second grid), then bisected to rel_tol.  A bracket of exactly
+    1 + rel_tol has a width 1.02 - 1 = 0.020000000000000018 > rel_tol in floating point: the bisection took one more
+    solve (here), and the edge check could take the width of a bracket that held for a move above rel_tol
+    (two-level-noisy: a third step-tolerance level, 13 s).  Both fail this test when undone (8 and 11 solves)."""
+    fake = _EdgeMovesOnce.install(monkeypatch)
+    problem, model = section6(400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        crit = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02, decay=False)
+    assert 12.0 / 1.02 <= crit.bounded <= 12.0 and crit.grid_estimate <= 2 * 0.02 * (1 + 1e-9)
+    second = [lr for lr, cells, _ in fake.calls if cells == 2 * fake.first_cells]
+    assert len(second) <= 7  # lo and hi of the old bracket, a walk of 8 % then 17 % steps, two bisections
