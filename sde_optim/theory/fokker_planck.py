@@ -871,7 +871,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         work += _work(fine) + _work(other)
         if any(x.diverged_at is not None for x in (fine, other, base_s, base_c)):
             return None
-        estimate = _pair_difference(fine, coarse, estimate_floor) / (ratio**2 - 1.0)  # Richardson, second order
+        estimate = _richardson_estimate(fine, coarse, estimate_floor, ratio)
         a = _observed_curves(fine)
         cross_abs = ((a - ref_s) - (_observed_curves(other) - ref_c)).abs()
         ok = torch.isfinite(a).all(0) & (fine.risk >= estimate_floor * fine.risk[0])
@@ -925,9 +925,11 @@ def _observed_curves(sol: "FokkerPlanckSolution") -> Tensor:
     return curves
 
 
-def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
-    """Estimated relative error of ``fine``: :func:`_pair_difference` / 3 (second order, half the cell width and step)."""
-    return _pair_difference(fine, coarse, floor) / 3.0
+def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float,
+                         ratio: float = 2.0) -> float:
+    """Estimated relative error of ``fine``: :func:`_pair_difference` / ``(ratio^2 - 1)`` (second order, cells x
+    ``ratio`` and step tolerance / ``ratio^2``; / 3 for a whole level)."""
+    return _pair_difference(fine, coarse, floor) / (ratio**2 - 1.0)
 
 
 def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
