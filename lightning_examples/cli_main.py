@@ -16,6 +16,7 @@ extra (``pip install -e ".[cli]"``: jsonargparse).
 
 from __future__ import annotations
 
+import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from sde_optim.lightning import CurvatureMonitor, TeacherDataModule, TeacherRegression, TheoryMonitor
@@ -40,3 +41,5 @@ def main(args: list[str] | None = None, **kwargs) -> TeacherCLI:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # Lightning does this for NCCL only; gloo can abort at exit

@@ -109,3 +109,5 @@ def main(argv: list[str] | None = None) -> TheoryMonitor:
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # Lightning does this for NCCL only; gloo can abort at exit

@@ -104,6 +104,10 @@ def _worker(out: Path) -> None:
         records[optimizer] = _fit(out, optimizer)
     records["empirical"] = _empirical_noise_steps(rank) if torch.distributed.is_initialized() else None
     torch.save(records, out / f"rank{records['sgd']['rank']}.pt")
+    if torch.distributed.is_initialized():
+        # Lightning destroys only NCCL groups at exit; an undestroyed gloo group can abort the process
+        # during interpreter shutdown ("terminate called without an active exception", pytorch#190489).
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the tests
