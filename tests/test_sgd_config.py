@@ -100,8 +100,8 @@ def test_critical_lr_scales_with_the_momentum_factor():
 def test_critical_lr_warns_with_the_finite_d_indicators_at_its_answer():
     """critical_lr checked the finite-d indicators of its first solve, at the E8 estimate, where the steps are the
     smallest of the search: THEORY §6 at d = 400 gave no warning and the answer 18.3, whose own solve has steps
-    gamma lam rho / d = 0.22 and scatter 0.51, past both of predict's thresholds (0.1 then, 0.05 now, and 0.25).  It now reports the
-    answer's indicators (``finite_d``) and warns with them."""
+    gamma lam rho / d = 0.22 and scatter 0.51, past both of predict's thresholds (0.1 then, 0.05 now, and 0.25).
+    It now reports the answer's indicators (``finite_d``) and warns with them."""
     from sde_optim.theory import FiniteDimensionWarning
     from sde_optim.theory.predict import FINITE_D_SCATTER, FINITE_D_STEP
 

@@ -598,8 +598,8 @@ def _steep_power_law(d: int):
 
 
 def test_a_sweep_warns_once_for_its_worst_member():
-    """The step index grows with the lr (0.14 at lr 1, 0.27 at lr 2 here, both past FINITE_D_STEP): one warning for the sweep,
-    with the worst member's numbers, not one per member (best_lr sweeps 8-16 learning rates twice)."""
+    """The step index grows with the lr (0.14 at lr 1, 0.27 at lr 2 here, both past FINITE_D_STEP): one warning for
+    the sweep, with the worst member's numbers, not one per member (best_lr sweeps 8-16 learning rates twice)."""
     from sde_optim.theory import FiniteDimensionWarning, predict_sweep
 
     problem, model = _steep_power_law(1024)
