@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -412,8 +412,8 @@ class TypeSolve:
 class TypeCheck:
     """Outcome of :func:`solve_with_type_control`: the finest solve, its types and the type error estimate.
 
-    ``coarsest`` and ``first`` are the first two solves (the initial cut and its children) with their types,
-    for a caller that refines another discretization on fewer types (``None`` when the types are exact).
+    ``ladder``: the first :data:`LADDER_KEPT` solves with their types (the initial cut, its children, then the
+    next rounds), for a caller that refines another discretization on fewer types (empty when the types are exact).
     """
 
     solve: TypeSolve
@@ -421,8 +421,12 @@ class TypeCheck:
     estimate: float
     solves: int
     nodes: int
-    coarsest: tuple[TypeSolve, CoordinateTypes] | None = None
-    first: tuple[TypeSolve, CoordinateTypes] | None = None
+    ladder: list[tuple[TypeSolve, CoordinateTypes]] = field(default_factory=list)
+
+
+# Solves of the type ladder kept for the subset grid check (:func:`~.fokker_planck.refine_grid_on_subset`): its pair
+# and two more to move it along; the early rounds have the fewest types, so keeping them costs little memory.
+LADDER_KEPT = 4
 
 
 def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, max_types: int, noise_std: float,
@@ -446,13 +450,14 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
     quad = TypeQuadrature(TypeTree(columns), initial_nodes)
     types, owner = quad.coarse_types()
     coarse = solve(types)
-    coarsest = (coarse, types)
+    ladder = [(coarse, types)]
     quad.record_coarse(coarse.curves, owner)
     types, owner = quad.fine_types()
-    solves, first = 0, None
+    solves = 0
     while True:
         fine = solve(types)
-        first = first or (fine, types)
+        if len(ladder) < LADDER_KEPT:
+            ladder.append((fine, types))
         solves += 1
         _, per_node = quad.compare(fine.curves, owner)  # ([G,] 2, n, nodes)
         estimate, indicator = _type_estimate(per_node, fine, coarse, t, offset, floor)
@@ -469,8 +474,8 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
     if estimate > tol:  # a cap stopped the quadrature: the coordinates themselves, if they fit under max_types
         exact = exact_types(columns, max_types=max_types)
         if exact is not None:
-            return TypeCheck(solve(exact), exact, 0.0, solves + 2, exact.num_types, coarsest, first)
-    return TypeCheck(fine, types, estimate, solves + 1, quad.size, coarsest, first)
+            return TypeCheck(solve(exact), exact, 0.0, solves + 2, exact.num_types, ladder)
+    return TypeCheck(fine, types, estimate, solves + 1, quad.size, ladder)
 
 
 def _type_estimate(per_node: Tensor, fine: TypeSolve, coarse: TypeSolve, t: Tensor, offset: Tensor,

@@ -307,12 +307,13 @@ class PDESolver(Solver):
         """The grid check on the final types, or on a subset combined with them (:func:`refine_grid_on_subset`)."""
         grid = self._grid_check(problem, check, grid_opts, base)
         level0 = check.solve.result
-        if check.first is not None and check.first[1].num_types < check.types.num_types:
-            (first, types_s), (coarsest, types_c) = check.first, check.coarsest
-            found = refine_grid_on_subset(problem.dynamics(types_s), problem.dynamics(types_c), problem.t, first.result,
-                                          coarsest.result, **grid)
+        fewer = [(problem.dynamics(types), sol.result) for sol, types in check.ladder
+                 if types.num_types < check.types.num_types]  # the ladder's sets before the final one
+        if len(fewer) >= 2:
+            (dyn_c, base_c), (dyn_s, base_s), *closer = fewer
+            found = refine_grid_on_subset(dyn_s, dyn_c, problem.t, base_s, base_c, closer=closer, **grid)
             if found is not None:
-                return [(1.0, found[0]), (1.0, level0), (-1.0, first.result)]
+                return [(1.0, found.fine), (1.0, level0), (-1.0, found.base)]
         return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
 
 
