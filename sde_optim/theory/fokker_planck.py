@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -833,7 +833,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
                           base_c: FokkerPlanckSolution, *, tol: float, step_tol: float | None, max_cells: int,
                           max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
                           base: tuple[int, float] | None = None, max_work: float = MAX_WORK,
-                          closer: Sequence[tuple[MeanFieldDynamics, FokkerPlanckSolution]] = (),
+                          closer: Iterable[tuple[MeanFieldDynamics, FokkerPlanckSolution]] = (),
                           **opts) -> SubsetCheck | None:
     """The grid check of :func:`refine_grid` on a small type set ``S``, for a combination with many types ``F``.
 
@@ -851,8 +851,9 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     their solves on the grid ``base`` (``(cells, step tolerance)``, default :func:`grid_level`'s level 0).
 
     ``closer``: further type sets between ``S`` and ``F`` (``(dynamics, solve on base)``, in the order of the type
-    ladder, each with more types).  The cross term does not fall with the grid (it tends to the type dependence of
-    level 0's own grid error), and between the ladder's first two sets it can be most of it: on that power law
+    ladder, each with more types; taken one at a time, so an iterator may solve each only when it is needed).  The
+    cross term does not fall with the grid (it tends to the type dependence of level 0's own grid error), and
+    between the ladder's first two sets it can be most of it: on that power law
     ``|G(S) - G(C)|`` was 2.8e-4 (a third of the tolerance left, and the reason for level 2) where
     ``|G(F) - G(S)|`` was 1.6e-5 and the next pair's 1.4e-5.  So when level 1 misses because of the cross term
     (its estimate alone fits, or the cross term is over half the tolerance) the pair moves one set along:
@@ -869,7 +870,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     """
     half_width = opts["half_width"]
     allowed = tol - tol_used
-    closer = list(closer)
+    closer = iter(closer)
     level, spent, cross_before = 0, base_s.nfe + base_c.nfe, math.inf
     work = _work(base_s) + _work(base_c)
     coarse = base_s
@@ -886,8 +887,11 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
             return None
         estimate = _richardson_estimate(fine, coarse, estimate_floor, ratio)
         cross = _cross_estimate(fine, base_s, other, base_c, estimate_floor)
-        while level == 1 and closer and estimate + cross > allowed and (estimate <= allowed or cross > 0.5 * allowed):
-            dyn_n, base_n = closer.pop(0)  # the pair moves one set along the ladder (see above)
+        while level == 1 and estimate + cross > allowed and (estimate <= allowed or cross > 0.5 * allowed):
+            following = next(closer, None)  # the pair moves one set along the ladder (see above)
+            if following is None:
+                break
+            dyn_n, base_n = following
             nxt = solve_on_grid(dyn_n, t_out, n_cells, st, schedule=fine.schedule, **opts)
             spent += nxt.nfe
             work += _work(nxt)

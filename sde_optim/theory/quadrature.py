@@ -401,11 +401,13 @@ class TypeSolve:
         curves: ``(2, n, T)`` weighted contributions of each type to the excess risk and the curvature (E7);
             ``(G, 2, n, T)`` for a batched solve of ``G`` members (a sweep).
         diverged_at: the solve's divergence time, or None (a list, one per member, for a batched solve).
+        t: the times of ``curves`` when they are not the check's output times (a ladder on fewer times), else None.
     """
 
     result: object
     curves: Tensor
     diverged_at: float | None
+    t: Tensor | None = None
 
 
 @dataclass
@@ -427,10 +429,11 @@ class TypeCheck:
 # Solves of the type ladder kept for the subset grid check (:func:`~.fokker_planck.refine_grid_on_subset`): its pair
 # and two more to move it along; the early rounds have the fewest types, so keeping them costs little memory.
 LADDER_KEPT = 4
+EXACT_LIMIT = 64  # at most this many distinct coordinate rows: exact types, no quadrature
 
 
 def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, max_types: int, noise_std: float,
-                            initial_nodes: int = 32, exact_limit: int = 64, floor: float = 1e-3,
+                            initial_nodes: int = 32, exact_limit: int = EXACT_LIMIT, floor: float = 1e-3,
                             max_solves: int = 12) -> TypeCheck:
     """Solve with types from an error-controlled quadrature of ``columns`` (``(d, 4)`` rows, THEORY §4).
 
@@ -460,7 +463,7 @@ def solve_with_type_control(columns: Tensor, solve, t: Tensor, *, tol: float, ma
             ladder.append((fine, types))
         solves += 1
         _, per_node = quad.compare(fine.curves, owner)  # ([G,] 2, n, nodes)
-        estimate, indicator = _type_estimate(per_node, fine, coarse, t, offset, floor)
+        estimate, indicator = _type_estimate(per_node, fine, coarse, t if fine.t is None else fine.t, offset, floor)
         if estimate <= tol or solves + 1 >= max_solves:
             break
         before = list(quad.cut)

@@ -31,6 +31,7 @@ from .fokker_planck import (
     MAX_WORK,
     Budget,
     FokkerPlanckSolution,
+    WorkLimitError,
     cells_for_tolerance,
     grid_level,
     refine_grid,
@@ -40,8 +41,8 @@ from .fokker_planck import (
 )
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
-from .quadrature import TypeCheck, TypeSolve, solve_with_type_control
-from .statistics import e8_local_rate, finite_d_indicators, observable_values
+from .quadrature import EXACT_LIMIT, TypeCheck, TypeSolve, solve_with_type_control
+from .statistics import e8_local_rate, finite_d_indicators, observable_values, tiny
 from .types import CoordinateTypes, exact_types
 
 __all__ = ["Problem", "Solution", "Solver", "SOLVERS", "LINEAR_OBSERVABLES"]
@@ -222,20 +223,39 @@ class PDESolver(Solver):
             n, st = grid_level(tol, o["half_width"], o["step_tol"], 0 if o["refine"] else 2, o["max_cells"])
         schedule: list[float] | None = None
         base: tuple[int, float] | None = None  # the type check's grid (the grid check's level 0), when not level 0
+        single = not batched and o["num_cells"] is None and o["refine"] and o["types"] is None
+        ladder = _LadderTimes.of(problem) if single else None
 
         def solve(types: CoordinateTypes) -> TypeSolve:
             # every type solve replays the first one's time steps: their differences are then the types' alone
             nonlocal schedule, n, st, base
-            sols = solve_batch_on_grid(problem.dynamics(types), problem.t, n, st, schedule=schedule, **grid_opts)
-            if schedule is None and not batched and o["num_cells"] is None and o["refine"] and o["types"] is None:
+            dyn = problem.dynamics(types)
+            k = ladder.count() if ladder is not None else 0  # the solve's place in the ladder
+            if ladder is not None and ladder.schedule is not None:  # the ladder on its own times and steps
+                return ladder.solve(k, dyn, n, st, grid_opts)
+            sols = solve_batch_on_grid(dyn, problem.t, n, st, schedule=schedule, **grid_opts)
+            first = schedule is None
+            if first and single:
                 sols, base = self._resolved_base(problem, types, sols, (n, st), grid_opts)
                 n, st = base or (n, st)
-            schedule = sols[0].schedule if schedule is None else schedule
+            schedule = sols[0].schedule if first else schedule
+            if ladder is not None:
+                ladder.keep(k, dyn, sols[0])
+                if k == 1 and ladder.long(problem.tol) and ladder.probe(n, st, grid_opts):
+                    raise _LadderRestart  # the type check starts again on the ladder's times
             if not batched:
-                return TypeSolve(sols[0], sols[0].type_curves(), sols[0].diverged_at)
+                return _typesolve(sols[0])
             return TypeSolve(sols, torch.stack([x.type_curves() for x in sols]), [x.diverged_at for x in sols])
 
-        check = problem.controlled(solve) if o["types"] is None else TypeCheck(solve(o["types"]), o["types"], 0.0, 1, 0)
+        if o["types"] is not None:
+            check = TypeCheck(solve(o["types"]), o["types"], 0.0, 1, 0)
+        else:
+            try:
+                check = problem.controlled(solve)
+            except _LadderRestart:
+                check = problem.controlled(solve)
+        if ladder is not None and ladder.schedule is not None:  # the answer's solves on every output time
+            check = replace(check, solve=_typesolve(ladder.full(check.solve.result, n, st, schedule, grid_opts)))
         level0 = check.solve.result if batched else [check.solve.result]
         terms = [[(1.0, sol)] for sol in level0]
         if o["num_cells"] is None and o["refine"]:
@@ -244,8 +264,14 @@ class PDESolver(Solver):
                                           **self._grid_check(problem, check, grid_opts))
                 terms = [[(1.0, sol)] for sol in fines]
             else:
-                terms = [self._refine(problem, check, grid_opts, base)]
-        return [self._solution(problem.member(g), member, check, n) for g, member in enumerate(terms)]
+                full = (lambda sol: sol) if ladder is None else (
+                    lambda sol: ladder.full(sol, n, st, schedule, grid_opts))
+                terms = [self._refine(problem, check, grid_opts, base, full)]
+        solutions = [self._solution(problem.member(g), member, check, n) for g, member in enumerate(terms)]
+        for sol in solutions:
+            sol.info["type_check_points"] = int(problem.t.numel() if ladder is None or ladder.schedule is None
+                                                else ladder.t.numel())
+        return solutions
 
     def _solution(self, problem: Problem, terms: list, check: TypeCheck, base_cells: int) -> Solution:
         """The curves, E8 rate and diagnostics of one member from its solve(s) ``terms`` (``[(coefficient, solve)]``)."""
@@ -303,18 +329,132 @@ class PDESolver(Solver):
                     estimate_floor=o["estimate_floor"],
                     base=base, **grid_opts)
 
-    def _refine(self, problem: Problem, check: TypeCheck, grid_opts: dict, base: tuple[int, float] | None):
-        """The grid check on the final types, or on a subset combined with them (:func:`refine_grid_on_subset`)."""
+    def _refine(self, problem: Problem, check: TypeCheck, grid_opts: dict, base: tuple[int, float] | None, full):
+        """The grid check on the final types, or on a subset combined with them (:func:`refine_grid_on_subset`).
+        ``full(solve)``: a ladder solve on every output time (itself, or solved again when the ladder ran on fewer
+        times, :class:`_LadderTimes`), called when the check needs it."""
         grid = self._grid_check(problem, check, grid_opts, base)
         level0 = check.solve.result
         fewer = [(problem.dynamics(types), sol.result) for sol, types in check.ladder
                  if types.num_types < check.types.num_types]  # the ladder's sets before the final one
         if len(fewer) >= 2:
-            (dyn_c, base_c), (dyn_s, base_s), *closer = fewer
-            found = refine_grid_on_subset(dyn_s, dyn_c, problem.t, base_s, base_c, closer=closer, **grid)
+            sets = ((dyn, full(sol)) for dyn, sol in fewer)  # lazily: the check may not move its pair
+            (dyn_c, base_c), (dyn_s, base_s) = next(sets), next(sets)
+            found = refine_grid_on_subset(dyn_s, dyn_c, problem.t, base_s, base_c, closer=sets, **grid)
             if found is not None:
                 return [(1.0, found.fine), (1.0, level0), (-1.0, found.base)]
         return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
+
+
+def _typesolve(sol: FokkerPlanckSolution, t: Tensor | None = None) -> TypeSolve:
+    """A single solve as the type check takes it (its curves at the times ``t``; None: the output times)."""
+    return TypeSolve(sol, sol.type_curves(), sol.diverged_at, t)
+
+
+class _LadderRestart(Exception):
+    """Raised by a type solve to start the type check again on the ladder's own times (:class:`_LadderTimes`)."""
+
+
+class _LadderTimes:
+    """The type ladder on fewer output times, when the ladder is long and that is cheaper (issue 10).
+
+    A solve ends a step at every output time, and with the default 201 outputs most of a level-0 solve's steps
+    are cut short by them: free of them, 2-3x fewer steps cover the horizon on a log-uniform spectrum, a Student-t
+    teacher or a Marchenko-Pastur spectrum (d = 16384), while on a power law the steps are set by the error and not
+    by the outputs (and free steps were rejected more: 623 evaluations against 530).  The ladder's solves measure
+    only differences between type sets, on shared time steps, and those barely depend on the steps (on 60 and 120
+    cells they agreed to 3 digits).  So when the ladder's first round leaves its sets :attr:`LONG` times further
+    apart than the type tolerance (several rounds to go: the estimate falls 2-3x a round), the first set is solved
+    on at most :attr:`POINTS` of the output times (every k-th and the last) with its own time steps -- a probe, stopped
+    once it needs more than :attr:`GAIN` of the evaluations of that set on every output time -- and if it stays
+    under, the type check starts again with every ladder solve on those times and steps.  The answer's solves (the
+    final set, and the sets the grid check pairs) are then solved on every output time on the first set's steps, as
+    without the ladder (the first two sets' solves are kept from the first start).  A short ladder, a probe that
+    does not gain, or few output times: the ladder runs as before.
+    """
+
+    POINTS = 51
+    GAIN = 0.6
+    LONG = 16.0
+
+    def __init__(self, t: Tensor, index: Tensor) -> None:
+        self.t_full, self.t = t, t[index]
+        self.schedule: list[float] | None = None  # the ladder's time steps, once the probe found them cheaper
+        self._calls = 0
+        self._first: list[tuple[MeanFieldDynamics, FokkerPlanckSolution]] = []  # the first two sets, every time
+        self._probe: FokkerPlanckSolution | None = None
+        self._full: list[tuple[FokkerPlanckSolution, FokkerPlanckSolution]] = []  # (on the ladder's times, on all)
+
+    @classmethod
+    def of(cls, problem: Problem) -> "_LadderTimes | None":
+        """None when there are at most :attr:`POINTS` output times or the types are exact (no ladder: one solve)."""
+        n = problem.t.numel()
+        if n <= cls.POINTS or exact_types(problem.columns, max_types=EXACT_LIMIT) is not None:
+            return None
+        k = -(-(n - 1) // (cls.POINTS - 1))
+        return cls(problem.t, torch.tensor([*range(0, n - 1, k), n - 1], device=problem.t.device))
+
+    def count(self) -> int:
+        """The place of the next type solve in the ladder (from 0, again after a restart)."""
+        self._calls += 1
+        return self._calls - 1
+
+    def keep(self, k: int, dyn: MeanFieldDynamics, sol: FokkerPlanckSolution) -> None:
+        """Remember the first two sets' solves on every output time (the probe's set and the grid check's pair)."""
+        if k < 2 and len(self._first) == k:
+            self._first.append((dyn, sol))
+
+    def long(self, tol: float) -> bool:
+        """Whether the first round's sets differ by more than :attr:`LONG` x the type tolerance ``tol / 2`` in ``R``
+        or ``C`` (relative, largest over the output times with ``R >= 1e-3 R(0)`` before a divergence)."""
+        (_, c), (_, s) = self._first
+        a, b = (x.type_curves().sum(-1) for x in (c, s))  # (2, n): excess risk and curvature
+        ok = torch.isfinite(a).all(0) & torch.isfinite(b).all(0) & (c.risk >= 1e-3 * c.risk[0])
+        for x in (c, s):
+            if x.diverged_at is not None:
+                ok &= self.t_full < x.diverged_at
+        if not bool(ok.any()):
+            return False
+        return float(((b - a).abs() / a.abs().clamp_min(tiny(a)))[:, ok].max()) > self.LONG * 0.5 * tol
+
+    def probe(self, n: int, st: float, grid_opts: dict) -> bool:
+        """Solve the first set on the ladder's times with its own steps; keep them as the ladder's (True) if that
+        took at most :attr:`GAIN` of the evaluations on every output time and diverged where that did.  The probe stops
+        once past that (the prediction's budget is charged with what it spent)."""
+        dyn, first = self._first[0]
+        cap = Budget(max_evaluations=int(self.GAIN * first.nfe))
+        try:
+            (sol,) = solve_batch_on_grid(dyn, self.t, n, st, **{**grid_opts, "budget": cap})
+        except WorkLimitError:
+            sol = None
+        if grid_opts.get("budget") is not None:
+            grid_opts["budget"].spend(cap.used)
+        if sol is None or (sol.diverged_at is None) != (first.diverged_at is None):
+            return False
+        self.schedule, self._probe, self._calls = sol.schedule, sol, 0
+        return True
+
+    def solve(self, k: int, dyn: MeanFieldDynamics, n: int, st: float, grid_opts: dict) -> TypeSolve:
+        """The ``k``-th ladder solve on the ladder's times and steps (the first is the probe itself)."""
+        if k == 0:
+            sol = self._probe
+        else:
+            (sol,) = solve_batch_on_grid(dyn, self.t, n, st, schedule=self.schedule, **grid_opts)
+        if k < len(self._first):
+            self._full.append((sol, self._first[k][1]))
+        return _typesolve(sol, self.t)
+
+    def full(self, sol: FokkerPlanckSolution, n: int, st: float, schedule: list[float],
+             grid_opts: dict) -> FokkerPlanckSolution:
+        """``sol`` (a ladder solve) on every output time: itself when the ladder ran on them, else the solve kept
+        from the first start or its set solved on ``schedule`` (the first set's steps on every output time)."""
+        if self.schedule is None:
+            return sol
+        found = next((every for short, every in self._full if short is sol), None)
+        if found is None:
+            (found,) = solve_batch_on_grid(sol.dynamics, self.t_full, n, st, schedule=schedule, **grid_opts)
+            self._full.append((sol, found))
+        return found
 
 
 def _finite_d_parts(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged_at: float | None,
