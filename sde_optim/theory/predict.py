@@ -384,7 +384,12 @@ def _finite_d_excess(finite_d: dict[str, float] | None) -> float:
     if not finite_d:
         return 0.0
     return max(max(finite_d["risk_step"], finite_d["curvature_step"]) / FINITE_D_STEP,
-               max(finite_d["risk_scatter"], finite_d["curvature_scatter"]) / FINITE_D_SCATTER)
+               max(finite_d["risk_scatter"], finite_d["curvature_scatter"]) / FINITE_D_SCATTER,
+               _compound(finite_d) / FINITE_D_COMPOUND)
+
+
+def _compound(finite_d: dict[str, float]) -> float:
+    return max(finite_d.get("risk_compound", 0.0), finite_d.get("curvature_compound", 0.0))
 
 
 class FiniteDimensionWarning(RuntimeWarning):
@@ -396,6 +401,9 @@ class FiniteDimensionWarning(RuntimeWarning):
 # SGD's mean 6.5 % off a silent prediction at step 0.073 (benchmarks/silent_scan.py case 1502, d = 2048, z = 5); there
 # and on its neighbours the risk's error was 0.7-0.9x the step index (0.018 -> 1.3 %, 0.043 -> 2.9 %, 0.037 -> 2.9 %).
 FINITE_D_STEP, FINITE_D_SCATTER = 0.05, 0.25
+# The step index compounded over an observable's e-folds (info['finite_d']['<name>_compound']): above 1 the curve can
+# be off by a factor e (case 2204: 10.4 where SGD's curvature was 146x below the prediction).
+FINITE_D_COMPOUND = 1.0
 
 
 def _warn_finite_d(finite_d: dict[str, float] | None, dim: int, where: str = "predict: at", stacklevel: int = 4,
@@ -417,9 +425,14 @@ def _warn_finite_d(finite_d: dict[str, float] | None, dim: int, where: str = "pr
     if scatter > FINITE_D_SCATTER:
         causes.append(f"a few coordinates carry the risk or curvature, so one run is expected to scatter by "
                       f"{scatter:.0%} around the curves")
+    compound = _compound(finite_d)
+    if compound > FINITE_D_COMPOUND:
+        causes.append(f"the risk or curvature falls by so many e-folds that the steps' drift error compounds to "
+                      f"{compound:.2g} in its exponent (the curve can be off by a factor e^{compound:.2g})")
     warnings.warn(f"{where} d = {dim} SGD is not close to the d -> infinity limit this prediction solves: "
-                  f"{'; and '.join(causes)} ({source}; warned above step {FINITE_D_STEP:g} or scatter "
-                  f"{FINITE_D_SCATTER:g})", FiniteDimensionWarning, stacklevel=stacklevel)
+                  f"{'; and '.join(causes)} ({source}; warned above step {FINITE_D_STEP:g}, scatter "
+                  f"{FINITE_D_SCATTER:g} or compounded step {FINITE_D_COMPOUND:g})", FiniteDimensionWarning,
+                  stacklevel=stacklevel)
 
 
 def _merge_options(options, solver_options, legacy) -> dict[str, Any]:
