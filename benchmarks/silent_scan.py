@@ -10,7 +10,8 @@ is a reproducible setting.  It runs ``predict`` (41 points, ``--max-seconds``) a
 relative error of the risk and the curvature over the descent window (``R >= 1e-3 R(0)``, before a divergence),
 its distance from the SGD mean in seed standard errors at that point (``z``; the spread behind the standard error is
 the larger of the runs' own and the predicted one-run scatter, ``Prediction.scatter``) and the finite-d indicators that
-``FiniteDimensionWarning`` reads (``info["finite_d"]``: the largest step and scatter).  A *silent* case (no warning) with a
+``FiniteDimensionWarning`` reads (``info["finite_d"]``: the largest step and scatter, and the step compounded over
+the e-folds).  A *silent* case (no warning) with a
 large, significant error is what the scan is for: every one found so far came from combining ingredients (momentum
 with large curvature, weight decay with momentum, a search's answer against its first solve; docs/benchmarks.md).
 
@@ -118,7 +119,8 @@ def run_case(case: int, d: int, runs: int, max_seconds: float) -> dict:
     out["predict_s"] = time.perf_counter() - start
     out["warned"] = sorted({type(w.message).__name__ for w in caught if MOMENTUM_WARNING not in str(w.message)})
     fd = pred.info["finite_d"]  # the finite-d indicators the warning reads, to compare with the errors found
-    out["finite_d"] = (max(fd["risk_step"], fd["curvature_step"]), max(fd["risk_scatter"], fd["curvature_scatter"]))
+    out["finite_d"] = (max(fd["risk_step"], fd["curvature_step"]), max(fd["risk_scatter"], fd["curvature_scatter"]),
+                       max(fd["risk_compound"], fd["curvature_compound"]))
     sgd = simulate_sgd(problem, model, record_steps=pred.steps, num_runs=runs,
                        generator=torch.Generator().manual_seed(case), **kw)
     risk = pred.curves["risk"]
@@ -163,7 +165,8 @@ def main(argv=None) -> None:
         tag = "warned" if r["warned"] else ("SILENT!" if bad else "silent")
         print(f"case {case:5d} {tag:8s} risk {r['risk'][0]:7.2%} (z {r['risk'][1]:5.1f})  curvature "
               f"{r['curvature'][0]:7.2%} (z {r['curvature'][1]:5.1f})  diverged pred/SGD {r['diverged'][0]}/"
-              f"{r['diverged'][1]}  step {r['finite_d'][0]:.3f} scatter {r['finite_d'][1]:.3f}  {r['predict_s']:5.1f} s  "
+              f"{r['diverged'][1]}  step {r['finite_d'][0]:.3f} scatter {r['finite_d'][1]:.3f} compound {r['finite_d'][2]:.2f}  "
+              f"{r['predict_s']:5.1f} s  "
               f"{r['desc']}  {r['warned'] or ''}", flush=True)
     done = [r for r in rows if "error" not in r]
     silent = [r for r in done if not r["warned"]]
