@@ -409,10 +409,8 @@ class _LadderTimes:
         or ``C`` (relative, largest over the output times with ``R >= 1e-3 R(0)`` before a divergence)."""
         (_, c), (_, s) = self._first
         a, b = (x.type_curves().sum(-1) for x in (c, s))  # (2, n): excess risk and curvature
-        ok = torch.isfinite(a).all(0) & torch.isfinite(b).all(0) & (c.risk >= 1e-3 * c.risk[0])
-        for x in (c, s):
-            if x.diverged_at is not None:
-                ok &= self.t_full < x.diverged_at
+        ok = _descent_window(self.t_full, c.risk, (c.diverged_at, s.diverged_at))
+        ok &= torch.isfinite(a).all(0) & torch.isfinite(b).all(0)
         if not bool(ok.any()):
             return False
         return float(((b - a).abs() / a.abs().clamp_min(tiny(a)))[:, ok].max()) > self.LONG * 0.5 * tol
@@ -457,6 +455,16 @@ class _LadderTimes:
         return found
 
 
+def _descent_window(t: Tensor, risk: Tensor, ends: tuple[float | None, ...], floor: float = 1e-3) -> Tensor:
+    """``(n,)`` mask of the output times ``t`` where curves are judged: ``R`` finite and ``>= floor R(0)``, before every
+    divergence time in ``ends`` (None: none)."""
+    ok = torch.isfinite(risk) & (risk >= floor * risk[0])
+    for end in ends:
+        if end is not None:
+            ok &= t < end
+    return ok
+
+
 def _finite_d_parts(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged_at: float | None,
                     floor: float = 1e-3, curves: dict[str, Tensor] | None = None
                     ) -> tuple[dict[str, float], dict[str, Tensor]]:
@@ -470,9 +478,7 @@ def _finite_d_parts(values: dict[str, Tensor], t: Tensor, risk: Tensor, diverged
     0: the curvature fell by 332 e-folds at step index 0.042, and SGD's was 146x below a silent prediction,
     ``benchmarks/silent_scan.py`` case 2204); on a descent to ``1e-3 R(0)`` it stays a fraction of the step index times 7.
     ``curves``: the solution's curves (observable -> ``(n,)``; the curvature from there, when asked for)."""
-    ok = torch.isfinite(risk) & (risk >= floor * risk[0])
-    if diverged_at is not None:
-        ok &= t < diverged_at
+    ok = _descent_window(t, risk, (diverged_at,), floor)
     largest = {k: float(v[ok].max()) if bool(ok.any()) else 0.0 for k, v in values.items()}
     for name in ("risk", "curvature"):
         step, g = values.get(f"{name}_step"), risk if name == "risk" else (curves or {}).get(name)
