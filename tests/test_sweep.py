@@ -9,7 +9,7 @@ import torch
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem, best_lr, predict, predict_sweep
 from sde_optim.theory.dynamics import CoefficientBatch, MeanFieldDynamics, SGDConfig
-from sde_optim.theory.fokker_planck import dense_tridiagonal_solve, solve_batch_on_grid, solve_on_grid, tridiagonal_solve
+from sde_optim.theory.fokker_planck import solve_batch_on_grid, solve_on_grid
 from sde_optim.simulation import simulate_sgd
 from sde_optim.theory import FiniteDimensionWarning
 from sde_optim.theory.quadrature import coordinate_types
@@ -127,50 +127,6 @@ def test_a_sweep_near_the_critical_lr_stays_above_the_noise_floor():
         risk = pred.curves["risk"]
         assert bool((risk[torch.isfinite(risk)] >= 0.5 * 0.2**2).all())
         assert pred.info["error_estimate"] <= 1e-2
-
-
-def test_one_members_nan_does_not_reach_the_others_in_the_tridiagonal_solve():
-    """The batched solve must keep members apart: as one block-diagonal LAPACK call, elimination carried a member's
-    nan across the zero couplings of the block ends (0 * nan = nan) into every member, and a sweep whose largest lr
-    overflowed returned nan curves (estimate inf) for all twelve members (best_lr's coarse sweep, found with the
-    stretched cells of the grid)."""
-    gen = torch.Generator().manual_seed(0)
-    g, t, n = 3, 2, 6
-    off = torch.rand(g, t, n, generator=gen, dtype=F64)
-    lower, upper = -off, -torch.roll(off, 1, -1)
-    lower[..., 0] = 0.0
-    upper[..., -1] = 0.0
-    diag = 3.0 + torch.rand(g, t, n, generator=gen, dtype=F64)
-    rhs = torch.rand(g, t, n, generator=gen, dtype=F64)
-    alone = [tridiagonal_solve(lower[k:k + 1], diag[k:k + 1], upper[k:k + 1], rhs[k:k + 1], ends_zero=True) for k in range(g)]
-    diag[1, 0, 2] = float("nan")
-    out = tridiagonal_solve(lower, diag, upper, rhs, ends_zero=True)
-    assert bool(torch.isnan(out[1]).any())
-    for k in (0, 2):
-        assert torch.equal(out[k], alone[k][0])
-
-
-def test_a_zero_pivot_is_nan_for_that_member_not_an_exception():
-    """A singular system (only coefficients out of floating range make ``I - h M`` one: bands of ~1e109 from a law that
-    blew up) raised ``RuntimeError: tridiagonal solve failed (LAPACK info=14094)`` out of ``predict`` on a power-law
-    spectrum at lr 1, B = 4, d = 1024, where a divergence is the answer; now that member's solve is nan (the step
-    control rejects it and stops the member as diverged) and the other members are solved as alone."""
-    gen = torch.Generator().manual_seed(1)
-    g, t, n = 3, 2, 5
-    lower = -torch.rand(g, t, n, generator=gen, dtype=F64)
-    upper = -torch.rand(g, t, n, generator=gen, dtype=F64)
-    lower[..., 0] = 0.0
-    upper[..., -1] = 0.0
-    diag = 3.0 + torch.rand(g, t, n, generator=gen, dtype=F64)
-    rhs = torch.rand(g, t, n, generator=gen, dtype=F64)
-    alone = [tridiagonal_solve(lower[k:k + 1], diag[k:k + 1], upper[k:k + 1], rhs[k:k + 1], ends_zero=True) for k in range(g)]
-    diag[1, 1, :2], upper[1, 1, :2], lower[1, 1, 1] = 1.0, torch.tensor([1.0, 0.0]), 1.0  # two rows [1 1 0 ...]: singular
-    for dense in (False, True):
-        out = (dense_tridiagonal_solve(lower, diag, upper, rhs) if dense
-               else tridiagonal_solve(lower, diag, upper, rhs, ends_zero=True))
-        assert bool(torch.isnan(out[1]).any())
-        for k in (0, 2):
-            torch.testing.assert_close(out[k], alone[k][0], rtol=1e-12, atol=0.0)
 
 
 def test_a_prediction_whose_solve_meets_a_zero_pivot_diverges():

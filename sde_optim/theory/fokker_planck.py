@@ -69,6 +69,7 @@ from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
 from .dynamics import MeanFieldDynamics
 from .statistics import tiny, weighted
+from .tridiagonal import implicit_solve
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
@@ -230,55 +231,6 @@ class FokkerPlanckSolution:
         return torch.stack([weighted(_RISK.density(c), w).sum(-1), weighted(_CURVATURE.density(c), w).sum(-1)])
 
 
-def tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor, ends_zero: bool = False,
-                      scratch: bool = False) -> Tensor:
-    """Batched tridiagonal solve; rows ``j``: ``lower[j] y[j-1] + diag[j] y[j] + upper[j] y[j+1] = rhs[j]``.
-
-    All arguments ``(..., N)`` (``lower[..., 0]``, ``upper[..., -1]`` ignored; ``ends_zero=True`` promises they are
-    zero already, which saves two copies).  ``scratch=True``: ``lower``, ``diag`` and ``upper`` are temporaries the
-    solve may overwrite (LAPACK works in place instead of on copies: half the time of a solve over ~1e5 unknowns).
-    On CPU: one LAPACK ``gtsv`` call on the block-diagonal system of size ``T N``; elsewhere a dense batched solve.
-    A zero pivot (``I - h M`` is an M-matrix, so only coefficients out of floating range make one: a law that blew
-    up, bands of ~1e109 seen) gives ``nan`` for that system instead of an exception: the integrator then rejects the
-    step, and a member that no step resolves is stopped as diverged (:func:`_integrate_mprk22`).
-    """
-    if diag.device.type == "cpu" and diag.dtype in (torch.float64, torch.float32):
-        from scipy.linalg import lapack  # local import: only the CPU path needs it
-
-        # The batch as one block-diagonal system of size T*N (no coupling across rows): one LAPACK call.
-        gtsv = lapack.dgtsv if diag.dtype == torch.float64 else lapack.sgtsv
-        lo, up = lower, upper
-        if not ends_zero:
-            lo, up = lower.clone(), upper.clone()
-            lo[..., 0] = 0.0
-            up[..., -1] = 0.0
-        own = int(scratch and lo.is_contiguous() and diag.is_contiguous() and up.is_contiguous())
-
-        def solve(lo: Tensor, dg: Tensor, up: Tensor, rhs: Tensor) -> Tensor:
-            res = gtsv(lo.reshape(-1)[1:].numpy(), dg.reshape(-1).numpy(), up.reshape(-1)[:-1].numpy(),
-                       rhs.reshape(-1).numpy(), own, own, own)
-            if res[-1] < 0:
-                raise ValueError(f"tridiagonal solve: LAPACK gtsv argument {-res[-1]} is invalid")
-            if res[-1] > 0:  # a zero pivot
-                return torch.full_like(rhs, math.nan)
-            return torch.from_numpy(res[3]).reshape(rhs.shape)
-
-        if diag.ndim < 3 or diag.shape[0] == 1:
-            return solve(lo, diag, up, rhs)
-        # One call per leading (group) index: elimination multiplies across the zero couplings of the block
-        # ends, and 0 * nan = nan, so one member's non-finite entries would poison every other member.
-        return torch.stack([solve(*z) for z in zip(lo, diag, up, rhs)])
-    return dense_tridiagonal_solve(lower, diag, upper, rhs)
-
-
-def dense_tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -> Tensor:
-    """:func:`tridiagonal_solve` off the CPU: one dense batched LU per system (``(..., N, N)``); a singular system is
-    ``nan`` (``solve_ex``: no host sync)."""
-    a = torch.diag_embed(diag) + torch.diag_embed(upper[..., :-1], 1) + torch.diag_embed(lower[..., 1:], -1)
-    y, info = torch.linalg.solve_ex(a, rhs.unsqueeze(-1))
-    return y.squeeze(-1).masked_fill((info > 0).unsqueeze(-1), math.nan)
-
-
 def quadrature_weights(mass: Tensor) -> Tensor:
     """Fourth-order quadrature weights from cell masses: ``w = m - (m[j+1] - 2 m[j] + m[j-1]) / 24``.
 
@@ -344,26 +296,9 @@ class _Operator:
     bands: Tensor
 
     def implicit_solve(self, h: float, rhs: Tensor, col_scale: Tensor | None = None, other: "_Operator | None" = None) -> Tensor:
-        """Solve ``(I - h M) y = rhs`` with ``M = A diag(col_scale)`` (+ ``other``'s ``A``, same grid).
-
-        A column scaling keeps ``M`` tridiagonal: entry ``(j, k)`` is multiplied by ``col_scale[k]``.  The bands of
-        ``I - h M`` are formed in a fresh buffer, in place, and handed to the solve as scratch.
-        """
-        if col_scale is None and other is None:
-            bands = self.bands * -h
-        else:
-            bands = self.bands.clone()
-            if col_scale is not None:
-                lo, dg, up = bands.unbind(0)
-                lo[..., 1:].mul_(col_scale[..., :-1])
-                dg.mul_(col_scale)
-                up[..., :-1].mul_(col_scale[..., 1:])
-            if other is not None:
-                bands.add_(other.bands)
-            bands.mul_(-h)
-        lo, dg, up = bands.unbind(0)
-        dg.add_(1.0)  # 1 - h d: the same rounding as forming h d first
-        return tridiagonal_solve(lo, dg, up, rhs, ends_zero=True, scratch=True)  # the operator's ends are 0
+        """Solve ``(I - h M) y = rhs`` with ``M = A diag(col_scale)`` (+ ``other``'s ``A``, same grid): the bands of
+        ``I - h M`` are formed inside the solve (:func:`~sde_optim.theory.tridiagonal.implicit_solve`)."""
+        return implicit_solve(h, self.bands, rhs, col_scale, None if other is None else other.bands)
 
 
 class _Grid:
