@@ -69,7 +69,7 @@ from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
 from .dynamics import MeanFieldDynamics
 from .statistics import tiny, weighted
-from .tridiagonal import implicit_solve
+from .sg_operator import implicit_solve, sg_bands
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
@@ -158,13 +158,6 @@ class Budget:
         if self.max_seconds is not None and self._clock() - self._start > self.max_seconds:
             raise WorkLimitError(f"the prediction ran longer than max_seconds={self.max_seconds:g} s; raise "
                                  "max_seconds, relax tol, or shorten the horizon (steps)")
-
-
-def _bernoulli_abs(z: Tensor) -> Tensor:
-    """``B(|z|) = |z| / (e^|z| - 1)`` with ``B(0) = 1``: ``expm1`` keeps it exact near 0 (``|z|`` is floored at the
-    smallest normal number, where the ratio is 1), and it underflows to 0 for ``|z| > 709``."""
-    zs = z.abs().clamp_min(torch.finfo(z.dtype).tiny)
-    return zs / torch.expm1(zs)
 
 
 @dataclass
@@ -297,7 +290,7 @@ class _Operator:
 
     def implicit_solve(self, h: float, rhs: Tensor, col_scale: Tensor | None = None, other: "_Operator | None" = None) -> Tensor:
         """Solve ``(I - h M) y = rhs`` with ``M = A diag(col_scale)`` (+ ``other``'s ``A``, same grid): the bands of
-        ``I - h M`` are formed inside the solve (:func:`~sde_optim.theory.tridiagonal.implicit_solve`)."""
+        ``I - h M`` are formed inside the solve (:func:`~sde_optim.theory.sg_operator.implicit_solve`)."""
         return implicit_solve(h, self.bands, rhs, col_scale, None if other is None else other.bands)
 
 
@@ -422,19 +415,7 @@ class _Grid:
         # Peclet number pe = vel gap / dxi of the drift in xi at the interior faces, vel = (a - vm - vs g) / s (ALE)
         pe = (a_f - torch.addcmul(vm[..., None], vs[..., None], self.inner)).mul_((1.0 / (s * dxi))[..., None])
         pe.mul_(self.gap)
-        # flux J_{j+1/2} = cp_j mass_j - cm_j mass_{j+1}, cp = D B(-pe) / (gap width_j), cm = D B(pe) / (gap width_j+1);
-        # one Bernoulli evaluation through B(-z) = B(z) + z, so B(-pe) = B(|pe|) + max(pe, 0) and
-        # B(pe) = B(|pe|) - min(pe, 0) (sums of non-negative terms: no cancellation)
-        small = _bernoulli_abs(pe)
-        bands = pe.new_empty(3, *pe.shape[:-1], n)  # lower, diagonal, upper: written in place, no padded copies
-        lo, dg, up = bands.unbind(0)
-        cp = torch.mul(dxi[..., None] * self.flux_left, small + pe.clamp_min(0.0), out=lo[..., 1:])
-        cm = torch.mul(dxi[..., None] * self.flux_right, small - pe.clamp_max(0.0), out=up[..., :-1])
-        lo[..., 0] = 0.0
-        up[..., -1] = 0.0
-        torch.neg(cp, out=dg[..., :-1])
-        dg[..., -1] = 0.0
-        dg[..., 1:].sub_(cm)
+        bands = sg_bands(pe, dxi, self.flux_left, self.flux_right)  # the SG fluxes through the interior faces
         return _Operator(bands)
 
 

@@ -1,5 +1,6 @@
-"""The Fokker-Planck step's tridiagonal solves (``sde_optim.theory.tridiagonal``): the compiled CPU elimination
-against LAPACK ``gtsv`` and the dense path, and how a singular or non-finite system is kept apart."""
+"""The Fokker-Planck step's SG operator (``sde_optim.theory.sg_operator``): the compiled CPU bands and elimination
+against the torch formulas, LAPACK ``gtsv`` and the dense path, and how a singular or non-finite system is kept
+apart."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sde_optim.theory.tridiagonal import dense_implicit_solve, implicit_solve
+from sde_optim.theory import sg_operator
+from sde_optim.theory.sg_operator import dense_implicit_solve, implicit_solve, sg_bands
 
 F64 = torch.float64
 
@@ -121,3 +123,32 @@ def test_a_zero_pivot_is_nan_for_that_system_not_an_exception():
         keep = torch.ones(3, 2, dtype=torch.bool)
         keep[1, 1] = False
         torch.testing.assert_close(out[keep], alone[keep], rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_compiled_bands_are_the_torch_formulas_bit_for_bit(dtype, monkeypatch):
+    """The SG bands from Peclet numbers of every regime (|pe| from 1e-300 to 1e3, both signs, exact zeros, past the
+    underflow of B at 709) by the compiled pass and by the torch formulas (the path off the CPU): equal to the last
+    bit, with zero column sums and the unused ends zero."""
+    g = torch.Generator().manual_seed(7)
+    shape, n = (2, 9), 33
+    mag = 10.0 ** (torch.rand(*shape, n - 1, generator=g, dtype=F64) * 12.0 - 9.0)
+    pe = torch.where(torch.rand(*shape, n - 1, generator=g, dtype=F64) < 0.5, -mag, mag)
+    pe[0, 0, :4] = torch.tensor([0.0, -0.0, 1e-300, -800.0])
+    pe = pe.to(dtype)
+    dxi = (10.0 ** torch.rand(*shape, generator=g, dtype=F64)).to(dtype)
+    xi = torch.sinh(torch.linspace(-3.0, 3.0, 2 * n + 1, dtype=F64))
+    faces, centres = xi[::2], xi[1::2]
+    gap, width = centres[1:] - centres[:-1], faces[1:] - faces[:-1]
+    left, right = (1.0 / (gap * width[:-1])).to(dtype), (1.0 / (gap * width[1:])).to(dtype)
+    fast = sg_bands(pe, dxi, left, right)
+    monkeypatch.setattr(sg_operator, "_compiled", lambda x: False)
+    slow = sg_bands(pe, dxi, left, right)
+    assert torch.equal(fast, slow)
+    assert fast.shape == (3, *shape, n)
+    assert bool((fast[0, ..., 0] == 0).all()) and bool((fast[2, ..., -1] == 0).all())
+    col = fast[1].clone()  # column k: diagonal k + lower of row k + 1 + upper of row k - 1
+    col[..., :-1] += fast[0, ..., 1:]
+    col[..., 1:] += fast[2, ..., :-1]
+    scale = fast.abs().amax(0)
+    assert bool((col.abs() <= 4 * torch.finfo(dtype).eps * scale).all())
