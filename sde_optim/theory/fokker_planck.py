@@ -969,8 +969,10 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     state0 = (g0, m0.clone(), s0.clone(), (_per_group(dynamics.coef.noise(0.0)) * r0 * t0).reshape(-1).expand(groups).clone())
     later = t_out[t_out > t0]
     if later.numel():
-        traj, nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
-                                                        tail_limit, schedule, budget or Budget(), on_step)
+        with torch.inference_mode():  # no autograd bookkeeping per operation: a third of a small step's cost
+            outs, nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
+                                                            tail_limit, schedule, budget or Budget(), on_step)
+        traj = tuple(torch.stack(z) for z in zip(*outs))  # stacked outside: ordinary tensors for the caller
     else:  # no output time after t0: an empty trajectory (state and per-type curves)
         curves0 = torch.zeros(groups, 2, n_types, dtype=dtype, device=dev)
         traj = tuple(z[None][:0] for z in (*state0, curves0))
@@ -1028,9 +1030,11 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     A member that diverges (``R`` past ``threshold``, the tail or step limit, or no step resolving it) is frozen
     and leaves the batch; the rest go on.  ``schedule``: replay these step sizes instead (no error control): two
     solves on the same steps have the same time-discretization error to first order, so their difference
-    isolates what else differs (the types).  Returns the trajectory ``(n, G, ...)``, the operator evaluations,
-    each member's tail-divergence time (or None) and the steps taken.  The trajectory is the state and the per-type
-    curves of R and C (:class:`_Statistics`'s ``per_type``, ``(n, G, 2, T)``) at the output times.
+    isolates what else differs (the types).  Returns the trajectory (a list over the ``n`` output times of tuples
+    ``(mass, m, s, int R, curves)`` with a leading ``G``), the operator evaluations, each member's tail-divergence
+    time (or None) and the steps taken.  The curves are the per-type R and C (:class:`_Statistics`'s ``per_type``,
+    ``(G, 2, T)``).  Runs under ``torch.inference_mode`` (:func:`solve_batch_on_grid`): its tensors are inference
+    tensors, and the caller stacks the trajectory outside it.
     """
     mass, m, s, integral = state0
     frozen = [z.clone() for z in state0]  # every member's latest state (a diverged member's stays here)
@@ -1145,7 +1149,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 break
     finally:
         grid.dyn = dyn_all
-    return tuple(torch.stack(z) for z in zip(*outs)), nfe, tail_div, taken
+    return outs, nfe, tail_div, taken
 
 
 def _step_errors(y1: Tensor, y2: Tensor, i1: Tensor, i2: Tensor, st1: _Statistics, weight: Tensor,

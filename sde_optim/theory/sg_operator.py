@@ -45,11 +45,18 @@ def _compiled(x: Tensor) -> bool:
 
 @lru_cache(maxsize=1)
 def _kernels():
-    """``(bands, eliminate)``, compiled on first use (importing numba costs ~0.2 s, compiling ~1 s per dtype, once
-    per environment with numba's on-disk cache)."""
+    """``(bands, eliminate)``, compiled on first use (importing numba and loading its on-disk cache cost ~0.6 s once
+    per process; compiling ~1 s per dtype, once per environment)."""
     from numba import njit
 
-    @njit(cache=True, nogil=True, error_model="numpy")
+    def jit(fn):
+        # error_model numpy: x / 0 is inf or nan, not an exception (a zero pivot is detected, not raised)
+        try:
+            return njit(cache=True, error_model="numpy")(fn)
+        except RuntimeError:  # no writable cache location (a read-only install without a home): compile per process
+            return njit(error_model="numpy")(fn)
+
+    @jit
     def bands(pe, zs, em1, dxi, fl, fr, zero, out):  # pragma: no cover - compiled
         """:func:`sg_bands`'s torch formulas in one pass: ``pe``, ``zs = max(|pe|, tiny)``, ``em1 = expm1(zs)``
         ``(S, N - 1)``; ``dxi`` ``(S,)``; ``fl``, ``fr`` ``(N - 1,)``; ``out`` ``(3, S, N)``; ``zero`` of the dtype."""
@@ -70,7 +77,7 @@ def _kernels():
             out[2, s, faces] = zero
             out[1, s, faces] = zero - cm_prev
 
-    @njit(cache=True, nogil=True, error_model="numpy")  # numpy: x / 0 is inf or nan, not an exception
+    @jit
     def eliminate(a, b, c, nh, one, rhs, out, d, has_c, has_b):  # pragma: no cover - compiled
         """``a``, ``b``: bands ``(3, S, N)`` (lower, diagonal, upper; unused ends zero); ``c``, ``rhs``, ``out``,
         ``d`` (scratch): ``(S, N)``; ``nh = -h`` and ``one`` scalars of the arrays' dtype (float32 stays float32).

@@ -171,15 +171,16 @@ def _grid_outputs(sol: FokkerPlanckSolution, problem: Problem,
     gamma, nu = problem.rates()
     kappa = problem.decay_rates() if finite_d else None
     curves, rates, extra = [], [], []
-    for sl in sol.chunks():
-        c, w = sol.points(sl)
-        out = _outputs(c, w, problem, sol.risk[sl], rates=(gamma[sl], nu[sl]))
-        curves.append(out[0])
-        rates.append(out[1])
-        if finite_d:
-            extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std, problem.observables,
-                                             problem.coef.step_error, kappa[sl]))
-    return _cat(curves), torch.cat(rates), _cat(extra) if finite_d else None
+    with torch.inference_mode():  # the chunks' full-size passes without autograd bookkeeping
+        for sl in sol.chunks():
+            c, w = sol.points(sl)
+            out = _outputs(c, w, problem, sol.risk[sl], rates=(gamma[sl], nu[sl]))
+            curves.append(out[0])
+            rates.append(out[1])
+            if finite_d:
+                extra.append(finite_d_indicators(c, w, problem.dim, gamma[sl], problem.noise_std, problem.observables,
+                                                 problem.coef.step_error, kappa[sl]))
+    return _cat(curves), torch.cat(rates), _cat(extra) if finite_d else None  # joined outside: ordinary tensors
 
 
 def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
