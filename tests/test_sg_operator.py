@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sde_optim.theory import sg_operator
-from sde_optim.theory.sg_operator import dense_implicit_solve, implicit_solve, sg_bands
+from sde_optim.theory.sg_operator import dense_implicit_solve, implicit_solve, sg_bands, system_bands
 
 F64 = torch.float64
 
@@ -35,18 +35,8 @@ def gtsv_reference(h: float, bands: torch.Tensor, rhs: torch.Tensor, col_scale=N
     system."""
     from scipy.linalg import lapack
 
-    m = bands.clone()
-    if col_scale is not None:
-        lo, dg, up = m.unbind(0)
-        lo[..., 1:].mul_(col_scale[..., :-1])
-        dg.mul_(col_scale)
-        up[..., :-1].mul_(col_scale[..., 1:])
-    if other is not None:
-        m.add_(other)
-    m.mul_(-h)
-    m[1].add_(1.0)
     n = rhs.shape[-1]
-    lo, dg, up = (x.reshape(-1, n) for x in m.unbind(0))
+    lo, dg, up = (x.reshape(-1, n) for x in system_bands(h, bands, col_scale, other))
     gtsv = lapack.dgtsv if rhs.dtype == F64 else lapack.sgtsv
     out = []
     for k, r in enumerate(rhs.reshape(-1, n)):

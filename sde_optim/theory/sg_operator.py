@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["sg_bands", "implicit_solve", "dense_implicit_solve", "dense_tridiagonal_solve"]
+__all__ = ["sg_bands", "implicit_solve", "system_bands", "dense_implicit_solve", "dense_tridiagonal_solve"]
 
 _BLOCK = 8  # systems eliminated side by side, so that their chains of dependent divisions overlap
 
@@ -189,10 +189,10 @@ def implicit_solve(h: float, bands: Tensor, rhs: Tensor, col_scale: Tensor | Non
     return out.reshape(rhs.shape)
 
 
-def dense_implicit_solve(h: float, bands: Tensor, rhs: Tensor, col_scale: Tensor | None = None,
-                         other: Tensor | None = None) -> Tensor:
-    """:func:`implicit_solve` with torch operations: the bands of ``I - h M`` formed in place on a copy, then
-    :func:`dense_tridiagonal_solve` (any device and dtype, no host sync)."""
+def system_bands(h: float, bands: Tensor, col_scale: Tensor | None = None,
+                 other: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lower, diag, upper)`` of ``I - h (A diag(col_scale) + B)`` with torch operations (the arguments of
+    :func:`implicit_solve`), formed in place on a copy of ``bands``."""
     m = bands.clone()
     if col_scale is not None:
         lo, dg, up = m.unbind(0)
@@ -204,7 +204,14 @@ def dense_implicit_solve(h: float, bands: Tensor, rhs: Tensor, col_scale: Tensor
     m.mul_(-h)
     lo, dg, up = m.unbind(0)
     dg.add_(1.0)  # 1 - h d: the same rounding as the compiled path
-    return dense_tridiagonal_solve(lo, dg, up, rhs)
+    return lo, dg, up
+
+
+def dense_implicit_solve(h: float, bands: Tensor, rhs: Tensor, col_scale: Tensor | None = None,
+                         other: Tensor | None = None) -> Tensor:
+    """:func:`implicit_solve` with torch operations: :func:`system_bands`, then :func:`dense_tridiagonal_solve`
+    (any device and dtype, no host sync)."""
+    return dense_tridiagonal_solve(*system_bands(h, bands, col_scale, other), rhs)
 
 
 def dense_tridiagonal_solve(lower: Tensor, diag: Tensor, upper: Tensor, rhs: Tensor) -> Tensor:
