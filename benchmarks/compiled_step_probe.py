@@ -11,7 +11,7 @@ stay in ``sde_optim/observables.py``.
 For each case the types and cells are those of a real solve: ``predict`` on a setting of
 ``benchmarks/theory_accuracy.py`` captures its dynamics, one ``solve_on_grid`` at the stated cells and step
 tolerance is timed (torch, per accepted step), then the kernel at the same ``(types, cells)``.  One thread, both
-in the same process, so the ratio compares.  Needs numba (not a dependency of the package: ``pip install numba``).
+in the same process, so the ratio compares.  numba is a dependency of the package since the sixteenth session (its tridiagonal solve and SG bands, ``sde_optim/theory/sg_operator.py``); this probe fuses the whole step.
 
     python benchmarks/compiled_step_probe.py
 """
@@ -42,7 +42,7 @@ from sde_optim.theory import predict  # noqa: E402
 try:
     from numba import njit
 except ImportError:  # pragma: no cover - a probe for a decision, run by hand
-    sys.exit("compiled_step_probe.py needs numba (pip install numba); it is not a dependency of sde-optim")
+    sys.exit("compiled_step_probe.py needs numba (a dependency of sde-optim: reinstall the package)")
 
 # (setting, lr, d, tol of the capturing predict, cells, step tolerance): a small grid (dispatch-bound), the
 # near-critical grid of THEORY §6 at lr 8, a grid-check subset and the widest type ladder of issue 10's settings
