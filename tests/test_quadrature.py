@@ -347,19 +347,16 @@ def test_a_subset_grid_level_that_just_missed_is_followed_by_a_partial_one():
     assert _pair_difference(reference, two, 1e-3) <= est2  # measured: 7.0e-4 <= 8.2e-4
 
 
-def test_the_subset_pair_moves_along_the_ladder_when_the_cross_term_stops_level_1():
-    """The combination's cross term ``|G(S) - G(C)|`` does not fall with the grid, and between the ladder's first two
-    type sets it can be most of it: a power law with a sparse Gaussian teacher at d = 16384 needed a level 2 (7 of
-    16 s) for a cross term of 2.8e-4 where the true ``|G(F) - G(S)|`` was 1.6e-5.  When level 1's estimate fits and
-    the cross term does not, the pair moves to the next two sets of the ladder (one more solve on level 1).  Here
-    the tolerance is set so that the first pair's cross term alone makes level 1 miss; the moved pair passes on
-    level 1, combines with its own base solve, and its cross term bounds the true dependence on the final types."""
+@pytest.fixture(scope="module")
+def lu_ladder():
+    """The type ladder of a log-uniform spectrum with a dense Gaussian teacher (d = 1024, 13 output times, tol 3e-4) on
+    level 0, every solve on the first one's time steps (as PDESolver): ``(t, (cells, step tol), check)``."""
     problem, model = log_uniform_dense(1024)
     t = torch.linspace(0, 3, 13, dtype=F64)
     n0, st0 = grid_level(1e-3, 20.0, None, 0)
     schedule: list = []
 
-    def solve(types):  # the type ladder on level 0, every solve on the first one's time steps (as PDESolver)
+    def solve(types):
         dyn = MeanFieldDynamics(types, 0.5, 1, 0.0)
         sol = solve_on_grid(dyn, t, n0, st0, schedule=schedule[0] if schedule else None)
         schedule.append(sol.schedule)
@@ -369,6 +366,18 @@ def test_the_subset_pair_moves_along_the_ladder_when_the_cross_term_stops_level_
                                     noise_std=0.0)
     sizes = [types.num_types for _, types in check.ladder]
     assert len(sizes) == 4 and sizes[-1] < check.types.num_types  # measured: 125, 240, 303, 369 of 839
+    return t, (n0, st0), check
+
+
+def test_the_subset_pair_moves_along_the_ladder_when_the_cross_term_stops_level_1(lu_ladder):
+    """The combination's cross term ``|G(S) - G(C)|`` does not fall with the grid, and between the ladder's first two
+    type sets it can be most of it: a power law with a sparse Gaussian teacher at d = 16384 needed a level 2 (7 of
+    16 s) for a cross term of 2.8e-4 where the true ``|G(F) - G(S)|`` was 1.6e-5.  When level 1's estimate fits and
+    the cross term does not, the pair moves to the next two sets of the ladder (one more solve on level 1).  Here
+    the tolerance is set so that the first pair's cross term alone makes level 1 miss; the moved pair passes on
+    level 1, combines with its own base solve, and its cross term bounds the true dependence on the final types."""
+    t, (n0, st0), check = lu_ladder
+    sizes = [types.num_types for _, types in check.ladder]
     (dyn_c, base_c), (dyn_s, base_s), *closer = [sol.result for sol, _ in check.ladder]
     kw = dict(base=(n0, st0), step_tol=None, max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3,
               half_width=20.0)
@@ -385,6 +394,32 @@ def test_the_subset_pair_moves_along_the_ladder_when_the_cross_term_stops_level_
     fine_f = solve_on_grid(dyn_f, t, 2 * n0, st0 / 4, schedule=moved.fine.schedule)  # level 1: cells x 2
     true_cross = _cross_estimate(fine_f, base_f, moved.fine, moved.base, 1e-3)
     assert true_cross <= moved.cross  # measured: 1.5e-5 <= 2.8e-5 (and 3.2e-5 <= 1.0e-4 for the first pair)
+
+
+def test_the_subset_pair_moves_on_level_2_too(lu_ladder):
+    """Past level 1 the cross term can stop the check as well: a power law with a Gaussian teacher, sigma 1 and a
+    random-scale init at d = 2048 (silent_scan case 2301) missed on level 2 by its cross term (4.2e-4 + 3.7e-4
+    against 6.8e-4), and the fallback, the grid check on the final 1055 types, took 40 of the prediction's 50 s;
+    the moved pair passed (13.9 s; curves within 3.1e-4 of the fallback's).  Here the tolerance makes level 1
+    miss by its Richardson estimate (the pair stays) and level 2 by the first pair's cross term alone; the pair
+    moves on level 2, with the new set's level-1 solve for its Richardson estimate, and passes."""
+    t, (n0, st0), check = lu_ladder
+    sizes = [types.num_types for _, types in check.ladder]
+    (dyn_c, base_c), (dyn_s, base_s), *closer = [sol.result for sol, _ in check.ladder]
+    kw = dict(base=(n0, st0), step_tol=None, max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3,
+              half_width=20.0)
+    one = refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=1.0, **kw)
+    two = refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=0.5 * one.estimate, **kw)  # level 2, no move
+    assert two.fine.levels == 2 and one.estimate > 3.0 * two.estimate  # measured: 1.86e-3 and 5.1e-4
+    tol = two.estimate + 0.5 * two.cross
+    # measured: cross terms 1.0e-4 (level 1) and 1.4e-4 (level 2), tol 5.8e-4: level 1 misses by its estimate alone
+    assert one.estimate + one.cross > tol and one.cross <= 0.5 * tol
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        moved = refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=tol, closer=closer, **kw)
+    assert moved.fine.levels == 2 and moved.estimate + moved.cross <= tol  # measured: 5.07e-4 + 3.6e-5
+    assert moved.base is closer[0][1] and moved.fine.dynamics.types.num_types == sizes[2]
+    assert moved.fine.xi.numel() == two.fine.xi.numel()  # the same level-2 grid (261 cells)
 
 
 def test_a_long_type_ladder_runs_on_fewer_output_times_and_answers_the_same(monkeypatch):
