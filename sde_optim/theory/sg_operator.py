@@ -13,8 +13,8 @@ elimination without pivoting is stable, and it is what partial pivoting (LAPACK 
   ``I - h M`` from ``A``, ``c`` and ``B`` as it goes and follows ``gtsv``'s arithmetic without its row
   interchanges (``f = l_j / d_{j-1}``, ``d_j -= f u_{j-1}``, ``r_j -= f r_{j-1}``; back substitution by division),
   eight systems side by side: ``gtsv`` solved one system after another, each a chain of dependent divisions.
-  Both give the torch formulas' results bit for bit (tests), and a step's solves and assemblies take a third of
-  the time (``docs/benchmarks.md``, sixteenth session).  The first call compiles (about a second per dtype,
+  Both give the torch formulas' results bit for bit (tests); the solves take a third of their time with ``gtsv``,
+  the bands 0.6x theirs with torch (``docs/benchmarks.md``, sixteenth session).  The first call compiles (about a second per dtype,
   cached on disk by numba).
 * **Elsewhere** (CUDA, other dtypes): the same formulas as torch operations, and a dense batched LU per system
   (:func:`dense_implicit_solve`), no host sync.
