@@ -750,7 +750,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
                           max_evaluations: int, estimate_floor: float, tol_used: float = 0.0,
                           base: tuple[int, float] | None = None, max_work: float = MAX_WORK,
                           closer: Iterable[tuple[MeanFieldDynamics, FokkerPlanckSolution]] = (),
-                          **opts) -> SubsetCheck | None:
+                          final: FokkerPlanckSolution | None = None, **opts) -> SubsetCheck | None:
     """The grid check of :func:`refine_grid` on a small type set ``S``, for a combination with many types ``F``.
 
     The many-type answer is then ``L_0(F) + [L_l(S) - L_0(S)]`` (level-0 solve of ``F`` plus the grid
@@ -780,6 +780,11 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     on level 2 by its cross term (4.2e-4 + 3.7e-4 against 6.8e-4), and the fallback, the grid check on the final
     1055 types, took 40 of the prediction's 50 s.
 
+    ``final``: the many types' solve on the base grid, ``L_0(F)``.  With it the cross term is scaled up by how much
+    further ``F`` is from ``S`` than ``S`` from ``C`` on level 0 (:func:`_reach_cross`): two ladder sets a few types
+    apart bound little about the types beyond them (silent_scan case 2300: the pair moved to sets of 124 and 120 types,
+    cross 1.5e-6, while the true ``|G(F) - G(S)|`` on F = 194 types was 6.8e-6; scaled, 2.0e-5).
+
     Returns a :class:`SubsetCheck` (``L_l(S)``, its base solve, grid and cross estimates), or None if a solve
     diverges (a divergence is decided on the many types: the caller refines them instead) or if the cross estimate
     stays above half the tolerance without halving from one level to the next: it tends to the type dependence of
@@ -806,7 +811,8 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         if any(x.diverged_at is not None for x in (fine, other, base_s, base_c)):
             return None
         estimate = _richardson_estimate(fine, coarse, estimate_floor, ratio)
-        cross = _cross_estimate(fine, base_s, other, base_c, estimate_floor)
+        cross = _reach_cross(_cross_estimate(fine, base_s, other, base_c, estimate_floor), base_s, base_c, final,
+                             estimate_floor)
         while estimate + cross > allowed and (estimate <= allowed or cross > 0.5 * allowed):
             following = next(closer, None)  # the pair moves one set along the ladder (see above)
             if following is None:
@@ -821,7 +827,8 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
                 return None
             dyn_s, dyn_c, fine, other, base_s, base_c, coarse = dyn_n, dyn_s, nxt, fine, base_n, base_s, below
             estimate = _richardson_estimate(fine, coarse, estimate_floor, ratio)
-            cross = _cross_estimate(fine, base_s, other, base_c, estimate_floor)
+            cross = _reach_cross(_cross_estimate(fine, base_s, other, base_c, estimate_floor), base_s, base_c, final,
+                                 estimate_floor)
         ratio = _next_ratio(estimate, allowed - cross)
         if (estimate + cross <= allowed or ratio * n_cells > max_cells  # a level: cells and steps x ratio
                 or _next_exceeds(spent, ratio**2 * fine.nfe, max_evaluations, work,
@@ -859,6 +866,21 @@ def _cross_estimate(fine_s: "FokkerPlanckSolution", base_s: "FokkerPlanckSolutio
     cross_abs = ((a - _observed_curves(base_s)) - (_observed_curves(fine_c) - _observed_curves(base_c))).abs()
     ok = torch.isfinite(a).all(0) & (fine_s.risk >= floor * fine_s.risk[0])
     return float((cross_abs / a.abs().clamp_min(tiny(a)))[:, ok].max()) if bool(ok.any()) else 0.0
+
+
+def _reach_cross(cross: float, base_s: "FokkerPlanckSolution", base_c: "FokkerPlanckSolution",
+                 final: "FokkerPlanckSolution | None", floor: float) -> float:
+    """The cross term of :func:`refine_grid_on_subset` scaled to the distance from ``S`` to the final types ``F``:
+    ``cross * max(1, d(F, S) / d(S, C))`` with ``d`` the level-0 difference of R and C (:func:`_pair_difference`);
+    ``cross`` itself without ``final``.  Measured against the true ``|G(F) - G(S)|`` (docs/benchmarks.md, sixteenth
+    session) on nine settings: the cross term alone was 0.23-18.7x the truth, scaled alone 0.64-4.2x, the larger of
+    the two 1.5-18.7x."""
+    if final is None:
+        return cross
+    near, far = _pair_difference(base_s, base_c, floor), _pair_difference(final, base_s, floor)
+    if not far > near:  # F no further from S than C is (or nothing measured): the cross term as it is
+        return cross
+    return math.inf if near == 0.0 or math.isinf(far) else cross * far / near
 
 
 def _next_ratio(estimate: float, room: float) -> float:

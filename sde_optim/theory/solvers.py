@@ -341,7 +341,8 @@ class PDESolver(Solver):
         if len(fewer) >= 2:
             sets = ((dyn, full(sol)) for dyn, sol in fewer)  # lazily: the check may not move its pair
             (dyn_c, base_c), (dyn_s, base_s) = next(sets), next(sets)
-            found = refine_grid_on_subset(dyn_s, dyn_c, problem.t, base_s, base_c, closer=sets, **grid)
+            found = refine_grid_on_subset(dyn_s, dyn_c, problem.t, base_s, base_c, closer=sets, final=level0,
+                                          **grid)
             if found is not None:
                 return [(1.0, found.fine), (1.0, level0), (-1.0, found.base)]
         return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
