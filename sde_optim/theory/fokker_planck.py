@@ -794,6 +794,12 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     """
     half_width = opts["half_width"]
     allowed = tol - tol_used
+
+    def judge(fine, coarse, other, base_s, base_c, ratio):  # a pair's (Richardson estimate, scaled cross term)
+        cross = _cross_estimate(fine, base_s, other, base_c, estimate_floor)
+        return (_richardson_estimate(fine, coarse, estimate_floor, ratio),
+                _reach_cross(cross, base_s, base_c, final, estimate_floor))
+
     closer = iter(closer)
     level, spent, cross_before = 0, base_s.nfe + base_c.nfe, math.inf
     work = _work(base_s) + _work(base_c)
@@ -810,9 +816,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
         work += _work(fine) + _work(other)
         if any(x.diverged_at is not None for x in (fine, other, base_s, base_c)):
             return None
-        estimate = _richardson_estimate(fine, coarse, estimate_floor, ratio)
-        cross = _reach_cross(_cross_estimate(fine, base_s, other, base_c, estimate_floor), base_s, base_c, final,
-                             estimate_floor)
+        estimate, cross = judge(fine, coarse, other, base_s, base_c, ratio)
         while estimate + cross > allowed and (estimate <= allowed or cross > 0.5 * allowed):
             following = next(closer, None)  # the pair moves one set along the ladder (see above)
             if following is None:
@@ -826,9 +830,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
             if any(x.diverged_at is not None for x in (nxt, base_n, below)):
                 return None
             dyn_s, dyn_c, fine, other, base_s, base_c, coarse = dyn_n, dyn_s, nxt, fine, base_n, base_s, below
-            estimate = _richardson_estimate(fine, coarse, estimate_floor, ratio)
-            cross = _reach_cross(_cross_estimate(fine, base_s, other, base_c, estimate_floor), base_s, base_c, final,
-                                 estimate_floor)
+            estimate, cross = judge(fine, coarse, other, base_s, base_c, ratio)
         ratio = _next_ratio(estimate, allowed - cross)
         if (estimate + cross <= allowed or ratio * n_cells > max_cells  # a level: cells and steps x ratio
                 or _next_exceeds(spent, ratio**2 * fine.nfe, max_evaluations, work,
