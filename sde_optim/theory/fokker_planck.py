@@ -49,6 +49,9 @@ Numerics (see THEORY §4, "A measured warning about grids"):
   deviation of every type at every time; ``N`` is chosen by the a posteriori error check of
   :func:`solve_fokker_planck` (5 to 10 per standard deviation on easy problems at ``tol = 1e-3``,
   about 80 near the critical step).
+* **Richardson in the cells.** On the same time steps the cells converge at second order, and the grid check
+  answers with the extrapolation of its last two grids where that is the better answer (:func:`refine_grid_batch`,
+  :attr:`FokkerPlanckSolution.coarser`): 4x fewer cells near the critical lr for the same error.
 * **Divergence.** When ``R`` exceeds ``blowup_factor * R(0)`` the integration stops and the state is held;
   :attr:`FokkerPlanckSolution.diverged_at` is the first output time past the threshold.
 
@@ -179,6 +182,10 @@ class FokkerPlanckSolution:
         schedule: the time steps taken (from ``t0``), to replay on other types (:func:`solve_on_grid`).
         curves: ``(n, 2, T)`` each type's weighted contribution to the excess risk and the curvature (E7) at the
             output times, as the solve computed them (``None``: computed from the laws by :meth:`type_curves`).
+        coarser: None, or the same law solved on the same time steps with half the cells: the answer is then the
+            Richardson extrapolation ``(4 self - coarser) / 3`` of every curve (:meth:`terms`, :meth:`answer_curves`),
+            and ``error_estimate`` is that answer's error (the grid check sets it, :func:`refine_grid_batch`).  The
+            other fields are this solve's own.
     """
 
     t: Tensor
@@ -197,6 +204,18 @@ class FokkerPlanckSolution:
     levels: int = 0
     schedule: list[float] = field(default_factory=list)
     curves: Tensor | None = None
+    coarser: "FokkerPlanckSolution | None" = None
+
+    def terms(self) -> list[tuple[float, "FokkerPlanckSolution"]]:
+        """The answer as a combination ``[(coefficient, solve)]`` of plain solves: ``[(1, self)]``, or with
+        :attr:`coarser` the Richardson extrapolation ``[(4/3, self), (-1/3, coarser)]`` (second order in the cells)."""
+        if self.coarser is None:
+            return [(1.0, self)]
+        return [(4.0 / 3.0, self), (-1.0 / 3.0, self.coarser)]
+
+    def answer_curves(self) -> Tensor:
+        """``(2, n)``: ``R`` and ``C`` of the answer (:meth:`terms`) at the output times: what ``error_estimate`` is of."""
+        return sum(a * _observed_curves(sol) for a, sol in self.terms())
 
     def points(self, times: slice = slice(None)) -> tuple[CoordinateState, Tensor]:
         """CoordinateState at all cell centres, fields ``(n, T, N)``, and quadrature weights ``pi * w(mass)``.
@@ -585,7 +604,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     ``Tm`` measured on other cells than the current solve's is measured again before the solve is accepted (a twin
     on the same cells with 4x the step tolerance, difference / 3): a ``Tm`` taken on level 1's cells, before the
     space refinement resolved the law, understated the time error 4x (THEORY §6, ``lr = 2``, ``tol = 2e-2``, on the
-    stretched cells: estimate 1.6 % at 512 cells for a true 6.1 %, the steps of level 0 replayed throughout).
+    stretched cells: estimate 1.6 % at 512 cells for a true 6.1 %, the steps of level 0 replayed throughout).  With
+    the extrapolation below in view a second twin (16x) gives the order the pairs show (:func:`_time_divisor`): the
+    single twin's / 3 understated the time error 1.7x at ``lr = 8``, ``tol = 1e-2``, where the steps converge at
+    order ~1.4 only.
     ``X`` measured on other time steps than the current solve's is measured again before the solve is accepted
     (twins with 1/2 and 1/4 of the cells on the same steps: the difference to the first at the order the three
     show): the two errors interact, and carrying ``X`` across a 16x
@@ -593,6 +615,18 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
 
     A refinement that does not halve its source's difference (the pairs are not yet in their asymptotic range, e.g.
     a time step refined on too few cells to resolve the law) hands the next refinement to the other source.
+
+    **Richardson in the cells.**  On the same time steps the cells converge at second order once the law is
+    resolved (differences ~4x smaller per doubling), so three solves on the current steps with cells ``N/4, N/2, N``
+    (a recheck's twins, or space refinements replaying the same steps) also give the extrapolation
+    ``(4 S_N - S_N/2) / 3`` and its space estimate ``x_ex`` (:func:`_extrapolation_estimate`).  Where ``x_ex`` plus
+    the extrapolation's own ``Tm`` (the same pair one level up in time, extrapolated too: the twin with 4x the step
+    tolerance, kept from the last time refinement or the recheck of ``Tm``, and its half-cells partner on its steps)
+    is below the current solve's ``X + Tm``, the answer is the extrapolation (the solve's :attr:`~FokkerPlanckSolution.
+    coarser` is set) and the estimate is its own.  What to refine next follows the better answer in view
+    (:meth:`_CheckState.planned`).  Measured on THEORY §6 at 0.8x the critical lr (``d = 16384``,
+    default tol): 1110 cells instead of 4660, 12.7 s instead of 16.9 s, error 2.4e-4 against 3.0e-4
+    (docs/benchmarks.md).
 
     Members are solved together whenever they need the same next solve; a member leaves as soon as its own
     estimate meets the tolerance.  The caps (``max_cells``, ``max_evaluations``, ``max_work``) apply to each member's
@@ -620,8 +654,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
         # the next solve costs about twice this one (cells x 2 on its steps, or about twice its steps)
         return _next_exceeds(spent[g], 2 * sol.nfe, max_evaluations, work[g], 2 * _work(sol), max_work)
 
-    def finish(g: int, sol: FokkerPlanckSolution, estimate: float) -> None:
-        sol.error_estimate, sol.levels = estimate, solves[g] - 1
+    def finish(g: int, sol: FokkerPlanckSolution, estimate: float, coarser: FokkerPlanckSolution | None = None) -> None:
+        sol.error_estimate, sol.levels, sol.coarser = estimate, solves[g] - 1, coarser
         result[g] = sol
         if estimate > allowed:
             who = f" (member {g} of a batch of {groups})" if groups > 1 else ""
@@ -652,22 +686,25 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             time = _pair_difference(fine[g], mid, estimate_floor)
             # space: first order until two pairs show better (near the critical lr it is ~1.1-1.4, measured);
             # time: second order (MPRK22 with the local error kept near the step tolerance)
-            state[g] = _CheckState(fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None, n1)
+            state[g] = _CheckState(fine[g], n1, st1, space / 3.0, time / 3.0, space, time, True, None, n1, [fine[g]])
     while state:
         plans: dict[tuple, list[int]] = {}
         for g, c in list(state.items()):
-            sol, n_cells, st, x_err, t_err = c.sol, c.cells, c.step_tol, c.x_err, c.t_err
+            sol, n_cells, st = c.sol, c.cells, c.step_tol
+            x_err, t_err = c.planned()
             if over_budget(g, sol):
-                finish(g, sol, x_err + t_err)
+                finish(g, sol, *c.answer())
                 del state[g]
                 continue
             if x_err + t_err <= allowed and not unconfirmed(sol):
                 if not c.x_fresh:  # X was measured on other time steps: measure it again on these (fewer cells, same steps)
                     plans.setdefault(("recheck", n_cells, st, id(_replayable(sol))), []).append(g)
                 elif c.t_cells != n_cells:  # Tm was measured on other cells: again on these (step tolerance x 4)
-                    plans.setdefault(("retime", n_cells, 4.0 * st, None), []).append(g)
+                    plans.setdefault(("retime", n_cells, 4.0 * st, c.extrapolates()), []).append(g)
+                elif c.extrapolates() and c.t_ex is None:  # the extrapolation's own Tm (its pair a level up in time)
+                    plans.setdefault(("retime_ex", n_cells, st, None if c.prev is None else id(c.prev.schedule)), []).append(g)
                 else:
-                    finish(g, sol, x_err + t_err)
+                    finish(g, sol, *c.answer())
                     del state[g]
                 continue
             space = x_err >= t_err or unconfirmed(sol)
@@ -676,12 +713,12 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             if space and 2 * n_cells > max_cells:
                 space = False if t_err > allowed / 2 else None
             if space is None:
-                finish(g, sol, x_err + t_err)  # the space error needs more cells than max_cells
+                finish(g, sol, *c.answer())  # the space error needs more cells than max_cells
                 del state[g]
                 continue
             key = ("space", 2 * n_cells, st, id(_replayable(sol))) if space else ("time", n_cells, st / 4.0, None)
             plans.setdefault(key, []).append(g)
-        for (kind, n_cells, st, _), members in plans.items():
+        for (kind, n_cells, st, reuse), members in plans.items():
             schedule = None if kind == "time" else _replayable(state[members[0]].sol)
             if kind == "recheck":  # X again on the current steps: twins with 1/2 and 1/4 of the cells, the order observed
                 halves = solve(members, n_cells // 2, st, schedule)
@@ -690,22 +727,43 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     raw = _pair_difference(c.sol, half, estimate_floor)
                     c.x_err = raw / _reduction(_pair_difference(half, quarter, estimate_floor), raw)
                     c.raw_x, c.x_fresh = raw, True
+                    c.same_steps([quarter, half, c.sol] if schedule is not None else [c.sol], estimate_floor)
                 continue
-            if kind == "retime":  # Tm again on the current cells: a twin with 4x the step tolerance (second order)
-                for g, twin in zip(members, solve(members, n_cells, st, None)):
+            if kind == "retime":  # Tm again on the current cells: a twin with 4x the step tolerance (second order); with
+                # the extrapolation in view, whose Tm then decides, a second twin (16x) for the order the pair shows
+                twins = solve(members, n_cells, st, None)
+                seconds = solve(members, n_cells, 4.0 * st, None) if reuse else [None] * len(members)
+                for g, twin, twin2 in zip(members, twins, seconds):
                     c = state[g]
                     raw = _pair_difference(c.sol, twin, estimate_floor)
-                    c.t_err, c.raw_t, c.t_cells = raw / 3.0, raw, n_cells
+                    c.t_div = 3.0 if twin2 is None else _time_divisor(twin, twin2, raw, estimate_floor)
+                    c.t_err, c.raw_t, c.t_cells, c.prev = raw / c.t_div, raw, n_cells, twin
+                continue
+            if kind == "retime_ex":  # the twin one level up in time (kept, or solved) and its half-cells partner
+                twins = [state[g].prev for g in members] if reuse is not None else solve(members, n_cells, 4.0 * st, None)
+                steps = _replayable(twins[0])
+                halves = solve(members, n_cells // 2, 4.0 * st, steps) if steps is not None else [None] * len(members)
+                for g, twin, half in zip(members, twins, halves):
+                    c = state[g]
+                    c.t_ex = math.inf if half is None else _pair_difference(
+                        c.sol, twin, estimate_floor,
+                        curves=(_extrapolated(c.sol, c.chain[-2]), _extrapolated(twin, half))) / (
+                        c.t_div if reuse is not None else 1.0)  # the order the plain pair showed, else first
                 continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
                 c = state[g]
                 raw = _pair_difference(new, c.sol, estimate_floor)
                 c.stalled = kind if not raw * 2.0 <= (c.raw_x if kind == "space" else c.raw_t) else None
+                chain = c.chain + [new] if kind == "space" and schedule is not None else [new]
+                c.prev = c.sol if kind == "time" else None  # the solve a level up in time on the same cells
                 c.sol, c.cells, c.step_tol = new, n_cells, st
                 if kind == "space":
                     c.x_err, c.raw_x, c.x_fresh = raw / _reduction(c.raw_x, raw), raw, True
+                    c.same_steps(chain, estimate_floor)
                 else:
-                    c.t_err, c.raw_t, c.x_fresh, c.t_cells = raw / _reduction(c.raw_t, raw), raw, False, n_cells
+                    c.t_div = _reduction(c.raw_t, raw)
+                    c.t_err, c.raw_t, c.x_fresh, c.t_cells = raw / c.t_div, raw, False, n_cells
+                    c.chain, c.t_ex = chain, None  # x_ex is carried, as X is, until measured again on these steps
     return result  # type: ignore[return-value]
 
 
@@ -713,7 +771,11 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
 class _CheckState:
     """Where one member's split grid check stands (:func:`refine_grid_batch`): its current solve, cells and step
     tolerance; the space and time estimates ``X``, ``Tm`` and the raw pair differences they came from; whether ``X``
-    was measured on the current steps; the source whose last refinement stalled; the cells ``Tm`` was measured on."""
+    was measured on the current steps; the source whose last refinement stalled; the cells ``Tm`` was measured on;
+    the solves on the current time steps (``chain``), the space estimate ``x_ex`` of the extrapolation of its last
+    pair (``inf`` when there is none; carried across a time refinement, as ``X`` is) and its time estimate ``t_ex``
+    (None until measured on the current cells and steps); the divisor ``t_div`` of the last ``Tm``; ``prev``, the solve
+    on the current cells with 4x the step tolerance when there is one."""
 
     sol: FokkerPlanckSolution
     cells: int
@@ -725,6 +787,35 @@ class _CheckState:
     x_fresh: bool
     stalled: str | None
     t_cells: int
+    chain: list[FokkerPlanckSolution]
+    x_ex: float = math.inf
+    t_ex: float | None = None
+    t_div: float = 3.0
+    prev: FokkerPlanckSolution | None = None
+
+    def same_steps(self, chain: list[FokkerPlanckSolution], floor: float) -> None:
+        """``chain``: the solves on the current solve's time steps (cells doubling, the current one last); the
+        estimate of the Richardson extrapolation of its last pair (:func:`_extrapolation_estimate`) on them."""
+        self.chain, self.x_ex, self.t_ex = chain, _extrapolation_estimate(chain, floor), None
+
+    def extrapolates(self) -> bool:
+        """Whether the extrapolation of the chain's last pair is in view: its space estimate, measured on the current
+        steps, below the current solve's ``X``."""
+        return self.x_fresh and self.x_ex < self.x_err and len(self.chain) >= 2 and self.chain[-1] is self.sol
+
+    def planned(self) -> tuple[float, float]:
+        """``(X, Tm)`` of the better answer in view: the current solve, or the extrapolation (its ``Tm`` once
+        measured, the current solve's until then); they decide what to refine next."""
+        t_ex = self.t_err if self.t_ex is None else self.t_ex
+        return (self.x_ex, t_ex) if self.x_ex + t_ex < self.x_err + self.t_err else (self.x_err, self.t_err)
+
+    def answer(self) -> tuple[float, FokkerPlanckSolution | None]:
+        """``(estimate, coarser)`` of the answer: the extrapolation of the chain's last pair (its partner) when both
+        its estimates were measured on the current solve's cells and steps and their sum is the smaller one, else the
+        current solve alone."""
+        if self.extrapolates() and self.t_ex is not None and self.x_ex + self.t_ex < self.x_err + self.t_err:
+            return self.x_ex + self.t_ex, self.chain[-2]
+        return self.x_err + self.t_err, None
 
 
 def _replayable(sol: FokkerPlanckSolution) -> list[float] | None:
@@ -922,13 +1013,62 @@ def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolu
     return _pair_difference(fine, coarse, floor) / (ratio**2 - 1.0)
 
 
-def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float) -> float:
+# A twin with 4x the step tolerance shows the order of the time error only if it took at most this share of the
+# steps (second order: about half of them); THEORY §6 at lr 0.5 takes 449 and 425 steps at step tolerances 0.016 and
+# 0.064 (the output times and the largest change per step set them), and the pair's ratio ~1 said nothing.
+_FEWER_STEPS = 0.75
+
+def _time_divisor(twin: "FokkerPlanckSolution", twin2: "FokkerPlanckSolution", raw: float, floor: float) -> float:
+    """``r - 1`` for the time estimate ``raw / (r - 1)`` of a solve from its twins with 4x and 16x the step tolerance
+    (:func:`_reduction` of the two pairs' differences), where the second twin took clearly fewer steps than the first
+    (:data:`_FEWER_STEPS`); else 3 (second order, a single pair's assumption).  Measured on THEORY §6 at lr 8 on 608
+    cells: time errors 2.6e-2, 1.0e-2, 2.8e-3 at step tolerances 1e-2, 2.5e-3, 6.25e-4 (order ~1.4, not 2)."""
+    if len(twin2.schedule) > _FEWER_STEPS * len(twin.schedule):
+        return 3.0
+    return _reduction(_pair_difference(twin, twin2, floor), raw)
+
+
+# Past this ratio of consecutive space differences (order ~1.6) a chain of solves is taken to be in the asymptotic
+# range of the cells' second order, where the Richardson extrapolation of its last pair is tried.
+_ASYMPTOTIC = 3.0
+
+
+def _extrapolated(fine: "FokkerPlanckSolution", half: "FokkerPlanckSolution") -> Tensor:
+    """``(2, n)``: the Richardson extrapolation ``(4 fine - half) / 3`` of R and C of two solves on the same time steps,
+    ``half`` with half the cells (the second-order term of the cells cancels)."""
+    a = _observed_curves(fine)
+    return a + (a - _observed_curves(half)) / 3.0
+
+
+def _extrapolation_estimate(chain: list["FokkerPlanckSolution"], floor: float) -> float:
+    """Estimated relative error of the Richardson extrapolation of the last two solves of ``chain`` (solves on the
+    same time steps, each with twice the cells of the one before; at least three), or ``inf``.
+
+    ``E2 = (4 S - S_h) / 3`` and ``E1 = (4 S_h - S_q) / 3`` from the last three solves ``S_q, S_h, S``: where the
+    plain differences shrink at least :data:`_ASYMPTOTIC`-fold (the second-order term dominates), the extrapolations
+    converge at least at second order too, so ``E2``'s error is at most ``|E2 - E1| / 3``; else ``inf`` (no
+    extrapolation).  Measured on THEORY §6 at 0.8x the critical lr (d = 16384, replayed steps, against the
+    extrapolation of 3840 and 7680 cells): the plain solves' errors 1.8e-2, 4.6e-3, 1.1e-3 at 480, 960, 1920 cells
+    fall 4x per doubling, the extrapolations' 1.3e-3, 6.0e-5, 4.1e-6 about 20x (order ~4, the scheme being
+    symmetric); this estimate is then 4-7x above the error (docs/benchmarks.md)."""
+    if len(chain) < 3:
+        return math.inf
+    quarter, half, sol = chain[-3:]
+    near, far = _pair_difference(sol, half, floor), _pair_difference(half, quarter, floor)
+    if not (math.isfinite(far) and 0.0 < near and far >= _ASYMPTOTIC * near):
+        return math.inf
+    return _pair_difference(sol, quarter, floor, curves=(_extrapolated(sol, half), _extrapolated(half, quarter))) / 3.0
+
+
+def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float,
+                     curves: tuple[Tensor, Tensor] | None = None) -> float:
     """The largest relative difference ``max |fine - coarse| / |fine|`` of R and C between two solves.
 
     Taken over output times before the divergence, with ``R >= floor * R(0)``.  If only one of the two
     diverged, or they diverged at different output times, the divergence itself is unresolved: ``inf``; so is a risk
     below ``sigma^2 / 2`` in either (a negative excess risk: the fourth-order weights of a law collapsed into a few
-    cells, seen in a best_lr sweep before the stall rule of :func:`refine_grid_batch`).
+    cells, seen in a best_lr sweep before the stall rule of :func:`refine_grid_batch`).  ``curves``: compare these
+    ``(2, n)`` R and C instead of the two solves' own (their extrapolations, :func:`_extrapolation_estimate`).
     """
     if fine.diverged_at != coarse.diverged_at:  # one diverged, or both at different output times
         return math.inf
@@ -937,7 +1077,9 @@ def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution
         risk = sol.risk[torch.isfinite(sol.risk)]
         if risk.numel() and bool((risk < floor_risk - 1e-9 * max(floor_risk, float(risk.abs().max()))).any()):
             return math.inf
-    a, b = _observed_curves(fine), _observed_curves(coarse)
+    a, b = curves if curves is not None else (_observed_curves(fine), _observed_curves(coarse))
+    if curves is not None and bool((a[0] < floor_risk).any() | (b[0] < floor_risk).any()):
+        return math.inf  # an extrapolation below sigma^2 / 2: the pairs are far from their asymptotic range
     ok = torch.isfinite(a).all(0) & torch.isfinite(b).all(0) & (fine.risk >= floor * fine.risk[0])
     for div in (fine.diverged_at, coarse.diverged_at):
         if div is not None:

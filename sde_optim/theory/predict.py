@@ -196,7 +196,9 @@ def predict(
               distribution is replaced by an error-controlled quadrature
               (:mod:`sde_optim.theory.quadrature`), refined until its estimate is below ``tol / 2``;
             * ``"grid"`` (``"pde"``): the cells and time steps of the Fokker-Planck solve, refined until
-              the rest of ``tol`` is met.
+              the rest of ``tol`` is met; where the cells converge at second order the answer is the Richardson
+              extrapolation of the last two grids on the same time steps (``info["grid_extrapolated"]``) and the
+              estimate is that answer's.
 
             If a cap stops a refinement first, a ``RuntimeWarning`` gives the estimate and the cap.
         max_types: cap on the number of quadrature types (sigma points) in one solve.

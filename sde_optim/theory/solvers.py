@@ -263,7 +263,7 @@ class PDESolver(Solver):
             if batched:
                 fines = refine_grid_batch(problem.dynamics(check.types), problem.t, level0,
                                           **self._grid_check(problem, check, grid_opts))
-                terms = [[(1.0, sol)] for sol in fines]
+                terms = [sol.terms() for sol in fines]
             else:
                 full = (lambda sol: sol) if ladder is None else (
                     lambda sol: ladder.full(sol, n, st, schedule, grid_opts))
@@ -284,7 +284,8 @@ class PDESolver(Solver):
         head: FokkerPlanckSolution = terms[0][1]
         grid = head.error_estimate
         info = dict(num_cells=int(head.xi.numel()), type_check_cells=base_cells,
-                    operator_evaluations=problem.budget.used, tail_mass=head.tail_mass, grid_combination=len(terms) > 1,
+                    operator_evaluations=problem.budget.used, tail_mass=head.tail_mass, grid_combination=len(terms) > len(head.terms()),
+                    grid_extrapolated=head.coarser is not None,
                     error_estimates={"grid": grid, "types": check.estimate},
                     error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
         info["finite_d"], scatter = _finite_d_parts(finite_d, head.t, head.risk, head.diverged_at,
@@ -345,7 +346,7 @@ class PDESolver(Solver):
                                           **grid)
             if found is not None:
                 return [(1.0, found.fine), (1.0, level0), (-1.0, found.base)]
-        return [(1.0, refine_grid(problem.dynamics(check.types), problem.t, level0, **grid))]
+        return refine_grid(problem.dynamics(check.types), problem.t, level0, **grid).terms()
 
 
 def _typesolve(sol: FokkerPlanckSolution, t: Tensor | None = None) -> TypeSolve:
