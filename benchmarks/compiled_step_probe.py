@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from _threads import pin_threads
@@ -33,11 +32,9 @@ import torch  # noqa: E402 - after the thread environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from theory_accuracy import make_setting  # noqa: E402
+from _capture import captured_dynamics  # noqa: E402
 
 import sde_optim.theory.fokker_planck as fp  # noqa: E402
-import sde_optim.theory.solvers as solvers  # noqa: E402
-from sde_optim.theory import predict  # noqa: E402
 
 try:
     from numba import njit
@@ -168,24 +165,7 @@ def kernel_ms_per_step(types: int, cells: int, repeats: int = 100) -> tuple[floa
 def torch_ms_per_step(name: str, lr: float, d: int, tol: float, cells: int, step_tol: float) -> tuple[int, int, float]:
     """(types, cells, ms per accepted step) of one ``solve_on_grid`` on the dynamics ``predict`` builds for the setting
     (the solve with the most types, as the type quadrature's finest)."""
-    problem, model, _, batch, horizon = make_setting(name, d)
-    seen: dict = {}
-    original = fp.solve_batch_on_grid
-
-    def capture(dynamics, t_out, n_cells, st, **opts):
-        if dynamics.types.num_types > seen.get("types", 0):
-            seen.update(types=dynamics.types.num_types, args=(dynamics, t_out, opts))
-        return original(dynamics, t_out, n_cells, st, **opts)
-
-    fp.solve_batch_on_grid = solvers.solve_batch_on_grid = capture
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            predict(problem, model, lr=lr, batch_size=batch, steps=int(horizon * d), tol=tol)
-    finally:
-        fp.solve_batch_on_grid = solvers.solve_batch_on_grid = original
-    dynamics, t_out, opts = seen["args"]
-    opts = {k: v for k, v in opts.items() if k not in ("schedule", "budget", "on_step")}
+    dynamics, t_out, opts = captured_dynamics(name, lr, d, tol)
     t0 = time.perf_counter()
     sol = fp.solve_on_grid(dynamics, t_out, cells, step_tol, **opts)
     elapsed = time.perf_counter() - t0
