@@ -214,7 +214,8 @@ class FokkerPlanckSolution:
         return [(4.0 / 3.0, self), (-1.0 / 3.0, self.coarser)]
 
     def answer_curves(self) -> Tensor:
-        """``(2, n)``: ``R`` and ``C`` of the answer (:meth:`terms`) at the output times: what ``error_estimate`` is of."""
+        """``(2, n)``: ``R`` and ``C`` of the answer (:meth:`terms`) at the output times (what ``error_estimate``
+        is the error of)."""
         return sum(a * _observed_curves(sol) for a, sol in self.terms())
 
     def points(self, times: slice = slice(None)) -> tuple[CoordinateState, Tensor]:
@@ -702,7 +703,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                 elif c.t_cells != n_cells:  # Tm was measured on other cells: again on these (step tolerance x 4)
                     plans.setdefault(("retime", n_cells, 4.0 * st, c.extrapolates()), []).append(g)
                 elif c.extrapolates() and c.t_ex is None:  # the extrapolation's own Tm (its pair a level up in time)
-                    plans.setdefault(("retime_ex", n_cells, st, None if c.prev is None else id(c.prev.schedule)), []).append(g)
+                    kept = None if c.prev is None else id(c.prev.schedule)
+                    plans.setdefault(("retime_ex", n_cells, st, kept), []).append(g)
                 else:
                     finish(g, sol, *c.answer())
                     del state[g]
@@ -718,7 +720,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                 continue
             key = ("space", 2 * n_cells, st, id(_replayable(sol))) if space else ("time", n_cells, st / 4.0, None)
             plans.setdefault(key, []).append(g)
-        for (kind, n_cells, st, reuse), members in plans.items():
+        for (kind, n_cells, st, tag), members in plans.items():
             schedule = None if kind == "time" else _replayable(state[members[0]].sol)
             if kind == "recheck":  # X again on the current steps: twins with 1/2 and 1/4 of the cells, the order observed
                 halves = solve(members, n_cells // 2, st, schedule)
@@ -729,10 +731,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     c.raw_x, c.x_fresh = raw, True
                     c.same_steps([quarter, half, c.sol] if schedule is not None else [c.sol], estimate_floor)
                 continue
-            if kind == "retime":  # Tm again on the current cells: a twin with 4x the step tolerance (second order); with
-                # the extrapolation in view, whose Tm then decides, a second twin (16x) for the order the pair shows
+            if kind == "retime":  # Tm again on the current cells: a twin with 4x the step tolerance (second order);
+                # with the extrapolation in view (its Tm then decides) a second twin, 16x, for the order the pairs show
                 twins = solve(members, n_cells, st, None)
-                seconds = solve(members, n_cells, 4.0 * st, None) if reuse else [None] * len(members)
+                seconds = solve(members, n_cells, 4.0 * st, None) if tag else [None] * len(members)  # tag: extrapolates
                 for g, twin, twin2 in zip(members, twins, seconds):
                     c = state[g]
                     raw = _pair_difference(c.sol, twin, estimate_floor)
@@ -740,7 +742,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     c.t_err, c.raw_t, c.t_cells, c.prev = raw / c.t_div, raw, n_cells, twin
                 continue
             if kind == "retime_ex":  # the twin one level up in time (kept, or solved) and its half-cells partner
-                twins = [state[g].prev for g in members] if reuse is not None else solve(members, n_cells, 4.0 * st, None)
+                kept = tag is not None  # tag: the kept twin's steps
+                twins = [state[g].prev for g in members] if kept else solve(members, n_cells, 4.0 * st, None)
                 steps = _replayable(twins[0])
                 halves = solve(members, n_cells // 2, 4.0 * st, steps) if steps is not None else [None] * len(members)
                 for g, twin, half in zip(members, twins, halves):
@@ -748,7 +751,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     c.t_ex = math.inf if half is None else _pair_difference(
                         c.sol, twin, estimate_floor,
                         curves=(_extrapolated(c.sol, c.chain[-2]), _extrapolated(twin, half))) / (
-                        c.t_div if reuse is not None else 1.0)  # the order the plain pair showed, else first
+                        c.t_div if kept else 1.0)  # the order the plain pair showed, else first
                 continue
             for g, new in zip(members, solve(members, n_cells, st, schedule)):
                 c = state[g]
@@ -1018,6 +1021,7 @@ def _richardson_estimate(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolu
 # 0.064 (the output times and the largest change per step set them), and the pair's ratio ~1 said nothing.
 _FEWER_STEPS = 0.75
 
+
 def _time_divisor(twin: "FokkerPlanckSolution", twin2: "FokkerPlanckSolution", raw: float, floor: float) -> float:
     """``r - 1`` for the time estimate ``raw / (r - 1)`` of a solve from its twins with 4x and 16x the step tolerance
     (:func:`_reduction` of the two pairs' differences), where the second twin took clearly fewer steps than the first
@@ -1050,7 +1054,7 @@ def _extrapolation_estimate(chain: list["FokkerPlanckSolution"], floor: float) -
     extrapolation).  Measured on THEORY §6 at 0.8x the critical lr (d = 16384, replayed steps, against the
     extrapolation of 3840 and 7680 cells): the plain solves' errors 1.8e-2, 4.6e-3, 1.1e-3 at 480, 960, 1920 cells
     fall 4x per doubling, the extrapolations' 1.3e-3, 6.0e-5, 4.1e-6 about 20x (order ~4, the scheme being
-    symmetric); this estimate is then 4-7x above the error (docs/benchmarks.md)."""
+    symmetric); this estimate is then 5-7x above the error there, 2-4x on two-level-noisy (docs/benchmarks.md)."""
     if len(chain) < 3:
         return math.inf
     quarter, half, sol = chain[-3:]
