@@ -12,6 +12,8 @@ The maps are elementwise on tensors of any (broadcastable) shape.  ``(u, v)`` an
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,12 +26,22 @@ def uv_to_phi(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return q, torch.asinh(2.0 * u * v / q.abs())
 
 
-def phi_to_state(q: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
-    """``(q, phi) -> (beta, rho)`` with ``beta = |q| sinh(phi) / 2``, ``rho = |q| cosh(phi)`` (E5)."""
-    half = 0.5 * q.abs()
-    e = torch.exp(phi)  # one exponential for both: sinh = (e - 1/e) / 2, cosh = (e + 1/e) / 2
-    inv = torch.reciprocal(e)
-    return 0.5 * half * (e - inv), half * (e + inv)
+def phi_to_state(q: Tensor, phi: Tensor, cap: float = math.inf) -> tuple[Tensor, Tensor]:
+    """``(q, phi) -> (beta, rho)`` with ``beta = |q| sinh(phi) / 2``, ``rho = |q| cosh(phi)`` (E5).
+
+    Evaluated as ``(|q| / 2) e^|phi| = exp(|phi| + log(|q| / 2))`` (and the other term as ``(|q| / 2)^2`` over it):
+    SGD's noise shrinks ``|q|`` by hundreds of e-folds (E4: at a rate ``2 gamma^2 lam R / B``) while ``beta`` stays of
+    order one, so ``phi ~ log(4 beta / |q|)`` passes 300 and more, where ``e^phi`` alone overflows although the product
+    does not (a three-level spectrum with label noise, ``B = 2``, at half the critical lr: ``|q| ~ e^-300`` by
+    ``t ~ 2.1``, docs/benchmarks.md).  ``cap``: the exponent is capped there, so ``|beta|`` and ``rho`` stay below about
+    ``e^cap`` (the state at ``phi`` clamped to ``+-(cap + log(2 / |q|))``)."""
+    half = (0.5 * q.abs()).clamp_min(torch.finfo(q.dtype).tiny)  # (a q that underflowed to 0: beta, rho ~ 0)
+    big = phi.abs().add_(torch.log(half))
+    if cap < math.inf:
+        big.clamp_(max=cap)
+    big.exp_()  # (|q| / 2) e^|phi|: one exponential; the small term (|q| / 2) e^-|phi| = (|q| / 2)^2 / big
+    small = (half * half) / big  # 0 where (|q| / 2)^2 underflows: then below the large term's rounding
+    return torch.copysign(big - small, phi).mul_(0.5), big.add_(small)
 
 
 def psi_to_state(sign: Tensor, psi: Tensor) -> tuple[Tensor, Tensor]:

@@ -452,20 +452,18 @@ class CoefficientBatch:
         return self._col([c.stability_factor() for c in self.members])
 
 
-_X_MAX = 300.0  # largest |phi| or |psi| a state is evaluated at (see MeanFieldDynamics.state)
+def _state_cap(dtype: torch.dtype) -> float:
+    """``log(max) / 8`` of ``dtype``: states are evaluated where ``|beta|`` and ``rho`` stay below ``max^(1/8)``
+    (``beta^8``, the highest power any statistic takes, finite); cells further out hold no mass unless the run diverges.
 
-
-def _narrow_bound(q: Tensor, is_phi: Tensor, dtype: torch.dtype) -> Tensor:
-    """The largest ``|x|`` a state is evaluated at in a dtype narrower than float64 (``(T, 1)``, with ``q``'s shape).
-
-    ``e^300`` overflows float32, and so did ``beta^2`` at a window's edge (``x ~ 60`` with ``|q| ~ 1e-3``): the risk
-    there was ``inf``, ``inf * 0`` a nan in the cell masses, and the solve diverged at its first steps, silently
-    (a power law with a Gaussian teacher, ``d = 4096``).  Here ``|beta|`` and ``rho`` stay below ``max^(1/8)``
-    (``beta^8``, the highest power any statistic takes, finite): ``|phi| <= log(max)/8 + log(2/|q|)`` and
-    ``|psi| <= log(max)/8``, and ``e^x`` itself finite.  Cells that far out hold no mass unless the run diverges."""
-    top = math.log(torch.finfo(dtype).max)
-    phi_bound = top / 8.0 + torch.log(2.0 / q.abs().clamp_min(torch.finfo(dtype).tiny))
-    return torch.where(is_phi, phi_bound.clamp_max(top - 1.0), torch.full_like(phi_bound, top / 8.0))
+    A bound on the coordinate itself does not do: in float32 ``e^300`` overflows, and so did ``beta^2`` at a window's
+    edge (``x ~ 60`` with ``|q| ~ 1e-3``): the risk there was ``inf``, ``inf * 0`` a nan in the cell masses, and the
+    solve diverged at its first steps, silently (a power law with a Gaussian teacher, ``d = 4096``); in float64 the
+    former ``|x| <= 300`` cut the law of a type whose ``|q|`` the noise had taken below ``e^-300`` (E4), where ``phi``
+    of any ``beta`` of order one is past 300: the curvature dropped 2.6x between two output times (a three-level
+    spectrum, two-valued teacher, ``sigma = 0.05``, ``B = 2``, half the critical lr, ``t ~ 2.1``;
+    docs/benchmarks.md)."""
+    return math.log(torch.finfo(dtype).max) / 8.0
 
 
 class MeanFieldDynamics:
@@ -546,22 +544,18 @@ class MeanFieldDynamics:
     def state(self, x: Tensor, q: Tensor) -> CoordinateState:
         """CoordinateState at coordinates ``x`` (shape ``(T, K)``) given ``q`` (``(T, 1)``).
 
-        ``x`` is clamped to ``|x| <= 300`` (``|beta| <= e^300``, so ``beta^2`` and the drift stay finite): a grid
-        cell further out holds no mass unless the run diverges, and an overflow there put ``inf * 0 = nan`` into
-        the risk and the operator (a 20-std window on a wide law, at 0.7x the critical lr).  In float32 tighter, so
-        that ``|beta|`` and ``rho`` stay below ``max^(1/8)`` (:func:`_narrow_bound`)."""
-        x = x.clamp(-_X_MAX, _X_MAX)
-        if x.dtype != torch.float64:
-            bound = _narrow_bound(q, self.is_phi, x.dtype)
-            x = x.clamp(-bound, bound)
+        ``|beta|`` and ``rho`` are capped at ``max^(1/8)`` of the dtype (:func:`_state_cap`; the state at ``x`` clamped
+        there): a grid cell further out holds no mass unless the run diverges, and an overflow there put
+        ``inf * 0 = nan`` into the risk and the operator (a 20-std window on a wide law, at 0.7x the critical lr)."""
+        cap = _state_cap(x.dtype)
         if self.only == KIND_PHI:
-            beta, rho = phi_to_state(q, x)
+            beta, rho = phi_to_state(q, x, cap)
             return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
         if self.only == KIND_PSI:
-            beta, rho = psi_to_state(self.sign, x)
+            beta, rho = psi_to_state(self.sign, x.clamp(-cap, cap))
             return CoordinateState(self.lam, self.bstar, beta, rho, q.expand_as(x), self.param_scale)
-        beta_phi, rho_phi = phi_to_state(q, torch.where(self.is_phi, x, torch.zeros_like(x)))
-        beta_psi, rho_psi = psi_to_state(self.sign, torch.where(self.is_psi, x, torch.zeros_like(x)))
+        beta_phi, rho_phi = phi_to_state(q, torch.where(self.is_phi, x, torch.zeros_like(x)), cap)
+        beta_psi, rho_psi = psi_to_state(self.sign, torch.where(self.is_psi, x, torch.zeros_like(x)).clamp_(-cap, cap))
         zero = torch.zeros_like(x)
         beta = torch.where(self.is_phi, beta_phi, torch.where(self.is_psi, beta_psi, zero))
         rho = torch.where(self.is_phi, rho_phi, torch.where(self.is_psi, rho_psi, zero))
