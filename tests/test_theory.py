@@ -27,7 +27,7 @@ from sde_optim.theory import (
     solve_fokker_planck,
     uv_to_phi,
 )
-from sde_optim.theory.fokker_planck import MeanFieldDynamics, solve_on_grid
+from sde_optim.theory.fokker_planck import FokkerPlanckSolution, MeanFieldDynamics, solve_on_grid
 from sde_optim.theory.stability import e8_estimate
 from sde_optim.theory.predict import FINITE_D_STEP, FiniteDimensionWarning
 from sde_optim.simulation import sgd_step, simulate_sgd
@@ -352,6 +352,26 @@ def test_the_curvature_is_continuous_where_the_noise_takes_the_imbalance_past_e_
         pred = predict(problem, model, lr=21.4, batch_size=2, steps=3 * d, num_points=13, tol=1e-2)
     c = pred.curves["curvature"][4:]  # t >= 1
     assert float((c[:-1] / c[1:]).max()) <= 1.2 and float((c[1:] / c[:-1]).max()) <= 1.2, c
+    assert pred.info["imbalance_lost_at"] is None  # |q| >= e^-420 at t = 3: representable
+
+
+def test_an_imbalance_that_underflows_is_reported_with_its_time():
+    """Past ``|q| ~ 2 tiny`` (E4 at ``2 gamma^2 lam R / B ~ 140`` per unit time reaches it at t ~ 5 in the setting
+    above: measured 4.96, where the curves then turn nan) the phi coordinate cannot follow ``q``: the solution
+    names the first output time (``predict`` warns with it, ``info["imbalance_lost_at"]``).  Here the noise
+    integral is laid out so that the lambda = 3 types cross it between the 7th and 8th of 10 times."""
+    problem, model = section6()
+    types = coordinate_types(problem, model)
+    dyn = MeanFieldDynamics(types, 4.0, 1, 0.0)
+    lam = float(dyn.lam.max())
+    crossing = (math.log(float(dyn.q0.abs().max()) / (2.0 * torch.finfo(F64).tiny))) / (2.0 * lam)  # I at |q| = 2 tiny
+    t = torch.linspace(0.0, 9.0, 10, dtype=F64)
+    integral = t * crossing / 6.5  # crosses between t = 6 and t = 7
+    empty = torch.empty(0, dtype=F64)
+    sol = FokkerPlanckSolution(t, empty, 1.0, empty, empty, empty, integral, empty, dyn, None, 0, 0.0)
+    assert sol.imbalance_lost() == 7.0
+    short = FokkerPlanckSolution(t[:7], empty, 1.0, empty, empty, empty, integral[:7], empty, dyn, None, 0, 0.0)
+    assert short.imbalance_lost() is None
 
 
 def test_a_state_far_out_on_the_grid_stays_finite():

@@ -218,6 +218,25 @@ class FokkerPlanckSolution:
         is the error of)."""
         return sum(a * _observed_curves(sol) for a, sol in self.terms())
 
+    def imbalance_lost(self) -> float | None:
+        """The first output time at which some ``phi`` type (of nonzero weight) has ``|q|`` below twice the dtype's
+        smallest normal number, else None.  E4 takes ``|q|`` down at a rate ``2 gamma^2 lam R / B``; once it is that
+        small the state map holds it there (:func:`~sde_optim.theory.coords.phi_to_state`), so the law no longer
+        follows E4-E6 (the balanced coordinate ``psi`` would; a three-level spectrum with label noise at half the
+        critical lr reaches it at ``t ~ 5.2``, docs/benchmarks.md).  ``|q|`` only decreases, so the last time decides."""
+        dyn = self.dynamics
+        watched = dyn.is_phi & (dyn.weight > 0)
+        if not bool(watched.any()):
+            return None
+        limit = 2.0 * torch.finfo(dyn.q0.dtype).tiny
+
+        def lost(i: int) -> bool:
+            return bool(((dyn.q(self.integral_r[i], float(self.t[i])).abs() < limit) & watched).any())
+
+        if not lost(self.t.numel() - 1):
+            return None
+        return float(self.t[next(i for i in range(self.t.numel()) if lost(i))])
+
     def points(self, times: slice = slice(None)) -> tuple[CoordinateState, Tensor]:
         """CoordinateState at all cell centres, fields ``(n, T, N)``, and quadrature weights ``pi * w(mass)``.
 

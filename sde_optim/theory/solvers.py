@@ -292,6 +292,13 @@ class PDESolver(Solver):
                                                     self.options["estimate_floor"], curves)
         if self.options["types"] is not None:
             info["types_fixed"] = True
+        info["imbalance_lost_at"] = lost = most.imbalance_lost()
+        if lost is not None:
+            warnings.warn(f"predict: from t = {lost:.3g} on the imbalance |q| of some unbalanced coordinates is below "
+                          f"the smallest number of {most.xi.dtype} (E4: the noise shrinks it at a rate 2 gamma^2 lam R / B): "
+                          "their phi coordinate cannot follow it, and the curves past that time are not reliable "
+                          "(info['imbalance_lost_at']; a shorter horizon, or a balanced initialization, avoids it)",
+                          RuntimeWarning, stacklevel=4)
         return Solution(curves, rate, head.diverged_at, {}, info, check.types, scatter)
 
     def _resolved_base(self, problem: Problem, types: CoordinateTypes, sols: list, grid: tuple[int, float],
