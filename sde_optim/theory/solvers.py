@@ -284,8 +284,8 @@ class PDESolver(Solver):
         head: FokkerPlanckSolution = terms[0][1]
         grid = head.error_estimate
         info = dict(num_cells=int(head.xi.numel()), type_check_cells=base_cells,
-                    operator_evaluations=problem.budget.used, tail_mass=head.tail_mass, grid_combination=len(terms) > len(head.terms()),
-                    grid_extrapolated=head.coarser is not None,
+                    operator_evaluations=problem.budget.used, tail_mass=head.tail_mass,
+                    grid_combination=len(terms) > len(head.terms()), grid_extrapolated=head.coarser is not None,
                     error_estimates={"grid": grid, "types": check.estimate},
                     error_estimate=None if grid is None else grid + check.estimate, **_type_info(check))
         info["finite_d"], scatter = _finite_d_parts(finite_d, head.t, head.risk, head.diverged_at,
@@ -295,7 +295,8 @@ class PDESolver(Solver):
         info["imbalance_lost_at"] = lost = most.imbalance_lost()
         if lost is not None:
             warnings.warn(f"predict: from t = {lost:.3g} on the imbalance |q| of some unbalanced coordinates is below "
-                          f"the smallest number of {most.xi.dtype} (E4: the noise shrinks it at a rate 2 gamma^2 lam R / B): "
+                          f"twice the smallest normal {most.xi.dtype} (E4: the noise shrinks it at a rate "
+                          "2 gamma^2 lam R / B): "
                           "their phi coordinate cannot follow it, and the curves past that time are not reliable "
                           "(info['imbalance_lost_at']; a shorter horizon, or a balanced initialization, avoids it)",
                           RuntimeWarning, stacklevel=4)
