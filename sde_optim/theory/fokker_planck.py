@@ -61,18 +61,21 @@ All tensors are float64 by default and live on the types' device.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
-from .dynamics import MeanFieldDynamics
+from .compiled_step import TYPE_FIELDS, compiled_kernels
+from .dynamics import MeanFieldDynamics, _state_cap
 from .statistics import tiny, weighted
-from .sg_operator import implicit_solve, sg_bands
+from .sg_operator import _compiled, _scalar, implicit_solve, sg_bands
 
 _RISK, _CURVATURE = OBSERVABLES["risk"], OBSERVABLES["curvature"]
 
@@ -81,6 +84,10 @@ __all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "solve_on_grid", "solv
 
 
 STRETCH = 0.5  # alpha of the cell map g(xi) = sinh(alpha xi) / alpha (see _Grid)
+# Whether solves on the CPU (float32/float64) take the compiled step (compiled_step.py) instead of the torch operations
+# of _Grid (the definition, and the path on every other device); the tests compare the two.  SDE_OPTIM_COMPILED_STEP=0
+# in the environment turns it off (a numba problem on some platform: the torch path is 2-5x slower, never different)
+COMPILED_STEP = os.environ.get("SDE_OPTIM_COMPILED_STEP", "1") != "0"
 
 
 def _stretch(xi: Tensor) -> Tensor:
@@ -377,12 +384,33 @@ class _Grid:
         self.flux_right = 1.0 / (self.gap * self.width[1:])
         self.step_limit = step_limit
         self.var_floor = float(self.width.min()) ** 2 / 12.0  # a uniform cell's variance (once: no sync per step)
+        self.compiled = COMPILED_STEP and _compiled(self.xi)  # the step as one compiled call (compiled_step.py)
+        if self.compiled:
+            dyn = dynamics
+            fields = {"lam": dyn.lam, "bstar": dyn.bstar, "q0": dyn.q0, "sign": dyn.sign, "kind": dyn.types.kind[:, None],
+                      "weight": dyn.weight, "active": dyn.active}
+            self._types = torch.cat([fields[k].to(dtype) for k in TYPE_FIELDS], 1).T.contiguous().numpy()  # (7, T)
+            self._geometry = tuple(x.contiguous().numpy() for x in (self.xi, self.inner, self.gap, self.flux_left,
+                                                                     self.flux_right))
+            self._scalars = (_state_cap(dtype), torch.finfo(dtype).tiny, tiny(self.xi), float(dyn.param_scale),
+                             _RISK.offset(dyn.noise_std), self.var_floor)
+
+    def coefficients(self, t: float, side: int) -> "np.ndarray":
+        """``(4, G)`` numpy: ``gamma, nu, kappa, K`` of every member at ``t`` on ``side`` (the compiled step's)."""
+        coef, groups = self.dyn.coef, self.dyn.groups
+        kint = coef.kappa_integral(t) if self.dyn.decays else 0.0
+        values = (coef.gamma(t, side), coef.noise(t, side), coef.kappa(t, side), kint)
+        if groups is None:
+            return np.array([values], dtype=self._types.dtype).T
+        return torch.stack([torch.as_tensor(v, dtype=self.xi.dtype).reshape(-1).expand(groups) for v in values]).numpy()
 
     def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int = 1,
                    full: bool = True) -> _Statistics:
         """Risk, drift, diffusion, moments and observed densities of a state at time ``t`` (see :class:`_Statistics`);
         ``side``: which side of a schedule's jump at ``t`` (+1 after, -1 before).  ``full=False`` (an intermediate
         stage, whose state only needs its operator and error) leaves out the moments, tail share and step limit."""
+        if self.compiled:
+            return self._compiled_statistics(mass, m, s, integral, t, side, full)
         dyn, xi, n = self.dyn, self.xi, self.xi.numel()
         q = dyn.q(integral[:, None, None], t)  # (G, T, 1)
         both = dyn.state(torch.addcmul(m[..., None], s[..., None], self.points), q)  # cell centres, then interior faces
@@ -451,11 +479,76 @@ class _Grid:
         n = self.xi.numel()
         a_f = st.a[..., n:]
         dxi = torch.clamp(st.diffusion / (s * s), min=tiny(s))  # diffusion in xi, (G, T)
-        # Peclet number pe = vel gap / dxi of the drift in xi at the interior faces, vel = (a - vm - vs g) / s (ALE)
-        pe = (a_f - torch.addcmul(vm[..., None], vs[..., None], self.inner)).mul_((1.0 / (s * dxi))[..., None])
+        # Peclet number pe = vel gap / dxi of the drift in xi at the interior faces, vel = (a - vm - vs g) / s (ALE);
+        # divided by s then dxi: their product underflows in float32 for a frozen type (D = 0, s = 1e-8), and the
+        # 0 * inf of its reciprocal stopped every float32 solve with a frozen type at its first step
+        pe = (a_f - torch.addcmul(vm[..., None], vs[..., None], self.inner)).div_(s[..., None]).div_(dxi[..., None])
         pe.mul_(self.gap)
         bands = sg_bands(pe, dxi, self.flux_left, self.flux_right)  # the SG fluxes through the interior faces
         return _Operator(bands)
+
+    def attempt(self, st0: _Statistics, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, h: float,
+                step_tol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
+        """One MPRK22 step of length ``h`` from the state ``(mass, m, s, int R)`` at ``t`` with statistics ``st0``
+        (:func:`_integrate_mprk22`): ``(mass, m, s, int R)`` at ``t + h`` and each member's local error
+        (:func:`_step_errors`; ``[0.0]`` when ``step_tol`` is None, a replayed step)."""
+        if self.compiled:
+            return self._compiled_attempt(st0, mass, m, s, integral, t, h, step_tol)
+        coef = self.dyn.coef
+        vm, vs = self.plan(st0, m, s, h)
+        m1, s1 = m + h * vm, s + h * vs
+        op0 = self.assemble(st0, s, vm, vs)
+        y1 = op0.implicit_solve(h, mass).clamp_min_(0.0)
+        rate0 = _per_group(coef.noise(t, 1)) * st0.risk  # integrand of I = int nu R (E4)
+        i1 = integral + h * rate0
+        st1 = self.statistics(y1, m1, s1, i1, t + h, -1, full=False)
+        op1 = self.assemble(st1, s1, vm, vs)
+        ratio = torch.div(mass, y1).masked_fill_(~(y1 > 0), 1.0)
+        y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min_(0.0)
+        i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
+        errors = [0.0] if step_tol is None else _step_errors(y1, y2, i1, i2, st1, self.dyn.weight[:, 0], step_tol)
+        return y2, m1, s1, i2, errors
+
+    # ---------------------------------------------------------------- the compiled CPU path (compiled_step.py)
+    def _limit(self, t: float, side: int, groups: int) -> "np.ndarray":
+        """``(G,)`` the step limit ``factor d / gamma`` on ``gamma lam rho`` (``inf`` without one) and its ``d``."""
+        if self.step_limit is None:
+            return np.full(groups, np.inf, dtype=self._types.dtype), 0.0
+        factor, dim = self.step_limit
+        limit = torch.as_tensor(factor * dim / self.dyn.coef.gamma(t, side), dtype=self.xi.dtype)
+        return limit.reshape(-1).expand(groups).contiguous().numpy(), float(dim)
+
+    def _compiled_statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int,
+                             full: bool) -> _Statistics:
+        """:meth:`statistics` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``evaluate``."""
+        groups, types, n = mass.shape
+        new = lambda *shape: mass.new_empty(shape)  # noqa: E731
+        risk, a, diffusion, moments = new(groups), new(groups, types, 2 * n - 1), new(groups, types), new(4, groups, types)
+        observed, totals, per_type, tail_share, unstable = (new(2, groups, types, n), new(2, groups),
+                                                            new(2, groups, types), new(groups), new(groups))
+        limit, dim = self._limit(t, side, groups)
+        np_ = lambda x: x.contiguous().numpy()  # noqa: E731
+        compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), self.coefficients(t, side), limit, dim, full,
+                              self._types, self._geometry[0], self._geometry[1], *self._scalars, risk.numpy(),
+                              a.numpy(), diffusion.numpy(), moments.numpy(), observed.numpy(), totals.numpy(),
+                              per_type.numpy(), tail_share.numpy(), unstable.numpy())
+        if not full:
+            return _Statistics(risk, a, diffusion, None, None, None, None, observed, totals, None, None, per_type)
+        return _Statistics(risk, a, diffusion, *moments.unbind(0), observed, totals, tail_share, unstable, per_type)
+
+    def _compiled_attempt(self, st0: _Statistics, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float,
+                          h: float, step_tol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
+        """:meth:`attempt` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``attempt``."""
+        y2, m1, s1, i2 = torch.empty_like(mass), torch.empty_like(m), torch.empty_like(s), torch.empty_like(integral)
+        errors = np.zeros(mass.shape[0], dtype=self._types.dtype)
+        moments = torch.stack([st0.e_xi, st0.var_xi, st0.e_a, st0.cov_xi_a])
+        np_ = lambda x: x.contiguous().numpy()  # noqa: E731
+        compiled_kernels()[1](np_(mass), np_(m), np_(s), np_(integral), np_(st0.risk), np_(st0.a), np_(st0.diffusion),
+                              np_(moments), self.coefficients(t, 1), self.coefficients(t + h, -1), h,
+                              step_tol is not None, 0.0 if step_tol is None else step_tol, self._types,
+                              *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
+                              y2.numpy(), m1.numpy(), s1.numpy(), i2.numpy(), errors)
+        return y2, m1, s1, i2, ([0.0] if step_tol is None else errors.tolist())
 
 
 def grid_level(tol: float, half_width: float, step_tol: float | None, level: int, max_cells: int = 4096) -> tuple[int, float]:
@@ -1239,7 +1332,6 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     taken: list[float] = []
     replay = iter(schedule) if schedule is not None else None
     dyn_all = grid.dyn
-    weight = dyn_all.weight[:, 0]
     t = t0
     dt = t0
     outs: list[tuple[Tensor, ...]] = []
@@ -1284,21 +1376,9 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 if steps > max_steps:
                     raise RuntimeError(f"Fokker-Planck solve exceeded max_steps={max_steps} at t={t:.4g}")
                 h = min(dt, t_target - t) if replay is None else min(next(replay, t_target - t), t_target - t)
-                coef = grid.dyn.coef
-                vm, vs = grid.plan(st0, m, s, h)
-                m1, s1 = m + h * vm, s + h * vs
-                op0 = grid.assemble(st0, s, vm, vs)
-                y1 = op0.implicit_solve(h, mass).clamp_min_(0.0)
-                rate0 = _per_group(coef.noise(t, 1)) * st0.risk  # integrand of I = int nu R (E4)
-                i1 = integral + h * rate0
-                st1 = grid.statistics(y1, m1, s1, i1, t + h, -1, full=False)
-                nfe += 1
                 budget.spend(2)
-                op1 = grid.assemble(st1, s1, vm, vs)
-                ratio = torch.div(mass, y1).masked_fill_(~(y1 > 0), 1.0)
-                y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min_(0.0)
-                i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
-                err_g = [0.0] if replay is not None else _step_errors(y1, y2, i1, i2, st1, weight, step_tol)
+                y2, m1, s1, i2, err_g = grid.attempt(st0, mass, m, s, integral, t, h, None if replay else step_tol)
+                nfe += 1
                 err = max(err_g)  # replayed steps are not controlled: no error to measure
                 if err > step_tol:
                     if h < 1e-9 * max(t, 1e-3):
@@ -1357,8 +1437,10 @@ def _step_errors(y1: Tensor, y2: Tensor, i1: Tensor, i2: Tensor, st1: _Statistic
     tv = change.sum(-1)  # (G, T)
     rel_i = torch.where(i2 > 0, (i2 - i1).abs() / i2.clamp_min(tiny(i2)), torch.zeros_like(i2))
     errs = torch.stack([(weight * tv).sum(-1), st1.observable_error(change), rel_i]).amax(0)  # (G,)
-    errs = torch.where(torch.isfinite(errs), errs, torch.full_like(errs, math.inf))
     errs = torch.maximum(errs, step_tol * tv.amax(-1) / _MAX_TYPE_TV * (tv.amax(-1) > _MAX_TYPE_TV))
+    # a non-finite error rejects the step (after the maximum, which keeps a nan: a nan error compared below step_tol
+    # and accepted a step whose solve had failed)
+    errs = torch.where(torch.isfinite(errs), errs, torch.full_like(errs, math.inf))
     return errs.tolist()
 
 
