@@ -87,11 +87,12 @@ def test_the_compiled_statistics_and_step_are_the_torch_ones(case, dtype):
         grid.compiled = False
         ref = grid.statistics(mass, m, s, integral, t)
         ref_step = grid.attempt(ref, mass, m, s, integral, t, h, 1e-3)
-    for name in ("risk", "a", "diffusion", "var_xi", "e_a", "cov_xi_a", "observed", "observed_total", "per_type",
-                 "tail_share", "unstable"):
-        compare(getattr(fast, name), getattr(ref, name), RTOL[dtype], name)
-    # the mean of a centred law is a cancellation (~1e-8 of its spread in float32): on the scale of the spread
-    compare(fast.e_xi, ref.e_xi, RTOL[dtype], "e_xi", scale=float(ref.var_xi.sqrt().amax()))
+    for label, a, b, rtol in (("", fast, ref, RTOL[dtype]), ("new state's ", fast_step[5], ref_step[5], 10 * RTOL[dtype])):
+        for name in ("risk", "a", "diffusion", "var_xi", "e_a", "cov_xi_a", "observed", "observed_total", "per_type",
+                     "tail_share", "unstable"):
+            compare(getattr(a, name), getattr(b, name), rtol, label + name)
+        # the mean of a centred law is a cancellation (~1e-8 of its spread in float32): on the scale of the spread
+        compare(a.e_xi, b.e_xi, rtol, label + "e_xi", scale=float(b.var_xi.sqrt().amax()))
     for name, x, y in zip(("mass", "m", "s", "int R"), fast_step[:4], ref_step[:4]):
         compare(x, y, RTOL[dtype], name)
     np.testing.assert_allclose(fast_step[4], ref_step[4], rtol=1e3 * RTOL[dtype])  # differences of near-equal laws
@@ -151,8 +152,8 @@ def test_a_failed_solve_rejects_the_step_in_both_paths():
     with torch.inference_mode():
         st0 = grid.statistics(mass, m, s, integral, 0.6)
         st0.a[0, 2, grid.xi.numel() + 5] = math.nan  # a drift at a face gone non-finite: that type's solve is nan
-        *_, errors = grid.attempt(st0, mass, m, s, integral, 0.6, 0.01, 1e-3)
-    assert errors == [math.inf]
+        *_, errors, end = grid.attempt(st0, mass, m, s, integral, 0.6, 0.01, 1e-3)
+    assert errors == [math.inf] and end is None
 
 
 def test_the_compiled_densities_are_the_registrys(monkeypatch):

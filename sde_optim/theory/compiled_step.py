@@ -266,14 +266,18 @@ def compiled_kernels():
         _bands(pe, zs, em1, dxi, fl, fr, zero, out)
 
     @jit
-    def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, h, control, step_tol, types,
-                xi, inner, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero, one, nh0, nh1, y2, m1, s1, i2,
-                errors):  # pragma: no cover - compiled
+    def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coef2, limit2, dim, h, control,
+                 step_tol, types, xi, inner, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero, one,
+                 nh0, nh1, y2, m1, s1, i2, errors, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2,
+                 tail_share2, unstable2):  # pragma: no cover - compiled
         """One MPRK22 step of length ``h`` from the state with statistics ``risk0, a0, diffusion0, moments0`` (of
         :func:`evaluate` with ``full``), as ``_Grid.attempt``: writes ``y2`` ``(G, T, N)``, ``m1, s1`` ``(G, T)``,
-        ``i2`` ``(G,)`` and, with ``control``, ``errors`` ``(G,)`` (:func:`_step_errors`).  ``coef0``: the
-        coefficients at ``(t, +1)``, ``coef1`` at ``(t + h, -1)`` (``(4, G)`` as in :func:`evaluate`); ``zero``,
-        ``one``, ``nh0 = -h`` and ``nh1 = -h / 2`` scalars of the arrays' dtype (float32 stays float32 in the solves)."""
+        ``i2`` ``(G,)`` and, with ``control``, ``errors`` ``(G,)`` (:func:`_step_errors`); returns whether the step is
+        accepted (every error at most ``step_tol``, or not ``control``), and then writes the new state's full
+        statistics into ``risk2 .. unstable2`` (:func:`evaluate`'s outputs).  ``coef0``: the coefficients at
+        ``(t, +1)``, ``coef1`` at ``(t + h, -1)``, ``coef2`` at ``(t + h, +1)`` (``(4, G)`` as in :func:`evaluate`),
+        ``limit2`` and ``dim`` the step limit there; ``zero``, ``one``, ``nh0 = -h`` and ``nh1 = -h / 2`` scalars of
+        the arrays' dtype (float32 stays float32 in the solves)."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
         rows = groups * ntypes
@@ -327,9 +331,8 @@ def compiled_kernels():
                     flat2[r, j] = 0.0
         for g in range(groups):
             i2[g] = integral[g] + 0.5 * h * (coef0[1, g] * risk0[g] + coef1[1, g] * risk1[g])
-        if not control:
-            return
-        for g in range(groups):
+        accepted = True
+        for g in range(groups if control else 0):
             tv_w = 0.0
             tv_max = 0.0
             num_r = 0.0
@@ -352,5 +355,11 @@ def compiled_kernels():
                 err = max(err, step_tol * tv_max / _MAX_TYPE_TV)
             finite = np.isfinite(tv_w) and np.isfinite(err_r) and np.isfinite(err_c) and np.isfinite(err_i)
             errors[g] = err if finite and np.isfinite(err) else np.inf  # a non-finite error rejects the step
+            if not errors[g] <= step_tol:
+                accepted = False
+        if accepted:
+            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, types, xi, inner, cap, normal, tiny, param_scale, offset,
+                      var_floor, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2, tail_share2, unstable2)
+        return accepted
 
     return _evaluate, _attempt

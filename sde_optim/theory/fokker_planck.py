@@ -318,6 +318,7 @@ class _Statistics:
     tail_share: Tensor
     unstable: Tensor
     per_type: Tensor
+    moments: Tensor | None = None  # e_xi, var_xi, e_a, cov_xi_a stacked (4, G, T), where computed so (compiled path)
 
     def observable_error(self, change: Tensor) -> Tensor:
         """Per group ``(G,)``: the largest relative change of ``R`` or ``C`` that a mass change of size ``change``
@@ -385,6 +386,8 @@ class _Grid:
         self.step_limit = step_limit
         self.var_floor = float(self.width.min()) ** 2 / 12.0  # a uniform cell's variance (once: no sync per step)
         self.compiled = COMPILED_STEP and _compiled(self.xi)  # the step as one compiled call (compiled_step.py)
+        self._memo: dict = {}  # side -> (coefficients, step limit, the compiled kernels' view of them)
+        self._views: dict = {}  # id -> (tensor, numpy array) of the latest outputs of the compiled path (_new)
         if self.compiled:
             dyn = dynamics
             fields = {"lam": dyn.lam, "bstar": dyn.bstar, "q0": dyn.q0, "sign": dyn.sign, "kind": dyn.types.kind[:, None],
@@ -394,15 +397,6 @@ class _Grid:
                                                                      self.flux_right))
             self._scalars = (_state_cap(dtype), torch.finfo(dtype).tiny, tiny(self.xi), float(dyn.param_scale),
                              _RISK.offset(dyn.noise_std), self.var_floor)
-
-    def coefficients(self, t: float, side: int) -> "np.ndarray":
-        """``(4, G)`` numpy: ``gamma, nu, kappa, K`` of every member at ``t`` on ``side`` (the compiled step's)."""
-        coef, groups = self.dyn.coef, self.dyn.groups
-        kint = coef.kappa_integral(t) if self.dyn.decays else 0.0
-        values = (coef.gamma(t, side), coef.noise(t, side), coef.kappa(t, side), kint)
-        if groups is None:
-            return np.array([values], dtype=self._types.dtype).T
-        return torch.stack([torch.as_tensor(v, dtype=self.xi.dtype).reshape(-1).expand(groups) for v in values]).numpy()
 
     def statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int = 1,
                    full: bool = True) -> _Statistics:
@@ -488,10 +482,12 @@ class _Grid:
         return _Operator(bands)
 
     def attempt(self, st0: _Statistics, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, h: float,
-                step_tol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
+                step_tol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float], _Statistics | None]:
         """One MPRK22 step of length ``h`` from the state ``(mass, m, s, int R)`` at ``t`` with statistics ``st0``
-        (:func:`_integrate_mprk22`): ``(mass, m, s, int R)`` at ``t + h`` and each member's local error
-        (:func:`_step_errors`; ``[0.0]`` when ``step_tol`` is None, a replayed step)."""
+        (:func:`_integrate_mprk22`): ``(mass, m, s, int R)`` at ``t + h``, each member's local error
+        (:func:`_step_errors`; ``[0.0]`` when ``step_tol`` is None, a replayed step) and, when the step is accepted
+        (every error at most ``step_tol``, or replayed), the new state's statistics at ``t + h`` (after a jump
+        there), else None."""
         if self.compiled:
             return self._compiled_attempt(st0, mass, m, s, integral, t, h, step_tol)
         coef = self.dyn.coef
@@ -507,48 +503,90 @@ class _Grid:
         y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min_(0.0)
         i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
         errors = [0.0] if step_tol is None else _step_errors(y1, y2, i1, i2, st1, self.dyn.weight[:, 0], step_tol)
-        return y2, m1, s1, i2, errors
+        accepted = max(errors) <= step_tol if step_tol is not None else True
+        return y2, m1, s1, i2, errors, self.statistics(y2, m1, s1, i2, t + h, 1) if accepted else None
 
     # ---------------------------------------------------------------- the compiled CPU path (compiled_step.py)
-    def _limit(self, t: float, side: int, groups: int) -> "np.ndarray":
-        """``(G,)`` the step limit ``factor d / gamma`` on ``gamma lam rho`` (``inf`` without one) and its ``d``."""
-        if self.step_limit is None:
-            return np.full(groups, np.inf, dtype=self._types.dtype), 0.0
-        factor, dim = self.step_limit
-        limit = torch.as_tensor(factor * dim / self.dyn.coef.gamma(t, side), dtype=self.xi.dtype)
-        return limit.reshape(-1).expand(groups).contiguous().numpy(), float(dim)
+    def _members(self, t: float, side: int) -> tuple["np.ndarray", "np.ndarray", float]:
+        """The compiled kernels' view of the coefficients at ``t`` on ``side``: ``(4, G)`` ``gamma, nu, kappa, K``, the
+        step limit ``factor d / gamma`` ``(G,)`` (``inf`` without one) and its ``d`` (numpy; the same arrays while the
+        coefficients and the step limit are the same objects and constant in time)."""
+        coef, groups, step_limit = self.dyn.coef, self.dyn.groups, self.step_limit
+        memo = self._memo.get(side)
+        if memo is not None and memo[0] is coef and memo[1] is step_limit:
+            return memo[2]
+        kint = coef.kappa_integral(t) if self.dyn.decays else 0.0
+        values = (coef.gamma(t, side), coef.noise(t, side), coef.kappa(t, side), kint)
+        column = lambda v: torch.as_tensor(v, dtype=self.xi.dtype).reshape(-1).expand(groups or 1)  # noqa: E731
+        coefs = torch.stack([column(v) for v in values]).numpy()
+        if step_limit is None:
+            limit, dim = np.full(groups or 1, np.inf, dtype=coefs.dtype), 0.0
+        else:
+            limit, dim = column(step_limit[0] * step_limit[1] / values[0]).contiguous().numpy(), float(step_limit[1])
+        members = coef.members if groups is not None else [coef]
+        if all(c.is_constant and not c.decays for c in members):
+            self._memo[side] = (coef, step_limit, (coefs, limit, dim))
+        return coefs, limit, dim
+
+    def _new(self, *shape: int) -> Tensor:
+        """A new tensor over a new numpy array (3x cheaper than ``new_empty`` then ``numpy``: a step allocates a dozen),
+        remembered (:meth:`_numpy`) until the next step's outputs replace it."""
+        array = np.empty(shape, dtype=self._types.dtype)
+        tensor = torch.from_numpy(array)
+        self._views[id(tensor)] = (tensor, array)
+        return tensor
+
+    def _numpy(self, x: Tensor) -> "np.ndarray":
+        """``x`` as a C-contiguous numpy array: the remembered one if ``x`` came from :meth:`_new`."""
+        hit = self._views.get(id(x))
+        return hit[1] if hit is not None and hit[0] is x else x.contiguous().numpy()
+
+    def _statistics_buffers(self, mass: Tensor) -> tuple[tuple[Tensor, ...], list]:
+        """New tensors for :func:`evaluate`'s outputs (``risk, a, diffusion, moments, observed, totals, per_type,
+        tail_share, unstable``) of a state shaped as ``mass``, and their numpy views."""
+        groups, types, n = mass.shape
+        shapes = ((groups,), (groups, types, 2 * n - 1), (groups, types), (4, groups, types), (2, groups, types, n),
+                  (2, groups), (2, groups, types), (groups,), (groups,))
+        out = tuple(self._new(*shape) for shape in shapes)
+        return out, [self._numpy(x) for x in out]
+
+    @staticmethod
+    def _wrap_statistics(out: tuple[Tensor, ...], full: bool) -> _Statistics:
+        risk, a, diffusion, moments, observed, totals, per_type, tail_share, unstable = out
+        if not full:
+            return _Statistics(risk, a, diffusion, None, None, None, None, observed, totals, None, None, per_type)
+        return _Statistics(risk, a, diffusion, *moments.unbind(0), observed, totals, tail_share, unstable, per_type,
+                           moments=moments)
 
     def _compiled_statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int,
                              full: bool) -> _Statistics:
         """:meth:`statistics` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``evaluate``."""
-        groups, types, n = mass.shape
-        new = lambda *shape: mass.new_empty(shape)  # noqa: E731
-        risk, a, diffusion, moments = new(groups), new(groups, types, 2 * n - 1), new(groups, types), new(4, groups, types)
-        observed, totals, per_type, tail_share, unstable = (new(2, groups, types, n), new(2, groups),
-                                                            new(2, groups, types), new(groups), new(groups))
-        limit, dim = self._limit(t, side, groups)
-        np_ = lambda x: x.contiguous().numpy()  # noqa: E731
-        compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), self.coefficients(t, side), limit, dim, full,
-                              self._types, self._geometry[0], self._geometry[1], *self._scalars, risk.numpy(),
-                              a.numpy(), diffusion.numpy(), moments.numpy(), observed.numpy(), totals.numpy(),
-                              per_type.numpy(), tail_share.numpy(), unstable.numpy())
-        if not full:
-            return _Statistics(risk, a, diffusion, None, None, None, None, observed, totals, None, None, per_type)
-        return _Statistics(risk, a, diffusion, *moments.unbind(0), observed, totals, tail_share, unstable, per_type)
+        np_ = self._numpy
+        inputs = [np_(x) for x in (mass, m, s, integral)]
+        self._views = {}  # remember only these outputs
+        out, views = self._statistics_buffers(mass)
+        compiled_kernels()[0](*inputs, *self._members(t, side), full, self._types,
+                              self._geometry[0], self._geometry[1], *self._scalars, *views)
+        return self._wrap_statistics(out, full)
 
     def _compiled_attempt(self, st0: _Statistics, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float,
-                          h: float, step_tol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
-        """:meth:`attempt` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``attempt``."""
-        y2, m1, s1, i2 = torch.empty_like(mass), torch.empty_like(m), torch.empty_like(s), torch.empty_like(integral)
+                          h: float, step_tol: float | None):
+        """:meth:`attempt` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``attempt`` (which also
+        evaluates the new state when the step is accepted)."""
+        np_ = self._numpy
+        moments = st0.moments if st0.moments is not None else torch.stack([st0.e_xi, st0.var_xi, st0.e_a, st0.cov_xi_a])
+        inputs = [np_(x) for x in (mass, m, s, integral, st0.risk, st0.a, st0.diffusion, moments)]
+        self._views = {}  # the inputs are read: remember only this step's outputs
+        y2, m1, s1, i2 = self._new(*mass.shape), self._new(*m.shape), self._new(*s.shape), self._new(*integral.shape)
         errors = np.zeros(mass.shape[0], dtype=self._types.dtype)
-        moments = torch.stack([st0.e_xi, st0.var_xi, st0.e_a, st0.cov_xi_a])
-        np_ = lambda x: x.contiguous().numpy()  # noqa: E731
-        compiled_kernels()[1](np_(mass), np_(m), np_(s), np_(integral), np_(st0.risk), np_(st0.a), np_(st0.diffusion),
-                              np_(moments), self.coefficients(t, 1), self.coefficients(t + h, -1), h,
-                              step_tol is not None, 0.0 if step_tol is None else step_tol, self._types,
-                              *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
-                              y2.numpy(), m1.numpy(), s1.numpy(), i2.numpy(), errors)
-        return y2, m1, s1, i2, ([0.0] if step_tol is None else errors.tolist())
+        out, views = self._statistics_buffers(mass)
+        coef0, coef1, (coef2, limit2, dim) = self._members(t, 1)[0], self._members(t + h, -1)[0], self._members(t + h, 1)
+        accepted = compiled_kernels()[1](
+            *inputs, coef0, coef1, coef2, limit2, dim, h, step_tol is not None, 0.0 if step_tol is None else step_tol,
+            self._types, *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
+            np_(y2), np_(m1), np_(s1), np_(i2), errors, *views)
+        return y2, m1, s1, i2, ([0.0] if step_tol is None else errors.tolist()), (
+            self._wrap_statistics(out, True) if accepted else None)
 
 
 def grid_level(tol: float, half_width: float, step_tol: float | None, level: int, max_cells: int = 4096) -> tuple[int, float]:
@@ -1377,7 +1415,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                     raise RuntimeError(f"Fokker-Planck solve exceeded max_steps={max_steps} at t={t:.4g}")
                 h = min(dt, t_target - t) if replay is None else min(next(replay, t_target - t), t_target - t)
                 budget.spend(2)
-                y2, m1, s1, i2, err_g = grid.attempt(st0, mass, m, s, integral, t, h, None if replay else step_tol)
+                y2, m1, s1, i2, err_g, st2 = grid.attempt(st0, mass, m, s, integral, t, h, None if replay else step_tol)
                 nfe += 1
                 err = max(err_g)  # replayed steps are not controlled: no error to measure
                 if err > step_tol:
@@ -1394,8 +1432,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 taken.append(h)
                 if on_step is not None:
                     on_step(t)
-                mass, m, s, integral = y2, m1, s1, i2
-                st0 = grid.statistics(mass, m, s, integral, t, 1)
+                mass, m, s, integral, st0 = y2, m1, s1, i2, st2
                 nfe += 1
                 risk_bad = ~torch.isfinite(st0.risk) | (st0.risk > threshold)
                 tail_bad = (st0.tail_share > tail_limit) | (st0.unstable >= 1.0)
