@@ -1434,9 +1434,9 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                     on_step(t)
                 mass, m, s, integral, st0 = y2, m1, s1, i2, st2
                 nfe += 1
-                risk_bad = ~torch.isfinite(st0.risk) | (st0.risk > threshold)
-                tail_bad = (st0.tail_share > tail_limit) | (st0.unstable >= 1.0)
-                flags = torch.stack([risk_bad, tail_bad & ~risk_bad]).tolist()
+                risk, tail, unstable = torch.stack([st0.risk, st0.tail_share, st0.unstable]).tolist()  # one host read
+                risk_bad = [not math.isfinite(r) or r > threshold for r in risk]
+                flags = [risk_bad, [not r and (x > tail_limit or u >= 1.0) for r, x, u in zip(risk_bad, tail, unstable)]]
                 bad = [i for i in range(len(alive)) if flags[0][i] or flags[1][i]]
                 if replay is None and steps - mark[1] >= _CRAWL_STEPS:
                     if t - mark[0] < _CRAWL_ADVANCE * max(t, 1e-3) and not bad:
