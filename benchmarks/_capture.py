@@ -1,5 +1,5 @@
 """The Fokker-Planck dynamics ``predict`` builds for a setting of ``theory_accuracy.py``, for probes that solve it
-again on grids of their own (``compiled_step_probe.py``, ``grid_convergence.py``)."""
+again on grids of their own (``step_speed.py``, ``grid_convergence.py``)."""
 
 from __future__ import annotations
 
