@@ -192,3 +192,22 @@ def test_a_float32_solve_with_a_frozen_type_runs_and_agrees_with_float64(compile
     # float32 rounding over ~100 steps of a law carried to 1e-3: 1e-4 relative is 100x that rounding and 10x below
     # the step tolerance's effect
     assert float(((low.risk.double() - ref.risk).abs() / ref.risk).max()) < 1e-4
+
+
+@pytest.mark.parametrize("init,noise_std,lr", [("unbalanced", 0.0, 4.0), ("balanced", 0.2, 1.0)])
+def test_predict_is_the_same_on_either_step(init, noise_std, lr, monkeypatch):
+    """The whole prediction (type quadrature, grid check, its extrapolation) on the torch step, the path CUDA takes,
+    and on the compiled step: the same cells and curves (the errors agree to rounding, so the same steps)."""
+    from sde_optim import DiagonalLinearNetwork, TeacherProblem, predict
+
+    d = 600
+    problem = TeacherProblem.sparse(d, 0.1, noise_std=noise_std, seed=0)
+    model = DiagonalLinearNetwork(d, alpha=0.1, init=init, dtype=F64)
+    runs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(fp, "COMPILED_STEP", compiled)
+        runs[compiled] = predict(problem, model, lr=lr, batch_size=2, steps=4 * d, num_points=41)
+    ref, fast = runs[False], runs[True]
+    assert ref.info["num_cells"] == fast.info["num_cells"]
+    for name in ("risk", "curvature"):
+        compare(fast.curves[name], ref.curves[name], 1e-9, name)
