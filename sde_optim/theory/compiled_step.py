@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import marshal
+import math
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -40,9 +41,12 @@ __all__ = ["compiled_kernels", "TYPE_FIELDS"]
 # rows of the (7, T) array of per-type constants the kernels take
 TYPE_FIELDS = ("lam", "bstar", "q0", "sign", "kind", "weight", "active")
 _MAX_TYPE_TV = 0.25  # fokker_planck._MAX_TYPE_TV (checked equal in the tests)
+# _exp's constants: log2(e), log(2) in two parts (the high part exact in 33 bits), 1 / k!
+_LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896338700e+00, 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(18))
 # the kernels and their helpers, set by compiled_kernels (module globals: see there)
-_floor = _state = _drift = _plan = _assemble = _evaluate = _attempt = _risk_density = _curvature_density = None
-_bands = _eliminate = None
+_floor = _exp = _expm1 = _exponent = _state = _drift = _plan = _assemble = _evaluate = _attempt = None
+_risk_density = _curvature_density = _bands = _eliminate = _as_float = None
 
 
 class _Cell(NamedTuple):
@@ -61,12 +65,13 @@ class _Cell(NamedTuple):
 def compiled_kernels():
     """``(evaluate, attempt)``, compiled on first use (see their docstrings below for the arguments): about 6 s per
     dtype once per environment, then loaded from numba's disk cache."""
+    from llvmlite import ir
     from numba import njit
     from numba import types as nb_types
-    from numba.extending import overload_attribute
+    from numba.extending import intrinsic, overload_attribute
 
-    global _floor, _state, _drift, _plan, _assemble, _evaluate, _attempt, _risk_density, _curvature_density
-    global _bands, _eliminate
+    global _floor, _exp, _expm1, _exponent, _state, _drift, _plan, _assemble, _evaluate, _attempt
+    global _risk_density, _curvature_density, _bands, _eliminate, _as_float
     # The kernels and their helpers are module globals, not closure variables: numba keys its disk cache on the pickled
     # closure, and a dispatcher pickles with a per-process id (every process would compile again and add to the cache).
     # What the kernels compile in from other modules is tied to the cache by `stamp` instead (the only closure variable):
@@ -100,25 +105,65 @@ def compiled_kernels():
         """``x.clamp_min(lo)``: a nan stays nan (``max`` would not say which it returns)."""
         return lo if x < lo else x
 
+    @intrinsic
+    def _as_float(typingctx, bits):  # pragma: no cover - typing
+        """The float64 whose bits are the int64 ``bits`` (a register move: vectorizes)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+        return nb_types.float64(nb_types.int64), codegen
+
     @njit(inline="always")
-    def _state(kind, half, log_half, sign, x, cap):  # pragma: no cover - compiled
-        """``(beta, rho)`` at coordinate ``x``: :meth:`MeanFieldDynamics.state` for one cell (E5 with the cap, psi,
-        frozen); ``half = max(|q| / 2, smallest normal)`` and its log (per type).  Comparisons written so that a nan stays nan
-        (torch's clamp keeps it)."""
+    def _exp(x):  # pragma: no cover - compiled
+        """``exp(x)`` within 1 ulp in float64, written so that a loop of it vectorizes (no call): ``2^k p(r)`` with
+        ``r = x - k log 2`` (two-part ``log 2``), ``|r| <= log(2) / 2``, ``p`` the Taylor polynomial of degree 13
+        (remainder below 1e-17), ``2^k`` from its bits in two factors (so that ``exp`` of ``-745 .. -708`` is the
+        subnormal it should be); ``inf`` past 709.78, ``0`` below -745.2, nan kept.  numba calls the C library's
+        ``exp`` one element at a time (4.4 ns here); this is 1.5 ns in a loop (tests: against numpy over the range)."""
+        x = float(x)
+        k = np.floor(x * _LOG2E + 0.5)
+        k = -1080.0 if k < -1080.0 else (1030.0 if k > 1030.0 else k)
+        r = (x - k * _LN2_HI) - k * _LN2_LO
+        p = _EXP_TAYLOR[13]
+        for i in range(12, 1, -1):
+            p = p * r + _EXP_TAYLOR[i]
+        p = (p * r) * r + r + 1.0
+        ki = np.int64(k)
+        k1 = ki // 2
+        y = p * _as_float((k1 + 1023) << 52) * _as_float((ki - k1 + 1023) << 52)
+        y = np.inf if x > 709.782712893384 else y
+        y = 0.0 if x < -745.2 else y
+        return x if x != x else y
+
+    @njit(inline="always")
+    def _expm1(z):  # pragma: no cover - compiled
+        """``exp(z) - 1`` for ``z >= 0`` (or nan), within a few ulp, vectorizable: the Taylor series to degree 17
+        below 1/2 (remainder below 1e-21 of the value), ``_exp(z) - 1`` above (no cancellation worse than 2 bits)."""
+        z = float(z)
+        p = _EXP_TAYLOR[17]
+        for i in range(16, 0, -1):
+            p = p * z + _EXP_TAYLOR[i]
+        return p * z if z < 0.5 else _exp(z) - 1.0
+
+    @njit(inline="always")
+    def _exponent(kind, log_half, x, cap):  # pragma: no cover - compiled
+        """The exponent of :meth:`MeanFieldDynamics.state` at coordinate ``x``: ``|phi| + log(|q| / 2)`` (E5,
+        :func:`~sde_optim.theory.coords.phi_to_state`) or ``psi`` (THEORY §3 end), capped at ``cap``; comparisons
+        written so that a nan stays nan (torch's clamp keeps it)."""
         if kind == KIND_PHI:
-            big = abs(x) + log_half
-            if big > cap:
-                big = cap
-            big = np.exp(big)
+            e = abs(x) + log_half
+            return cap if e > cap else e
+        return cap if x > cap else (-cap if x < -cap else x)
+
+    @njit(inline="always")
+    def _state(kind, half, sign, x, big):  # pragma: no cover - compiled
+        """``(beta, rho)`` at coordinate ``x`` from ``big = exp(_exponent(...))``: E5's ``beta = (|q|/2) sinh phi``,
+        ``rho = |q| cosh phi`` as ``big`` and ``(|q|/2)^2 / big`` (``half = max(|q| / 2, smallest normal)``), psi's
+        ``beta = sgn e^psi``, ``rho = 2 e^psi``, frozen ``(0, 0)``."""
+        if kind == KIND_PHI:
             small = (half * half) / big
             return np.copysign(big - small, x) * 0.5, big + small
         if kind == KIND_PSI:
-            if x > cap:
-                x = cap
-            elif x < -cap:
-                x = -cap
-            e = np.exp(x)
-            return sign * e, 2.0 * e
+            return sign * big, 2.0 * big
         return 0.0, 0.0
 
     @njit(inline="always")
@@ -132,14 +177,14 @@ def compiled_kernels():
         return 0.0
 
     @jit
-    def _evaluate(mass, m, s, integral, coef, limit, dim, full, types, xi, inner, cap, normal, tiny, param_scale, offset,
-                 var_floor, risk, a, diffusion, moments, observed, totals, per_type, tail_share,
-                 unstable):  # pragma: no cover - compiled
+    def _evaluate(mass, m, s, integral, coef, limit, dim, full, types, points, cap, normal, tiny, param_scale, offset,
+                  var_floor, risk, a, diffusion, moments, observed, totals, per_type, tail_share,
+                  unstable):  # pragma: no cover - compiled
         """:meth:`_Grid.statistics` of the state ``mass`` ``(G, T, N)``, ``m, s`` ``(G, T)``, ``int R`` ``(G,)``.
 
         ``coef`` ``(4, G)``: ``gamma, nu, kappa, K`` at the time and side; ``limit`` ``(G,)`` the step limit
-        (``inf``: none) and ``dim`` its ``d``; ``types`` ``(7, T)`` (:data:`TYPE_FIELDS`); ``xi`` ``(N,)`` centres,
-        ``inner`` ``(N - 1,)`` interior faces; ``normal`` the dtype's smallest normal number (the state map's and the
+        (``inf``: none) and ``dim`` its ``d``; ``types`` ``(7, T)`` (:data:`TYPE_FIELDS`); ``points`` ``(2N - 1,)``
+        the cell centres then the interior faces; ``normal`` the dtype's smallest normal number (the state map's and the
         SG weights' floor), ``tiny`` :func:`~sde_optim.theory.statistics.tiny` (every other division's).  Writes ``risk`` ``(G,)`` (E1 with ``sigma^2/2``), ``a``
         ``(G, T, 2N - 1)`` the drift at centres then faces, ``diffusion`` ``(G, T)`` (E6), ``observed``
         ``(2, G, T, N)`` (E7 risk and curvature densities times ``pi``), ``totals`` ``(2, G)`` (``R``, ``C``),
@@ -147,6 +192,7 @@ def compiled_kernels():
         ``var_floor``, ``E a``, ``Cov(xi, a)``, fourth-order weights), ``tail_share`` and ``unstable`` ``(G,)``."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
+        xi = points[:n]
         for g in range(groups):
             gamma, noise, kappa, kint = coef[0, g], coef[1, g], coef[2, g], coef[3, g]
             total_r = 0.0
@@ -165,8 +211,15 @@ def compiled_kernels():
                 mt, st = m[g, t], s[g, t]
                 bar = limit[g] / lam
                 type_past = 0.0
+                # the exponentials first, one loop per kind at every point (a loop the compiler vectorizes), into `a`
+                if kind == KIND_PHI:
+                    for j in range(2 * n - 1):
+                        a[g, t, j] = _exp(_exponent(KIND_PHI, log_half, mt + st * points[j], cap))
+                elif kind == KIND_PSI:
+                    for j in range(2 * n - 1):
+                        a[g, t, j] = _exp(_exponent(KIND_PSI, log_half, mt + st * points[j], cap))
                 for j in range(n):
-                    beta, rho = _state(kind, half, log_half, sign, mt + st * xi[j], cap)
+                    beta, rho = _state(kind, half, sign, mt + st * xi[j], a[g, t, j])
                     a[g, t, j] = beta  # the _drift needs R: beta is kept here until the second pass
                     c = _Cell(lam, bstar, beta, rho, q, param_scale)
                     dr = _risk_density(c) * w
@@ -189,8 +242,8 @@ def compiled_kernels():
                             ends += dm
                         if rho > bar:
                             type_past += mass[g, t, j]
-                for j in range(n - 1):
-                    a[g, t, n + j] = _state(kind, half, log_half, sign, mt + st * inner[j], cap)[0]
+                for j in range(n, 2 * n - 1):
+                    a[g, t, j] = _state(kind, half, sign, mt + st * points[j], a[g, t, j])[0]
                 per_type[0, g, t] = sum_r
                 per_type[1, g, t] = sum_c
                 total_r += sum_r
@@ -260,14 +313,14 @@ def compiled_kernels():
                 for j in range(faces):
                     p = (a[g, t, faces + 1 + j] - (vm[g, t] + vs[g, t] * inner[j])) / s[g, t] / k * gap[j]
                     pe[row, j] = p
-                    z = _floor(abs(p), normal)
-                    zs[row, j] = z
-                    em1[row, j] = np.expm1(z)
+                    zs[row, j] = _floor(abs(p), normal)
+                for j in range(faces):  # (a loop of its own: it vectorizes)
+                    em1[row, j] = _expm1(zs[row, j])
         _bands(pe, zs, em1, dxi, fl, fr, zero, out)
 
     @jit
     def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coef2, limit2, dim, h, control,
-                 step_tol, types, xi, inner, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero, one,
+                 step_tol, types, points, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero, one,
                  nh0, nh1, y2, m1, s1, i2, errors, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2,
                  tail_share2, unstable2):  # pragma: no cover - compiled
         """One MPRK22 step of length ``h`` from the state with statistics ``risk0, a0, diffusion0, moments0`` (of
@@ -280,6 +333,7 @@ def compiled_kernels():
         the arrays' dtype (float32 stays float32 in the solves)."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
+        inner = points[n:]
         rows = groups * ntypes
         vm = np.empty_like(m)
         vs = np.empty_like(m)
@@ -315,7 +369,7 @@ def compiled_kernels():
         per_type1 = np.empty((2, groups, ntypes), dtype=mass.dtype)
         no_limit = np.full(groups, np.inf, dtype=mass.dtype)
         unused = np.empty(0, dtype=mass.dtype)  # moments, tail share and step limit: an intermediate stage has none
-        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, types, xi, inner, cap, normal, tiny, param_scale, offset,
+        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, types, points, cap, normal, tiny, param_scale, offset,
                  var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1, totals1,
                  per_type1, unused, unused)
         _assemble(a1, diffusion1, s1, vm, vs, inner, gap, fl, fr, normal, tiny, zero, pe, zs, em1, bands1)
@@ -358,7 +412,7 @@ def compiled_kernels():
             if not errors[g] <= step_tol:
                 accepted = False
         if accepted:
-            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, types, xi, inner, cap, normal, tiny, param_scale, offset,
+            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, types, points, cap, normal, tiny, param_scale, offset,
                       var_floor, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2, tail_share2, unstable2)
         return accepted
 

@@ -393,7 +393,7 @@ class _Grid:
             fields = {"lam": dyn.lam, "bstar": dyn.bstar, "q0": dyn.q0, "sign": dyn.sign, "kind": dyn.types.kind[:, None],
                       "weight": dyn.weight, "active": dyn.active}
             self._types = torch.cat([fields[k].to(dtype) for k in TYPE_FIELDS], 1).T.contiguous().numpy()  # (7, T)
-            self._geometry = tuple(x.contiguous().numpy() for x in (self.xi, self.inner, self.gap, self.flux_left,
+            self._geometry = tuple(x.contiguous().numpy() for x in (self.points, self.gap, self.flux_left,
                                                                      self.flux_right))
             self._scalars = (_state_cap(dtype), torch.finfo(dtype).tiny, tiny(self.xi), float(dyn.param_scale),
                              _RISK.offset(dyn.noise_std), self.var_floor)
@@ -565,8 +565,8 @@ class _Grid:
         inputs = [np_(x) for x in (mass, m, s, integral)]
         self._views = {}  # remember only these outputs
         out, views = self._statistics_buffers(mass)
-        compiled_kernels()[0](*inputs, *self._members(t, side), full, self._types,
-                              self._geometry[0], self._geometry[1], *self._scalars, *views)
+        compiled_kernels()[0](*inputs, *self._members(t, side), full, self._types, self._geometry[0], *self._scalars,
+                              *views)
         return self._wrap_statistics(out, full)
 
     def _compiled_attempt(self, st0: _Statistics, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float,
