@@ -387,7 +387,8 @@ class _Grid:
         self.var_floor = float(self.width.min()) ** 2 / 12.0  # a uniform cell's variance (once: no sync per step)
         self.compiled = COMPILED_STEP and _compiled(self.xi)  # the step as one compiled call (compiled_step.py)
         self._memo: dict = {}  # side -> (coefficients, step limit, the compiled kernels' view of them)
-        self._views: dict = {}  # id -> (tensor, numpy array) of the latest outputs of the compiled path (_new)
+        self._views: dict = {}  # id -> (tensor, numpy array) of the compiled path's output buffers (_outputs)
+        self._buffers: dict = {}  # state shape -> the two sets of output buffers of the compiled step
         if self.compiled:
             dyn = dynamics
             fields = {"lam": dyn.lam, "bstar": dyn.bstar, "q0": dyn.q0, "sign": dyn.sign, "kind": dyn.types.kind[:, None],
@@ -528,65 +529,76 @@ class _Grid:
             self._memo[side] = (coef, step_limit, (coefs, limit, dim))
         return coefs, limit, dim
 
-    def _new(self, *shape: int) -> Tensor:
-        """A new tensor over a new numpy array (3x cheaper than ``new_empty`` then ``numpy``: a step allocates a dozen),
-        remembered (:meth:`_numpy`) until the next step's outputs replace it."""
-        array = np.empty(shape, dtype=self._types.dtype)
-        tensor = torch.from_numpy(array)
-        self._views[id(tensor)] = (tensor, array)
-        return tensor
-
     def _numpy(self, x: Tensor) -> "np.ndarray":
-        """``x`` as a C-contiguous numpy array: the remembered one if ``x`` came from :meth:`_new`."""
+        """``x`` as a C-contiguous numpy array: the one it wraps if it is one of the compiled path's outputs."""
         hit = self._views.get(id(x))
         return hit[1] if hit is not None and hit[0] is x else x.contiguous().numpy()
 
-    def _statistics_buffers(self, mass: Tensor) -> tuple[tuple[Tensor, ...], list]:
-        """New tensors for :func:`evaluate`'s outputs (``risk, a, diffusion, moments, observed, totals, per_type,
-        tail_share, unstable``) of a state shaped as ``mass``, and their numpy views."""
-        groups, types, n = mass.shape
-        shapes = ((groups,), (groups, types, 2 * n - 1), (groups, types), (4, groups, types), (2, groups, types, n),
-                  (2, groups), (2, groups, types), (groups,), (groups,))
-        out = tuple(self._new(*shape) for shape in shapes)
-        return out, [self._numpy(x) for x in out]
-
-    @staticmethod
-    def _wrap_statistics(out: tuple[Tensor, ...], full: bool) -> _Statistics:
-        risk, a, diffusion, moments, observed, totals, per_type, tail_share, unstable = out
-        if not full:
-            return _Statistics(risk, a, diffusion, None, None, None, None, observed, totals, None, None, per_type)
-        return _Statistics(risk, a, diffusion, *moments.unbind(0), observed, totals, tail_share, unstable, per_type,
-                           moments=moments)
+    def _outputs(self, mass: Tensor, avoid: tuple) -> "_StepOutputs":
+        """Where a compiled step writes: one of two sets of buffers for states shaped as ``mass`` (allocated once per
+        shape: a step's dozen arrays cost more to allocate and wrap than a small grid's step to compute), the one
+        holding none of ``avoid`` (the inputs: a state and its statistics live in the set that computed them, and
+        a rejected step's outputs are overwritten by the next attempt)."""
+        pair = self._buffers.get(mass.shape)
+        if pair is None:
+            pair = self._buffers[mass.shape] = (_StepOutputs(mass.shape, self._types.dtype),
+                                               _StepOutputs(mass.shape, self._types.dtype))
+            for out in pair:
+                self._views.update((id(t), (t, a)) for t, a in zip(out.tensors, out.arrays))
+        first, second = pair
+        return second if first.holds(avoid) else first
 
     def _compiled_statistics(self, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float, side: int,
                              full: bool) -> _Statistics:
-        """:meth:`statistics` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``evaluate``."""
+        """:meth:`statistics` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``evaluate`` (new
+        tensors: the call is rare, at the start and when members leave the batch)."""
+        out = _StepOutputs(mass.shape, self._types.dtype)
         np_ = self._numpy
-        inputs = [np_(x) for x in (mass, m, s, integral)]
-        self._views = {}  # remember only these outputs
-        out, views = self._statistics_buffers(mass)
-        compiled_kernels()[0](*inputs, *self._members(t, side), full, self._types, self._geometry[0], *self._scalars,
-                              *views)
-        return self._wrap_statistics(out, full)
+        compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), *self._members(t, side), full, self._types,
+                              self._geometry[0], *self._scalars, *out.arrays[5:])
+        if full:
+            return out.statistics
+        risk, a, diffusion, _, observed, totals, per_type = out.tensors[5:12]
+        return _Statistics(risk, a, diffusion, None, None, None, None, observed, totals, None, None, per_type)
 
     def _compiled_attempt(self, st0: _Statistics, mass: Tensor, m: Tensor, s: Tensor, integral: Tensor, t: float,
                           h: float, step_tol: float | None):
         """:meth:`attempt` by :func:`~sde_optim.theory.compiled_step.compiled_kernels`'s ``attempt`` (which also
-        evaluates the new state when the step is accepted)."""
+        evaluates the new state when the step is accepted).  The tensors returned are reused: a later attempt
+        overwrites them once the integrator has moved on from them (see :meth:`_outputs`)."""
         np_ = self._numpy
         moments = st0.moments if st0.moments is not None else torch.stack([st0.e_xi, st0.var_xi, st0.e_a, st0.cov_xi_a])
-        inputs = [np_(x) for x in (mass, m, s, integral, st0.risk, st0.a, st0.diffusion, moments)]
-        self._views = {}  # the inputs are read: remember only this step's outputs
-        y2, m1, s1, i2 = self._new(*mass.shape), self._new(*m.shape), self._new(*s.shape), self._new(*integral.shape)
-        errors = np.zeros(mass.shape[0], dtype=self._types.dtype)
-        out, views = self._statistics_buffers(mass)
+        out = self._outputs(mass, (mass, st0.risk))
         coef0, coef1, (coef2, limit2, dim) = self._members(t, 1)[0], self._members(t + h, -1)[0], self._members(t + h, 1)
         accepted = compiled_kernels()[1](
-            *inputs, coef0, coef1, coef2, limit2, dim, h, step_tol is not None, 0.0 if step_tol is None else step_tol,
+            np_(mass), np_(m), np_(s), np_(integral), np_(st0.risk), np_(st0.a), np_(st0.diffusion), np_(moments),
+            coef0, coef1, coef2, limit2, dim, h, step_tol is not None, 0.0 if step_tol is None else step_tol,
             self._types, *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
-            np_(y2), np_(m1), np_(s1), np_(i2), errors, *views)
-        return y2, m1, s1, i2, ([0.0] if step_tol is None else errors.tolist()), (
-            self._wrap_statistics(out, True) if accepted else None)
+            *out.arrays)
+        y2, m1, s1, i2 = out.tensors[:4]
+        return y2, m1, s1, i2, ([0.0] if step_tol is None else out.arrays[4].tolist()), (
+            out.statistics if accepted else None)
+
+
+class _StepOutputs:
+    """What one compiled step writes (:meth:`_Grid._compiled_attempt`), as numpy arrays and tensors over them: the state
+    ``mass, m, s, int R``, the errors ``(G,)``, then the statistics of ``compiled_step._evaluate`` (``risk, a,
+    diffusion, moments, observed, totals, per_type, tail_share, unstable``), and the :class:`_Statistics` over them."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype) -> None:
+        groups, types, n = shape
+        shapes = ((groups, types, n), (groups, types), (groups, types), (groups,), (groups,),
+                  (groups,), (groups, types, 2 * n - 1), (groups, types), (4, groups, types), (2, groups, types, n),
+                  (2, groups), (2, groups, types), (groups,), (groups,))
+        self.arrays = [np.empty(shape, dtype=dtype) for shape in shapes]
+        self.tensors = [torch.from_numpy(a) for a in self.arrays]
+        risk, a, diffusion, moments, observed, totals, per_type, tail_share, unstable = self.tensors[5:]
+        self.statistics = _Statistics(risk, a, diffusion, *moments.unbind(0), observed, totals, tail_share, unstable,
+                                      per_type, moments=moments)
+
+    def holds(self, tensors: tuple[Tensor, ...]) -> bool:
+        """Whether any of ``tensors`` is this set's state (its ``mass``) or statistics (its ``risk``)."""
+        return any(x is self.tensors[0] or x is self.tensors[5] for x in tensors)
 
 
 def grid_level(tol: float, half_width: float, step_tol: float | None, level: int, max_cells: int = 4096) -> tuple[int, float]:
