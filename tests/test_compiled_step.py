@@ -232,3 +232,31 @@ def test_the_compiled_exponentials_are_within_an_ulp_or_two_of_numpys():
     nonzero = ref > 0
     assert np.max(np.abs(got - ref)[nonzero] / np.spacing(ref[nonzero])) <= 4.0  # exp(z) - 1 just above 1/2: 3 ulp
     assert expm1(0.0) == 0.0 and expm1(800.0) == np.inf
+
+
+def test_a_kernel_that_does_not_compile_falls_back_to_the_torch_step_with_a_warning(monkeypatch):
+    """numba failing on some platform or version (here: a typing error raised by the kernels' loader) costs speed,
+    not the prediction: one warning, the torch step, the same curve; an error of any other kind is not swallowed."""
+    from numba.core.errors import TypingError
+
+    dyn = dynamics("constant")
+    t = torch.linspace(0, 0.6, 4, dtype=F64)
+    (ref,) = fp.solve_batch_on_grid(dyn, t, 32, 1e-3, dim=D)
+
+    def broken():
+        raise TypingError("a kernel that does not type on this numba")
+
+    monkeypatch.setattr(fp, "compiled_kernels", broken)
+    monkeypatch.setattr(fp, "COMPILED_STEP", True)
+    with pytest.warns(RuntimeWarning, match="compiled Fokker-Planck step is not available.*TypingError"):
+        (fallback,) = fp.solve_batch_on_grid(dyn, t, 32, 1e-3, dim=D)
+    assert fp.COMPILED_STEP is False  # later grids take the torch step without trying again
+    compare(fallback.mass, ref.mass, 1e-10, "laws")
+
+    def buggy():
+        raise ValueError("a bug, not a platform")
+
+    monkeypatch.setattr(fp, "compiled_kernels", buggy)
+    monkeypatch.setattr(fp, "COMPILED_STEP", True)
+    with pytest.raises(ValueError, match="a bug"):
+        fp.solve_batch_on_grid(dyn, t, 32, 1e-3, dim=D)

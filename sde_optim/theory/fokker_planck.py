@@ -405,7 +405,10 @@ class _Grid:
         ``side``: which side of a schedule's jump at ``t`` (+1 after, -1 before).  ``full=False`` (an intermediate
         stage, whose state only needs its operator and error) leaves out the moments, tail share and step limit."""
         if self.compiled:
-            return self._compiled_statistics(mass, m, s, integral, t, side, full)
+            try:
+                return self._compiled_statistics(mass, m, s, integral, t, side, full)
+            except Exception as error:  # noqa: BLE001 - only numba's own errors are handled, the rest re-raised
+                self._not_compiled(error)
         dyn, xi, n = self.dyn, self.xi, self.xi.numel()
         q = dyn.q(integral[:, None, None], t)  # (G, T, 1)
         both = dyn.state(torch.addcmul(m[..., None], s[..., None], self.points), q)  # cell centres, then interior faces
@@ -490,7 +493,10 @@ class _Grid:
         (every error at most ``step_tol``, or replayed), the new state's statistics at ``t + h`` (after a jump
         there), else None."""
         if self.compiled:
-            return self._compiled_attempt(st0, mass, m, s, integral, t, h, step_tol)
+            try:
+                return self._compiled_attempt(st0, mass, m, s, integral, t, h, step_tol)
+            except Exception as error:  # noqa: BLE001 - only numba's own errors are handled, the rest re-raised
+                self._not_compiled(error)
         coef = self.dyn.coef
         vm, vs = self.plan(st0, m, s, h)
         m1, s1 = m + h * vm, s + h * vs
@@ -508,6 +514,19 @@ class _Grid:
         return y2, m1, s1, i2, errors, self.statistics(y2, m1, s1, i2, t + h, 1) if accepted else None
 
     # ---------------------------------------------------------------- the compiled CPU path (compiled_step.py)
+    def _not_compiled(self, error: Exception) -> None:
+        """A numba error (the kernels failed to compile on this platform or numba version): warn once, and take the
+        torch step from here on, in this grid and every later one (the same answers, 1.6-8x slower).  Any other
+        error is re-raised."""
+        global COMPILED_STEP
+        if not type(error).__module__.startswith("numba"):
+            raise error
+        COMPILED_STEP = self.compiled = False
+        warnings.warn(f"the compiled Fokker-Planck step is not available ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); predictions use the torch step instead "
+                      "(the same answers, 1.6-8x slower on the CPU). Please report it with your numba version; "
+                      "SDE_OPTIM_COMPILED_STEP=0 selects the torch step without trying.", RuntimeWarning, stacklevel=3)
+
     def _members(self, t: float, side: int) -> tuple["np.ndarray", "np.ndarray", float]:
         """The compiled kernels' view of the coefficients at ``t`` on ``side``: ``(4, G)`` ``gamma, nu, kappa, K``, the
         step limit ``factor d / gamma`` ``(G,)`` (``inf`` without one) and its ``d`` (numpy; the same arrays while the
