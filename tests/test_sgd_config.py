@@ -458,3 +458,33 @@ def test_critical_lr_walks_to_a_far_edge_and_accepts_a_bracket_of_rel_tol(monkey
     assert 12.0 / 1.02 <= crit.bounded <= 12.0 and crit.grid_estimate <= 2 * 0.02 * (1 + 1e-9)
     second = [lr for lr, cells, _ in fake.calls if cells == 2 * fake.first_cells]
     assert len(second) <= 7  # lo and hi of the old bracket, a walk of 8 % then 17 % steps, two bisections
+
+
+def _integral_by_summing_from_zero(f, t: float) -> float:
+    """The schedule integral as it was computed before the segments' running sums (every segment from 0 to ``t``)."""
+    total = 0.0
+    for ks, vs in zip(f.knots, f.values):
+        for j in range(len(ks) - 1):
+            a, b = ks[j], ks[j + 1]
+            if t <= a:
+                return total
+            hi = min(t, b)
+            va, vb = vs[j], vs[j] + (vs[j + 1] - vs[j]) * (hi - a) / (b - a)
+            total += 0.5 * (va + vb) * (hi - a)
+    return total
+
+
+def test_a_schedule_integral_is_the_sum_from_zero_bit_for_bit():
+    """``K(t)`` from the running sums of the segments (O(log steps) per call) equals the segment-by-segment sum from 0
+    it replaced, to the bit, at knots, between them, at jumps, before the start and past the end."""
+    from sde_optim.theory.dynamics import _Piecewise
+
+    d, steps = 50, 400
+    g = torch.Generator().manual_seed(0)
+    warm = torch.linspace(0.0, 1.0, steps, dtype=torch.float64).clamp(max=0.3) / 0.3
+    values = warm * torch.where(torch.arange(steps) < steps // 2, 1.0, 0.25) + 0.1 * torch.rand(steps, generator=g)
+    f = _Piecewise.from_steps(values, d)
+    assert len(f.starts) >= 2  # a jump, so several pieces
+    times = [0.0, -1.0, 1e-9, 0.02, 3.999, 4.0, 4.0 + 1e-12, 7.5, 8.0, 9.0] + torch.rand(200, generator=g).mul(9).tolist()
+    for t in times + [k / d for k in range(steps + 1)]:
+        assert f.integral(t) == _integral_by_summing_from_zero(f, t), t

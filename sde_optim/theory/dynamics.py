@@ -29,6 +29,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable, Sequence, Union
 
 import torch
@@ -306,20 +307,36 @@ class _Piecewise:
     def jumps(self) -> list[float]:
         return self.starts[1:]
 
-    def integral(self, t: float) -> float:
-        """``int_0^t`` of the function (trapezoid on the knots: exact for the piecewise-linear function)."""
-        if self.constant is not None:
-            return self.constant * t
-        total = 0.0
+    @staticmethod
+    def _area(a: float, b: float, va: float, vb: float, hi: float) -> float:
+        """The trapezoid of the segment ``[a, b]`` (values ``va``, ``vb``) up to ``hi <= b``."""
+        return 0.5 * (va + (va + (vb - va) * (hi - a) / (b - a))) * (hi - a)
+
+    @cached_property
+    def _segments(self) -> tuple[list[float], list[tuple[float, float, float, float]], list[float]]:
+        """Every segment's start, ``(a, b, va, vb)``, and the integral up to its start (summed in order)."""
+        starts, segments, before, total = [], [], [], 0.0
         for ks, vs in zip(self.knots, self.values):
             for j in range(len(ks) - 1):
-                a, b = ks[j], ks[j + 1]
-                if t <= a:
-                    return total
-                hi = min(t, b)
-                va, vb = vs[j], vs[j] + (vs[j + 1] - vs[j]) * (hi - a) / (b - a)
-                total += 0.5 * (va + vb) * (hi - a)
-        return total
+                seg = (ks[j], ks[j + 1], vs[j], vs[j + 1])
+                starts.append(seg[0])
+                segments.append(seg)
+                before.append(total)
+                total += self._area(*seg, seg[1])
+        return starts, segments, before
+
+    def integral(self, t: float) -> float:
+        """``int_0^t`` of the function (trapezoid on the knots: exact for the piecewise-linear function).  The segments
+        before ``t`` are summed once (a schedule given per step has a knot per step, and the solvers ask for ``K(t)``
+        at every stage: summing from 0 each time took 8 of a 10 s prediction with weight decay and a step decay)."""
+        if self.constant is not None:
+            return self.constant * t
+        starts, segments, before = self._segments
+        n = bisect.bisect_left(starts, t)  # the segments that start before t: all but the last of them whole
+        if n == 0:
+            return 0.0
+        a, b, va, vb = segments[n - 1]
+        return before[n - 1] + self._area(a, b, va, vb, min(t, b))
 
 
 @dataclass
