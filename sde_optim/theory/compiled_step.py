@@ -3,7 +3,9 @@
 :func:`~sde_optim.theory.fokker_planck._integrate_mprk22` spends its time in per-operation overhead: on a few types
 of a few hundred cells one evaluation of the state (E4-E7, the moments, the Scharfetter-Gummel bands) is about
 60 torch operations of a few microseconds each, for about a microsecond of arithmetic per cell.  Here the same
-step is one call: the plan of the grid's motion, both stages' statistics and solves, and the step's error.
+step is one call: the plan of the grid's motion, both stages' statistics and solves, the step's error, and on
+acceptance the new state's statistics.  The exponentials of the cell loops are :func:`_exp`-style polynomials
+(numba would call the C library one element at a time), in loops of their own so that they vectorize.
 
 What is *not* written again: the E7 densities are the registry's own (:data:`~sde_optim.observables.OBSERVABLES`'s
 ``risk`` and ``curvature`` lambdas, compiled by numba on a per-cell :class:`CoordinateState` look-alike), and the
@@ -15,8 +17,10 @@ grid's plan and the Peclet numbers (:class:`~sde_optim.theory.fokker_planck._Gri
 (:func:`~sde_optim.theory.fokker_planck._step_errors`).  The torch path stays the definition and the path on
 every other device (and on the CPU with ``SDE_OPTIM_COMPILED_STEP=0``); the tests compare the two on every kind of
 type, a batch with schedules, weight decay and momentum, the step limit and float32.  numba keys its disk cache on
-the pickled closure of each kernel, which holds the registry's densities and sg_operator's kernels: a change to
-either recompiles (tested).
+the pickled closure of each kernel; the only closure variable is a hash of the code compiled in from other modules
+(the registry's densities, ``CoordinateState.residual``, sg_operator's kernels), so a change to any of them
+recompiles (tested).  A numba error (a platform or version the kernels do not compile on) makes the solver fall
+back to the torch path with a warning.
 
 Shapes: ``G`` members of a batch, ``T`` types, ``N`` cells; arrays are numpy views of the solver's CPU tensors
 (float32 or float64; numba compiles one version per dtype, cached on disk).
