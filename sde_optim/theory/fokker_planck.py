@@ -86,7 +86,7 @@ __all__ = ["FokkerPlanckSolution", "solve_fokker_planck", "solve_on_grid", "solv
 STRETCH = 0.5  # alpha of the cell map g(xi) = sinh(alpha xi) / alpha (see _Grid)
 # Whether solves on the CPU (float32/float64) take the compiled step (compiled_step.py) instead of the torch operations
 # of _Grid (the definition, and the path on every other device); the tests compare the two.  SDE_OPTIM_COMPILED_STEP=0
-# in the environment turns it off (a numba problem on some platform: the torch path is 2-5x slower, never different)
+# in the environment turns it off (a numba problem on some platform: the torch path is 1.6-8x slower, the same answers)
 COMPILED_STEP = os.environ.get("SDE_OPTIM_COMPILED_STEP", "1") != "0"
 
 
