@@ -176,10 +176,6 @@ def test_the_compiled_densities_are_the_registrys(monkeypatch):
     compare(after.observed[0], before.observed[0], 0.0, "risk untouched")
 
 
-def test_the_kernels_type_tv_cap_is_the_solvers():
-    assert compiled_step._MAX_TYPE_TV == fp._MAX_TYPE_TV
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_a_float32_solve_with_a_frozen_type_runs_and_agrees_with_float64(compiled, monkeypatch):
     """A frozen type (``u0 = v0 = 0``: ``D = 0``, grid spread ``1e-8``) in float32: the torch path's Peclet scale

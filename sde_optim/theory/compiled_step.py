@@ -44,7 +44,7 @@ __all__ = ["compiled_kernels", "TYPE_FIELDS"]
 
 # rows of the (7, T) array of per-type constants the kernels take
 TYPE_FIELDS = ("lam", "bstar", "q0", "sign", "kind", "weight", "active")
-_MAX_TYPE_TV = 0.25  # fokker_planck._MAX_TYPE_TV (checked equal in the tests)
+_MAX_TYPE_TV = 0.25  # the largest total-variation change of any one type's law in one step (both steps' step control)
 # _exp's constants: log2(e), log(2) in two parts (the high part exact in 33 bits), 1 / k!
 _LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896338700e+00, 6.93147180369123816490e-01, 1.90821492927058770002e-10
 _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(18))

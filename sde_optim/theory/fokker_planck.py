@@ -72,7 +72,7 @@ from torch import Tensor
 
 from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
-from .compiled_step import TYPE_FIELDS, compiled_kernels
+from .compiled_step import _MAX_TYPE_TV, TYPE_FIELDS, compiled_kernels  # (_MAX_TYPE_TV: both steps' cap)
 from .dynamics import MeanFieldDynamics, _state_cap
 from .statistics import tiny, weighted
 from .sg_operator import _compiled, _scalar, implicit_solve, sg_bands
@@ -1512,7 +1512,6 @@ def _step_errors(y1: Tensor, y2: Tensor, i1: Tensor, i2: Tensor, st1: _Statistic
     return errs.tolist()
 
 
-_MAX_TYPE_TV = 0.25  # largest total-variation change of any one type's law in one step
 # A solve that advances less than _CRAWL_ADVANCE x t in _CRAWL_STEPS accepted steps is crawling into a blow-up
 # (THEORY §6 at 2x the critical lr on 8 cells: 20 000 steps of ~3e-11 at t = 1.2e-3); a sound solve takes steps of
 # 1e-3 to 1e-1 of t, i.e. advances t by 40 % or more in 500 steps.
