@@ -894,10 +894,12 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                 continue
             space = _pair_difference(mid, coarse[g], estimate_floor)
             time = _pair_difference(fine[g], mid, estimate_floor)
-            # both at the order the first pair showed (second at most) until a pair of their own shows theirs
+            # space at the order the first pair showed (second at most: the first pair's difference is mostly the
+            # cells' near the critical lr) until a pair of its own shows it; time at second order (MPRK22 with the
+            # local error kept near the step tolerance; its own pairs show better or worse next)
             if g in rough:
                 space = math.inf
-            state[g] = _CheckState(fine[g], n1, st1, space / div[g], time / div[g], space, time, True, None, n1,
+            state[g] = _CheckState(fine[g], n1, st1, space / div[g], time / 3.0, space, time, True, None, n1,
                                    [fine[g]])
             if g in t_cap:  # the pair (fine, mid) differs in steps that hardly differ: the time error is level 0's
                 state[g].capped, state[g].t_err, state[g].raw_t, state[g].t_cells = True, t_cap[g], math.inf, n0
@@ -912,7 +914,7 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             space = math.inf if g in rough else _pair_difference(fine[g], half, estimate_floor)
             time = _pair_difference(fine[g], twin, estimate_floor)
             chain = [half, fine[g]] if _replayable(fine[g]) is not None else [fine[g]]
-            state[g] = _CheckState(fine[g], n1, st1, space / div[g], time / div[g], space, time, True, None, n1,
+            state[g] = _CheckState(fine[g], n1, st1, space / div[g], time / 3.0, space, time, True, None, n1,
                                    chain, prev=twin)
             if g in t_cap or not _steps_moved(fine[g], twin):  # the twin's steps are the fine solve's: no time pair
                 state[g].capped, state[g].t_err, state[g].raw_t = True, t_cap.get(g, math.inf), math.inf
@@ -991,7 +993,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                         c.capped, c.t_err, c.raw_t, c.t_cells, c.prev = True, math.inf, math.inf, 0, None
                         continue
                     raw = _pair_difference(c.sol, twin, estimate_floor)
-                    c.t_div = 3.0 if twin2 is None else _time_divisor(twin, twin2, raw, estimate_floor)
+                    # the order the last time pairs showed, if on cells at most a doubling away (second order if
+                    # none did: a single twin's / 3 understated lr 8's time error at tol 0.02, order ~1.4 there)
+                    c.t_div = ((c.t_div if 2 * c.t_cells >= n_cells else 3.0) if twin2 is None
+                               else _time_divisor(twin, twin2, raw, estimate_floor))
                     c.t_err, c.raw_t, c.t_cells, c.prev = raw / c.t_div, raw, n_cells, twin
                 continue
             if kind == "retime_ex":  # the twin one level up in time (kept, or solved) and its half-cells partner
@@ -1021,10 +1026,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                     c.x_err, c.raw_x, c.x_fresh = raw / _reduction(c.raw_x, raw), raw, True
                     c.same_steps(chain, estimate_floor)
                 else:
-                    # the order of two time pairs on the same cells; one on other (coarser) cells can be inflated by
-                    # an unresolved law (THEORY §6, lr 8, tol 1e-2: 0.0985 on 152 cells, then 0.0179 on 608 read as
-                    # second order; the answer's error 9.8e-3 against an estimate of 7.9e-3): first order then
-                    c.t_div = _reduction(c.raw_t, raw) if c.t_cells == n_cells else 1.0
+                    # the order of two time pairs on cells at most a doubling apart; one on far coarser cells can be
+                    # inflated by an unresolved law (THEORY §6, lr 8, tol 1e-2: 0.0985 on 152 cells, then 0.0179 on
+                    # 608 read as second order; the answer's error 9.8e-3 against an estimate of 7.9e-3): first order
+                    c.t_div = _reduction(c.raw_t, raw) if 2 * c.t_cells >= n_cells else 1.0
                     c.t_err, c.raw_t, c.x_fresh, c.t_cells = raw / c.t_div, raw, False, n_cells
                     c.chain, c.t_ex = chain, None  # x_ex is carried, as X is, until measured again on these steps
     return result  # type: ignore[return-value]
