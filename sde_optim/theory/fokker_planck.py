@@ -769,7 +769,8 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     and a quarter of its step tolerance).
 
     **Level 1** (cells x 2, step tolerance / 4) is solved for every member, as one batch; the Richardson estimate
-    of the pair (:func:`_richardson_estimate`) is its error.  A member whose estimate is above ``tol - tol_used``
+    of the pair (its difference over the order it shows, and the time error where the steps are capped: (a) and (b)
+    below) is its error.  A member whose estimate is above ``tol - tol_used``
     then has its error **split by source**: one more solve with level 1's cells on level 0's time steps (replayed,
     :func:`solve_on_grid`'s ``schedule``) differs from level 0 only in space and from level 1 only in time, so
     ``X`` (space) and ``Tm`` (time) are estimated separately: ``Tm`` as a difference / 3 (second order in time),
@@ -899,10 +900,10 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             # local error kept near the step tolerance; its own pairs show better or worse next)
             if g in rough:
                 space = math.inf
-            state[g] = _CheckState(fine[g], n1, st1, space / div[g], time / 3.0, space, time, True, None, n1,
-                                   [fine[g]])
-            if g in t_cap:  # the pair (fine, mid) differs in steps that hardly differ: the time error is level 0's
-                state[g].capped, state[g].t_err, state[g].raw_t, state[g].t_cells = True, t_cap[g], math.inf, n0
+            # capped: the pair (fine, mid) differs in steps that hardly differ; the time error is level 0's halving's
+            t_err, raw_t, t_cells = (t_cap[g], math.inf, n0) if g in t_cap else (time / 3.0, time, n1)
+            state[g] = _CheckState(fine[g], n1, st1, space / div[g], t_err, space, raw_t, True, None, t_cells,
+                                   [fine[g]], capped=g in t_cap)
     if failed:
         # Level 0's steps carry no error control on level 1's cells, and near the critical lr they can blow up there
         # (power-law-B2-bal at 0.8x its critical lr, d = 16384: diverged at t = 4.56; both estimates were inf, and the
@@ -914,11 +915,11 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             space = math.inf if g in rough else _pair_difference(fine[g], half, estimate_floor)
             time = _pair_difference(fine[g], twin, estimate_floor)
             chain = [half, fine[g]] if _replayable(fine[g]) is not None else [fine[g]]
-            state[g] = _CheckState(fine[g], n1, st1, space / div[g], time / 3.0, space, time, True, None, n1,
-                                   chain, prev=twin)
-            if g in t_cap or not _steps_moved(fine[g], twin):  # the twin's steps are the fine solve's: no time pair
-                state[g].capped, state[g].t_err, state[g].raw_t = True, t_cap.get(g, math.inf), math.inf
-                state[g].t_cells, state[g].prev = (n0 if g in t_cap else 0), None
+            capped_g = g in t_cap or not _steps_moved(fine[g], twin)  # the twin took the fine solve's steps: no pair
+            t_err, raw_t, t_cells = ((t_cap.get(g, math.inf), math.inf, n0 if g in t_cap else 0) if capped_g
+                                     else (time / 3.0, time, n1))
+            state[g] = _CheckState(fine[g], n1, st1, space / div[g], t_err, space, raw_t, True, None, t_cells,
+                                   chain, prev=None if capped_g else twin, capped=capped_g)
     while state:
         plans: dict[tuple, list[int]] = {}
         for g, c in list(state.items()):
