@@ -940,16 +940,15 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
                 elif c.t_cells != n_cells:  # Tm was measured on other cells: again on these (step tolerance x 4)
                     plans.setdefault(("retime", n_cells, 4.0 * st, c.extrapolates()) if not halving else
                                      ("rehalve", n_cells, st, id(sol.schedule)), []).append(g)
-                elif c.extrapolates() and c.t_ex is None and c.capped:
-                    # steps no tolerance sets: the extrapolation's two solves share them, and a time error that does
-                    # not depend on the cells is the plain solve's (THEORY §6, 120 / 240 cells: 6.15e-4 / 6.05e-4 at
-                    # lr 0.5, 4.06e-3 / 4.20e-3 at lr 2, 1.51e-2 / 1.52e-2 at lr 8)
-                    c.t_ex = c.t_err
-                    plans.setdefault(("again",), []).append(g)
-                elif c.extrapolates() and c.t_ex is None:  # the extrapolation's own Tm (its pair a level up in time)
+                elif c.extrapolates() and c.t_ex is None and not c.capped:  # its own Tm (a pair a level up in time)
                     kept = None if c.prev is None else id(c.prev.schedule)
                     plans.setdefault(("retime_ex", n_cells, st, kept), []).append(g)
                 else:
+                    if c.capped and c.extrapolates() and c.t_ex is None:
+                        # steps no tolerance sets: the extrapolation's two solves share them, and a time error that
+                        # does not depend on the cells is the plain solve's (THEORY §6, 120 / 240 cells: 6.15e-4 /
+                        # 6.05e-4 at lr 0.5, 4.06e-3 / 4.20e-3 at lr 2, 1.51e-2 / 1.52e-2 at lr 8)
+                        c.t_ex = c.t_err
                     finish(g, sol, *c.answer())
                     del state[g]
                 continue
@@ -965,7 +964,6 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
             key = ("space", 2 * n_cells, st, id(_replayable(sol))) if space else (
                 ("time", n_cells, st / 4.0, None) if not halving else ("halve", n_cells, st, id(sol.schedule)))
             plans.setdefault(key, []).append(g)
-        plans.pop(("again",), None)  # decided next round, on what is known now
         for (kind, n_cells, st, tag), members in plans.items():
             schedule = None if kind == "time" else _replayable(state[members[0]].sol)
             if kind in ("halve", "rehalve"):  # steps set by other limits than the step tolerance: halved, replayed
