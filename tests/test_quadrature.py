@@ -17,15 +17,8 @@ import torch
 
 from sde_optim import DiagonalLinearNetwork, TeacherProblem
 from sde_optim.theory import predict
-from sde_optim.theory.fokker_planck import (
-    MeanFieldDynamics,
-    _cross_estimate,
-    _pair_difference,
-    _reach_cross,
-    grid_level,
-    refine_grid_on_subset,
-    solve_on_grid,
-)
+from sde_optim.theory.fokker_planck import MeanFieldDynamics, grid_level, solve_on_grid
+from sde_optim.theory.grid_check import _cross_estimate, _pair_difference, _reach_cross, refine_grid_on_subset
 from sde_optim.theory.quadrature import (
     TypeQuadrature,
     TypeSolve,

@@ -29,7 +29,7 @@ from sde_optim.theory import (
     uv_to_phi,
 )
 from sde_optim.theory.fokker_planck import FokkerPlanckSolution, MeanFieldDynamics, solve_on_grid
-import sde_optim.theory.fokker_planck as fp
+import sde_optim.theory.grid_check as gc
 from sde_optim.theory.stability import e8_estimate
 from sde_optim.theory.predict import FINITE_D_STEP, FiniteDimensionWarning
 from sde_optim.simulation import sgd_step, simulate_sgd
@@ -255,10 +255,10 @@ def test_halving_the_steps_measures_a_time_error_a_step_tolerance_does_not_see()
     Halving the steps sees it: twice the difference is 1-2x the true error (measured 1.4x)."""
     dyn, t, _ = _section6_reference(2.0)
     sol = solve_on_grid(dyn, t, 240, 0.32)
-    assert not fp._steps_moved(sol, solve_on_grid(dyn, t, 240, 1.28))
-    halved = solve_on_grid(dyn, t, 240, 0.32, schedule=fp._halved(sol.schedule))
+    assert not gc._steps_moved(sol, solve_on_grid(dyn, t, 240, 1.28))
+    halved = solve_on_grid(dyn, t, 240, 0.32, schedule=gc._halved(sol.schedule))
     true = _error_against(sol.answer_curves(), solve_on_grid(dyn, t, 240, 1e-6).answer_curves())
-    assert 0.05 < true <= fp._halving_estimate(sol, halved, 1e-3) <= 2.0 * true
+    assert 0.05 < true <= gc._halving_estimate(sol, halved, 1e-3) <= 2.0 * true
 
 
 def test_a_split_whose_replay_blew_up_measures_both_sources_on_the_other_corner(monkeypatch):
@@ -270,7 +270,7 @@ def test_a_split_whose_replay_blew_up_measures_both_sources_on_the_other_corner(
     0's step tolerance (time).  Forced here (the replay marked diverged) on THEORY §6 at lr 4: the check goes to that
     corner next, and its answer meets tol with an estimate that bounds its error."""
     dyn, t, ref = _section6_reference(4.0)
-    solve, calls = fp.solve_batch_on_grid, []
+    solve, calls = gc.solve_batch_on_grid, []
 
     def replay_blows_up(d, t_out, n_cells, step_tol, **kw):
         sols = solve(d, t_out, n_cells, step_tol, **kw)
@@ -279,7 +279,7 @@ def test_a_split_whose_replay_blew_up_measures_both_sources_on_the_other_corner(
             sols[0].diverged_at = float(t_out[10])
         return sols
 
-    monkeypatch.setattr(fp, "solve_batch_on_grid", replay_blows_up)
+    monkeypatch.setattr(gc, "solve_batch_on_grid", replay_blows_up)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sol = solve_fokker_planck(dyn, t, tol=3e-3)
@@ -371,7 +371,8 @@ def test_the_subset_grid_check_gives_up_when_the_type_dependence_does_not_fall()
     plain check on the final types (None) instead of refining the subset's grid to its caps (a steep power law at
     d = 4096 ran for minutes at step tolerance 1.6e-5).  Here S and C differ on purpose (THEORY §6 at lr 4 and at lr
     0.5): the corrections differ by level 0's whole grid error at lr 4."""
-    from sde_optim.theory.fokker_planck import grid_level, refine_grid_on_subset
+    from sde_optim.theory.fokker_planck import grid_level
+    from sde_optim.theory.grid_check import refine_grid_on_subset
 
     problem, model = section6()
     types = coordinate_types(problem, model)

@@ -426,7 +426,7 @@ class TypeCheck:
     ladder: list[tuple[TypeSolve, CoordinateTypes]] = field(default_factory=list)
 
 
-# Solves of the type ladder kept for the subset grid check (:func:`~.fokker_planck.refine_grid_on_subset`): its pair
+# Solves of the type ladder kept for the subset grid check (:func:`~.grid_check.refine_grid_on_subset`): its pair
 # and two more to move it along; the early rounds have the fewest types, so keeping them costs little memory.
 LADDER_KEPT = 4
 EXACT_LIMIT = 64  # at most this many distinct coordinate rows: exact types, no quadrature

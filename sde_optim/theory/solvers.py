@@ -34,11 +34,9 @@ from .fokker_planck import (
     WorkLimitError,
     cells_for_tolerance,
     grid_level,
-    refine_grid,
-    refine_grid_batch,
-    refine_grid_on_subset,
     solve_batch_on_grid,
 )
+from .grid_check import refine_grid, refine_grid_batch, refine_grid_on_subset
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
 from .quadrature import EXACT_LIMIT, TypeCheck, TypeSolve, solve_with_type_control
