@@ -105,7 +105,11 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     smaller step tolerance does not shorten the steps (other limits set them: :func:`_steps_moved`), a pair of step
     tolerances holds no time refinement: the member is *capped*, its ``Tm`` is measured by halving its steps
     (:func:`_halving_estimate`: the first pair's on level 0, later ones on the current cells), and its time
-    refinements halve the steps (a replay) instead of dividing the step tolerance.  (c) Where the split's replay
+    refinements halve the steps (a replay) instead of dividing the step tolerance.  Where that time error is the
+    larger source after the split, level 0's steps quartered give the halvings' order (:func:`_halving_divisor`),
+    carried to the finer cells until two halvings on the same cells show their own (first order until then: on the
+    continuous-type settings at their own lr the halvings converge at second order, and first order cost a second
+    halving of all their types).  (c) Where the split's replay
     blows up and neither adaptive solve did, the other corner of the square splits the error: level 0's cells on
     level 1's steps and level 1's cells at level 0's step tolerance.  Measured before these (THEORY §6, d = 1000,
     t <= 5): at ``tol`` 0.02-0.1 estimates 3-15x below the error, some errors past ``tol`` (silent), and an
@@ -150,7 +154,8 @@ class _FirstPair:
     """Level 1 of :func:`refine_grid_batch` against level 0 (``coarse``, ``fine``: one solve per member, grids
     ``(n0, st0)`` and ``(n1, st1)``): each member's divisor of the pair (:func:`_first_divisor`), the members whose
     level below level 0 diverged (``rough``), the time estimates of capped members from level 0's halving
-    (``t_cap``), and the members whose estimate missed (``split``)."""
+    (``t_cap``, first order) and those halved solves (``halves``), and the members whose estimate missed
+    (``split``)."""
 
     coarse: list[FokkerPlanckSolution]
     fine: dict[int, FokkerPlanckSolution]
@@ -158,6 +163,7 @@ class _FirstPair:
     div: dict[int, float]
     rough: set[int]
     t_cap: dict[int, float]
+    halves: dict[int, FokkerPlanckSolution]
     split: list[int]
 
 
@@ -233,8 +239,8 @@ class _BatchCheck:
         # where level 1's step tolerance did not shorten level 0's steps (other limits set them) the first pair holds
         # no time refinement: the time error is measured on level 0 by halving its steps (see _steps_moved)
         capped = [g for g in everyone if _replayable(coarse[g]) is not None and not _steps_moved(fine[g], coarse[g])]
-        t_cap = {g: _halving_estimate(coarse[g], halved, floor) for g, halved in zip(capped, self.solve(
-            capped, n0, st0, _halved(coarse[capped[0]].schedule)))} if capped else {}
+        halves = dict(zip(capped, self.solve(capped, n0, st0, _halved(coarse[capped[0]].schedule)))) if capped else {}
+        t_cap = {g: _halving_estimate(coarse[g], halved, floor) for g, halved in halves.items()}
         split: list[int] = []
         for g, sol in fine.items():
             estimate = _pair_difference(sol, coarse[g], floor) / div[g] + t_cap.get(g, 0.0)
@@ -242,31 +248,46 @@ class _BatchCheck:
                 self.finish(g, sol, estimate)
             else:
                 split.append(g)
-        return _FirstPair(coarse, fine, (level0, level1), div, rough, t_cap, split)
+        return _FirstPair(coarse, fine, (level0, level1), div, rough, t_cap, halves, split)
 
     def split(self, first: _FirstPair) -> None:
         """The error of ``first.split``'s members split by source: level 1's cells on level 0's steps (a replay)
         differs from level 0 in space only and from level 1 in time only."""
         (n0, st0), (n1, st1) = first.grids
         floor, fine, failed = self.floor, first.fine, []
-        members = first.split
+        members, pairs = first.split, {}
         for g, mid in zip(members, self.solve(members, n1, st0, _replayable(first.coarse[members[0]]))):
             if mid.diverged_at != fine[g].diverged_at and fine[g].diverged_at == first.coarse[g].diverged_at:
                 failed.append(g)  # the replay blew up where neither adaptive solve did: it splits nothing (below)
                 continue
-            space = _pair_difference(mid, first.coarse[g], floor)
-            time = _pair_difference(fine[g], mid, floor)
             # space at the order the first pair showed (second at most: the first pair's difference is mostly the
             # cells' near the critical lr) until a pair of its own shows it; time at second order (MPRK22 with the
             # local error kept near the step tolerance; its own pairs show better or worse next)
-            if g in first.rough:
-                space = math.inf
-            # capped: the pair (fine, mid) differs in steps that hardly differ; the time error is level 0's halving's
-            t_err, raw_t, t_cells = (first.t_cap[g], math.inf, n0) if g in first.t_cap else (time / 3.0, time, n1)
+            space = math.inf if g in first.rough else _pair_difference(mid, first.coarse[g], floor)
+            pairs[g] = (space, _pair_difference(fine[g], mid, floor))
+        # capped: the pair (fine, mid) differs in steps that hardly differ; the time error is level 0's halving's, at
+        # the order level 0's steps quartered show where that error is the larger one (it is refined first)
+        orders = self.halving_orders(first, [g for g, (space, _) in pairs.items()
+                                             if math.isfinite(first.t_cap.get(g, math.inf))
+                                             and first.t_cap[g] >= space / first.div[g]])
+        for g, (space, time) in pairs.items():
+            capped, h_div = g in first.t_cap, orders.get(g, 1.0)
+            t_err, raw_t, t_cells = ((_halving_estimate(first.coarse[g], first.halves[g], floor, h_div), math.inf, n0)
+                                     if capped else (time / 3.0, time, n1))
             self.state[g] = _CheckState(fine[g], n1, st1, space / first.div[g], t_err, space, raw_t, True, None,
-                                        t_cells, [fine[g]], capped=g in first.t_cap)
+                                        t_cells, [fine[g]], capped=capped, h_div=h_div)
         if failed:
             self.other_corner(failed, first)
+
+    def halving_orders(self, first: _FirstPair, members: list[int]) -> dict[int, float]:
+        """The divisor of a halving pair (:func:`_halving_divisor`) for each of ``members`` (capped ones), from level
+        0's solve, its halved steps and its steps quartered (one more solve on level 0's cells)."""
+        if not members:
+            return {}
+        (n0, st0), _ = first.grids
+        quarters = self.solve(members, n0, st0, _halved(_halved(first.coarse[members[0]].schedule)))
+        return {g: _halving_divisor(first.coarse[g], first.halves[g], quarter, self.floor)
+                for g, quarter in zip(members, quarters)}
 
     def other_corner(self, members: list[int], first: _FirstPair) -> None:
         """The split of members whose replay (:meth:`split`) blew up: level 0's steps carry no error control on level
@@ -348,7 +369,7 @@ class _BatchCheck:
         schedule = _halved(self.state[members[0]].sol.schedule)
         for g, halved in zip(members, self.solve(members, n_cells, st, schedule)):
             c = self.state[g]
-            c.t_err, c.raw_t, c.t_cells = _halving_estimate(c.sol, halved, self.floor), math.inf, n_cells
+            c.t_err, c.raw_t, c.t_cells = _halving_estimate(c.sol, halved, self.floor, c.h_div), math.inf, n_cells
 
     def _recheck(self, members: list[int], n_cells: int, st: float, tag) -> None:
         """``X`` again on the current steps: twins with 1/2 and 1/4 of the cells, at the order the three show."""
@@ -416,6 +437,8 @@ class _BatchCheck:
                 # inflated by an unresolved law (THEORY §6, lr 8, tol 1e-2: 0.0985 on 152 cells, then 0.0179 on 608
                 # read as second order; the answer's error 9.8e-3 against an estimate of 7.9e-3): first order
                 c.t_div = _reduction(c.raw_t, raw) if 2 * c.t_cells >= n_cells else 1.0
+                if kind == "halve" and not math.isfinite(c.raw_t):  # no halving pair on these cells before this one
+                    c.t_div = c.h_div  # level 0's halving order (first order where not measured)
                 c.t_err, c.raw_t, c.x_fresh, c.t_cells = raw / c.t_div, raw, False, n_cells
                 c.chain, c.t_ex = chain, None  # x_ex is carried, as X is, until measured again on these steps
 
@@ -428,7 +451,8 @@ class _CheckState:
     the solves on the current time steps (``chain``), the space estimate ``x_ex`` of the extrapolation of its last
     pair (``inf`` when there is none; carried across a time refinement, as ``X`` is) and its time estimate ``t_ex``
     (None until measured on the current cells and steps); the divisor ``t_div`` of the last ``Tm``; ``prev``, the solve
-    on the current cells with 4x the step tolerance when there is one."""
+    on the current cells with 4x the step tolerance when there is one; ``h_div``, the divisor of a halving pair where
+    the steps are capped (:func:`_halving_divisor`; 1, first order, where not measured)."""
 
     sol: FokkerPlanckSolution
     cells: int
@@ -446,6 +470,7 @@ class _CheckState:
     t_div: float = 3.0
     prev: FokkerPlanckSolution | None = None
     capped: bool = False
+    h_div: float = 1.0
 
     def same_steps(self, chain: list[FokkerPlanckSolution], floor: float) -> None:
         """``chain``: the solves on the current solve's time steps (cells doubling, the current one last); the
@@ -690,13 +715,38 @@ def _halved(schedule: list[float]) -> list[float]:
     return [x for h in schedule for x in (0.5 * h, 0.5 * h)]
 
 
-def _halving_estimate(sol: "FokkerPlanckSolution", halved: "FokkerPlanckSolution", floor: float) -> float:
-    """The time error of ``sol`` from ``halved`` (its steps halved, same cells): twice their difference, i.e. the
-    error of a first-order method (``|S - S_h| (1 + 1 / (2^p - 1))``, ``p = 1``).  Measured on THEORY §6 (d = 1000,
-    t <= 5, 120-480 cells, step tolerances 0.001-0.32, against 1e-6): halving shrank the differences 2.4-4.3x (order
-    1.25-2.1), and twice the difference was 1.2-1.55x the true time error at lr 0.5, 2 and 8 (1.5x of it would have
-    been 0.9x at lr 8)."""
-    return 2.0 * _pair_difference(sol, halved, floor)
+def _halving_estimate(sol: "FokkerPlanckSolution", halved: "FokkerPlanckSolution", floor: float,
+                      div: float = 1.0) -> float:
+    """The time error of ``sol`` from ``halved`` (its steps halved, same cells): ``|S - S_h| (1 + 1 / div)`` with
+    ``div = 2^p - 1`` for order ``p`` (:func:`_halving_divisor`); ``div = 1``, first order, twice the difference, where
+    no order was measured.  Measured on THEORY §6 (d = 1000, t <= 5, 120-480 cells, step tolerances 0.001-0.32,
+    against 1e-6): halving shrank the differences 2.4-4.3x (order 1.25-2.1), and twice the difference was 1.2-1.55x
+    the true time error at lr 0.5, 2 and 8 (1.5x of it would have been 0.9x at lr 8)."""
+    return _pair_difference(sol, halved, floor) * (1.0 + 1.0 / div)
+
+
+def _halving_divisor(sol: "FokkerPlanckSolution", halved: "FokkerPlanckSolution", quartered: "FokkerPlanckSolution",
+                     floor: float) -> float:
+    """The divisor of a halving pair's time estimate (:func:`_halving_estimate`): ``(r - 1) / 1.25``, at least 1, where
+    ``r - 1`` (:func:`_reduction`, in ``[1, 3]``) is how much the difference of ``sol`` and ``halved`` is larger than
+    that of ``halved`` and ``quartered`` (the same cells, its steps in four), and 1.25 is Roache's factor of safety
+    for an order observed on three grids (the grid convergence index).
+
+    Measured on the level-0 grid of the grid check and carried to its finer cells, where the steps are capped (other
+    limits than the step tolerance set them).  THEORY §6 (d = 1000, t <= 5) at lr 0.5, step tolerance 0.32 (capped):
+    ``r - 1`` = 2.54 on 60 cells; on 120, 240 and 480 cells the halved steps' difference over 2.54 was 1.05x their true
+    error (against step tolerance 1e-6), the first order's 2.7x.  Off the capped case it is not used: at lr 8 (0.8x
+    the critical lr), where a step tolerance moves the steps, 60 cells showed 2.53 and 1.48 at step tolerances 0.32 and
+    0.08 and the finer cells' halvings were 1.7x those estimates.  On ``theory_accuracy.py``'s settings at d = 4096
+    the ratios of consecutive halving differences grow with the cells (THEORY §6 at its own lr 3.6 / 3.9 / 3.9 / 3.9
+    on 30 / 60 / 120 / 240 cells; student-t, pl-sparse-gauss, spiked-random-init at their own lr 3.5-3.6 on 60 cells,
+    3.6-4.3 on 120, 3.8-3.9 on 240), so level 0's order is at most the finer cells' there (docs/benchmarks.md)."""
+    r = _reduction(_pair_difference(sol, halved, floor), _pair_difference(halved, quartered, floor))
+    return max(1.0, r / _GCI_SAFETY)
+
+
+# Roache's factor of safety on a Richardson estimate at an order observed from three grids (grid convergence index)
+_GCI_SAFETY = 1.25
 
 
 def _first_divisor(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", low: "FokkerPlanckSolution",
