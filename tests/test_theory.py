@@ -280,6 +280,23 @@ def test_the_halving_order_of_level_0_bounds_the_time_error_of_halvings_on_finer
     assert true <= estimate <= 2.0 * true
     assert estimate <= 0.5 * gc._pair_difference(sol, halved, 1e-3)
 
+
+def test_the_extrapolations_order_from_a_chain_of_four_bounds_their_error():
+    """The grid check's extrapolation in the cells (``(4 S - S_h) / 3``) was estimated at second order, ``|E2 - E1| / 3``;
+    the extrapolations converge faster (the scheme is symmetric), and a chain of four solves on the same steps shows by
+    how much (``_extrapolation_divisor``: the ratio of the extrapolations' differences, kept in [4, 6]).  THEORY §6 at
+    lr 4, fixed steps, 120-960 cells: ratio 8.6, so ``/ 5``; against the extrapolation of 960 and 1920 cells: true error
+    <= estimate <= 4x it (measured 2.9x; ``/ 3`` 4.8x)."""
+    dyn, t, _ = _section6_reference(4.0)
+    steps = solve_on_grid(dyn, t, 240, 4e-3).schedule
+    sols = [solve_on_grid(dyn, t, n, 4e-3, schedule=steps) for n in (120, 240, 480, 960, 1920)]
+    chain, ref = sols[:4], gc._extrapolated(sols[4], sols[3])
+    div = gc._extrapolation_divisor(chain, 1e-3)
+    assert div == 5.0
+    true = _error_against(gc._extrapolated(chain[-1], chain[-2]), ref)
+    assert true <= gc._extrapolation_estimate(chain, 1e-3, div) <= 4.0 * true
+    assert gc._extrapolation_divisor(chain[:3], 1e-3) is None  # three solves show no order of the extrapolations
+
 def test_a_split_whose_replay_blew_up_measures_both_sources_on_the_other_corner(monkeypatch):
     """The grid check splits its error with one replay: level 1's cells on level 0's steps.  Those steps carry no error
     control on the finer cells, and near the critical lr they can blow up where neither adaptive solve did

@@ -105,11 +105,11 @@ def refine_grid_batch(dynamics: MeanFieldDynamics, t_out: Tensor, coarse: list[F
     smaller step tolerance does not shorten the steps (other limits set them: :func:`_steps_moved`), a pair of step
     tolerances holds no time refinement: the member is *capped*, its ``Tm`` is measured by halving its steps
     (:func:`_halving_estimate`: the first pair's on level 0, later ones on the current cells), and its time
-    refinements halve the steps (a replay) instead of dividing the step tolerance.  Where that time error is the
-    larger source after the split, level 0's steps quartered give the halvings' order (:func:`_halving_divisor`),
-    carried to the finer cells until two halvings on the same cells show their own (first order until then: on the
-    continuous-type settings at their own lr the halvings converge at second order, and first order cost a second
-    halving of all their types).  (c) Where the split's replay
+    refinements halve the steps (a replay) instead of dividing the step tolerance.  A ``Tm`` from a halving assumes
+    first order until, where it would take a second halving of the same cells, level 0's steps quartered give the
+    halvings' order (:func:`_halving_divisor`; one solve on level 0's cells, carried to the finer cells until two
+    halvings on the same cells show their own): on the continuous-type settings at their own lr the halvings
+    converge at second order, and first order cost a second halving of all their types.  (c) Where the split's replay
     blows up and neither adaptive solve did, the other corner of the square splits the error: level 0's cells on
     level 1's steps and level 1's cells at level 0's step tolerance.  Measured before these (THEORY §6, d = 1000,
     t <= 5): at ``tol`` 0.02-0.1 estimates 3-15x below the error, some errors past ``tol`` (silent), and an
@@ -200,11 +200,13 @@ class _BatchCheck:
             self.solves[g] += 1
         return sols
 
-    def over_budget(self, g: int, sol: FokkerPlanckSolution) -> bool:
-        """Whether member ``g``'s next solve, about twice ``sol`` (cells x 2 on its steps, or about twice its steps),
-        would pass a cap."""
-        return _next_exceeds(self.spent[g], 2 * sol.nfe, self.max_evaluations, self.work[g], 2 * _work(sol),
-                             self.max_work)
+    def over_budget(self, g: int, sol: FokkerPlanckSolution, evaluations: float | None = None,
+                    work: float | None = None) -> bool:
+        """Whether member ``g``'s next solve(s), costing ``evaluations`` operator evaluations and ``work`` cell updates
+        (default about twice ``sol``: cells x 2 on its steps, or about twice its steps), would pass a cap."""
+        evaluations = 2 * sol.nfe if evaluations is None else evaluations
+        work = 2 * _work(sol) if work is None else work
+        return _next_exceeds(self.spent[g], evaluations, self.max_evaluations, self.work[g], work, self.max_work)
 
     def finish(self, g: int, sol: FokkerPlanckSolution, estimate: float, coarser: FokkerPlanckSolution | None = None) -> None:
         """Member ``g``'s answer: ``sol`` (extrapolated with ``coarser`` if given) with its estimate, and a warning with
@@ -265,29 +267,17 @@ class _BatchCheck:
             # local error kept near the step tolerance; its own pairs show better or worse next)
             space = math.inf if g in first.rough else _pair_difference(mid, first.coarse[g], floor)
             pairs[g] = (space, _pair_difference(fine[g], mid, floor))
-        # capped: the pair (fine, mid) differs in steps that hardly differ; the time error is level 0's halving's, at
-        # the order level 0's steps quartered show where that error is the larger one (it is refined first)
-        orders = self.halving_orders(first, [g for g, (space, _) in pairs.items()
-                                             if math.isfinite(first.t_cap.get(g, math.inf))
-                                             and first.t_cap[g] >= space / first.div[g]])
+        # capped: the pair (fine, mid) differs in steps that hardly differ; the time error is level 0's halving's (first
+        # order until its order is measured: _order)
         for g, (space, time) in pairs.items():
-            capped, h_div = g in first.t_cap, orders.get(g, 1.0)
-            t_err, raw_t, t_cells = ((_halving_estimate(first.coarse[g], first.halves[g], floor, h_div), math.inf, n0)
-                                     if capped else (time / 3.0, time, n1))
+            capped = g in first.t_cap
+            t_err, raw_t, t_cells = (first.t_cap[g], math.inf, n0) if capped else (time / 3.0, time, n1)
+            level0 = _Halving(first.coarse[g], first.halves[g], n0, st0) if capped else None
             self.state[g] = _CheckState(fine[g], n1, st1, space / first.div[g], t_err, space, raw_t, True, None,
-                                        t_cells, [fine[g]], capped=capped, h_div=h_div)
+                                        t_cells, [fine[g]], capped=capped, level0=level0,
+                                        assumed="coarser" if capped else None)
         if failed:
             self.other_corner(failed, first)
-
-    def halving_orders(self, first: _FirstPair, members: list[int]) -> dict[int, float]:
-        """The divisor of a halving pair (:func:`_halving_divisor`) for each of ``members`` (capped ones), from level
-        0's solve, its halved steps and its steps quartered (one more solve on level 0's cells)."""
-        if not members:
-            return {}
-        (n0, st0), _ = first.grids
-        quarters = self.solve(members, n0, st0, _halved(_halved(first.coarse[members[0]].schedule)))
-        return {g: _halving_divisor(first.coarse[g], first.halves[g], quarter, self.floor)
-                for g, quarter in zip(members, quarters)}
 
     def other_corner(self, members: list[int], first: _FirstPair) -> None:
         """The split of members whose replay (:meth:`split`) blew up: level 0's steps carry no error control on level
@@ -314,17 +304,46 @@ class _BatchCheck:
         self.finish(g, c.sol, *c.answer())
 
     def plan(self, g: int) -> tuple | None:
-        """Member ``g``'s next solve, as a key ``(kind, cells, step tolerance, tag)`` that members needing the same
-        solve share (the tag: the steps to replay, or whether the extrapolation is in view); None where it finished.
-        Kinds: ``space`` (twice the cells on the current steps), ``time`` (a quarter of the step tolerance) or
-        ``halve`` (capped steps halved), and the checks of an estimate measured elsewhere: ``recheck`` (``X`` on the
-        current steps), ``retime`` / ``rehalve`` (``Tm`` on the current cells), ``retime_ex`` (the extrapolation's
-        ``Tm``)."""
+        """Member ``g``'s next solve (:meth:`next_solve`), or None where it finished: its estimate met the tolerance,
+        or that solve would pass a cap (:meth:`cost`)."""
         c = self.state[g]
+        key = self.next_solve(c)
+        if key is None or self.over_budget(g, c.sol, *self.cost(c, key)):
+            return self.done(g)
+        return key
+
+    @staticmethod
+    def cost(c: "_CheckState", key: tuple) -> tuple[float, float]:
+        """``(operator evaluations, cell updates)`` of the solve(s) ``key`` for the member ``c``, from its current
+        solve's: the number of steps doubles with a quarter of the step tolerance (second order) and with halved
+        steps, halves with 4x the step tolerance; a recheck's two solves have 1/2 and 1/4 of the cells, and the
+        extrapolation's time check solves half the cells on the kept twin's steps (or a twin and that partner); the
+        order of level 0's halvings, level 0's steps in four."""
+        kind, extrapolates = key[0], key[3]
+        nfe, work = float(c.sol.nfe), _work(c.sol)
+        if kind == "space":
+            return nfe, 2.0 * work
+        if kind == "recheck":
+            return 2.0 * nfe, 0.75 * work
+        if kind == "retime":
+            return (0.75 * nfe, 0.75 * work) if extrapolates else (0.5 * nfe, 0.5 * work)
+        if kind == "retime_ex":
+            return (float(c.prev.nfe), 0.5 * _work(c.prev)) if c.prev is not None and key[3] is not None else (
+                nfe, 0.75 * work)
+        if kind == "order":
+            return 4.0 * c.level0.sol.nfe, 4.0 * _work(c.level0.sol)
+        return 2.0 * nfe, 2.0 * work  # time, halve, rehalve
+
+    def next_solve(self, c: "_CheckState") -> tuple | None:
+        """The next solve of the member ``c``, as a key ``(kind, cells, step tolerance, tag)`` that members needing the
+        same solve share (the tag: the steps to replay, or whether the extrapolation is in view); None where its
+        estimate meets the tolerance (or more cells than ``max_cells`` would be needed).  Kinds: ``space`` (twice the
+        cells on the current steps), ``time`` (a quarter of the step tolerance) or ``halve`` (capped steps halved),
+        and the checks of an estimate measured elsewhere: ``recheck`` (``X`` on the current steps), ``retime`` /
+        ``rehalve`` (``Tm`` on the current cells), ``retime_ex`` (the extrapolation's ``Tm``), ``order`` (the order of
+        the halvings, on level 0's cells)."""
         sol, n_cells, st = c.sol, c.cells, c.step_tol
         x_err, t_err = c.planned()
-        if self.over_budget(g, sol):
-            return self.done(g)
         halving = c.capped and _replayable(sol) is not None  # (a diverged solve's steps cannot be halved)
         timing = (("retime", n_cells, 4.0 * st, c.extrapolates()) if not halving else
                   ("rehalve", n_cells, st, id(sol.schedule)))  # Tm measured again on the current cells
@@ -342,23 +361,27 @@ class _BatchCheck:
                 # depend on the cells is the plain solve's (THEORY §6, 120 / 240 cells: 6.15e-4 / 6.05e-4 at lr 0.5,
                 # 4.06e-3 / 4.20e-3 at lr 2, 1.51e-2 / 1.52e-2 at lr 8)
                 c.t_ex = c.t_err
-            return self.done(g)
+            return None
         space = x_err >= t_err or self.unconfirmed(sol)
         if c.stalled is not None:  # the last refinement did not halve its source's difference: refine the other
             space = c.stalled == "time"
         if space and 2 * n_cells > self.max_cells:
             if t_err <= self.allowed / 2:
-                return self.done(g)  # the space error needs more cells than max_cells
+                return None  # the space error needs more cells than max_cells
             space = False
         if space:
             return ("space", 2 * n_cells, st, id(_replayable(sol)))
+        if halving and c.assumed is not None and c.h_div is None and c.level0 is not None and c.t_cells == n_cells:
+            # Tm of these cells at an assumed first order: the order of level 0's halvings first (4x level 0's solve,
+            # where halving these steps costs 2x this one's), which may spare the halving
+            return ("order", c.level0.cells, c.level0.step_tol, id(c.level0.sol.schedule))
         return ("time", n_cells, st / 4.0, None) if not halving else ("halve", n_cells, st, id(sol.schedule))
 
     def run(self, key: tuple, members: list[int]) -> None:
         """The solve ``key`` (:meth:`plan`) for ``members``, and what it tells each of them."""
         kind, n_cells, st, tag = key
         step = {"rehalve": self._rehalve, "recheck": self._recheck, "retime": self._retime,
-                "retime_ex": self._retime_ex}.get(kind)
+                "retime_ex": self._retime_ex, "order": self._order}.get(kind)
         if step is not None:
             step(members, n_cells, st, tag)
         else:
@@ -369,7 +392,22 @@ class _BatchCheck:
         schedule = _halved(self.state[members[0]].sol.schedule)
         for g, halved in zip(members, self.solve(members, n_cells, st, schedule)):
             c = self.state[g]
-            c.t_err, c.raw_t, c.t_cells = _halving_estimate(c.sol, halved, self.floor, c.h_div), math.inf, n_cells
+            c.t_err, c.raw_t, c.t_cells = _halving_estimate(c.sol, halved, self.floor, c.h_div or 1.0), math.inf, n_cells
+            c.assumed = "coarser" if c.h_div is None else None
+
+    def _order(self, members: list[int], n_cells: int, st: float, tag) -> None:
+        """The order of the halvings (:func:`_halving_divisor`) from level 0's solve, its steps halved (both kept) and
+        its steps in four (solved here), and ``Tm`` again at that order instead of the first order it assumed."""
+        quarters = self.solve(members, n_cells, st, _halved(_halved(self.state[members[0]].level0.sol.schedule)))
+        for g, quarter in zip(members, quarters):
+            c = self.state[g]
+            c.h_div = _halving_divisor(c.level0.sol, c.level0.halved, quarter, self.floor)
+            if c.assumed == "finer":  # the halved solve's estimate: its difference / 1
+                c.t_div = c.h_div
+                c.t_err = c.raw_t / c.h_div
+            else:  # the solve's own from its steps halved: its difference x 2
+                c.t_err = 0.5 * c.t_err * (1.0 + 1.0 / c.h_div)
+            c.assumed = None
 
     def _recheck(self, members: list[int], n_cells: int, st: float, tag) -> None:
         """``X`` again on the current steps: twins with 1/2 and 1/4 of the cells, at the order the three show."""
@@ -437,10 +475,22 @@ class _BatchCheck:
                 # inflated by an unresolved law (THEORY §6, lr 8, tol 1e-2: 0.0985 on 152 cells, then 0.0179 on 608
                 # read as second order; the answer's error 9.8e-3 against an estimate of 7.9e-3): first order
                 c.t_div = _reduction(c.raw_t, raw) if 2 * c.t_cells >= n_cells else 1.0
-                if kind == "halve" and not math.isfinite(c.raw_t):  # no halving pair on these cells before this one
-                    c.t_div = c.h_div  # level 0's halving order (first order where not measured)
+                first_halving = kind == "halve" and not math.isfinite(c.raw_t)  # no halving pair on these cells yet
+                if first_halving:
+                    c.t_div = c.h_div or 1.0  # level 0's halving order (first order where not measured)
+                c.assumed = "finer" if first_halving and c.h_div is None else None
                 c.t_err, c.raw_t, c.x_fresh, c.t_cells = raw / c.t_div, raw, False, n_cells
                 c.chain, c.t_ex = chain, None  # x_ex is carried, as X is, until measured again on these steps
+
+
+class _Halving(NamedTuple):
+    """Level 0's solve and its steps halved (``cells``, step tolerance ``step_tol``), kept for the order of the
+    halvings (:meth:`_BatchCheck._order`)."""
+
+    sol: FokkerPlanckSolution
+    halved: FokkerPlanckSolution
+    cells: int
+    step_tol: float
 
 
 @dataclass
@@ -452,7 +502,10 @@ class _CheckState:
     pair (``inf`` when there is none; carried across a time refinement, as ``X`` is) and its time estimate ``t_ex``
     (None until measured on the current cells and steps); the divisor ``t_div`` of the last ``Tm``; ``prev``, the solve
     on the current cells with 4x the step tolerance when there is one; ``h_div``, the divisor of a halving pair where
-    the steps are capped (:func:`_halving_divisor`; 1, first order, where not measured)."""
+    the steps are capped (:func:`_halving_divisor`; None until measured, first order meanwhile), ``level0`` the
+    level-0 halving it is measured from, and ``assumed`` whether ``Tm`` assumed first order (``"finer"``: a halved
+    solve's, its difference; ``"coarser"``: its difference to its halved steps x 2); ``ex_div``, the divisor of the
+    extrapolations' difference (:func:`_extrapolation_divisor`; 3 where not measured)."""
 
     sol: FokkerPlanckSolution
     cells: int
@@ -470,12 +523,17 @@ class _CheckState:
     t_div: float = 3.0
     prev: FokkerPlanckSolution | None = None
     capped: bool = False
-    h_div: float = 1.0
+    h_div: float | None = None
+    ex_div: float = 3.0
+    level0: "_Halving | None" = None
+    assumed: str | None = None
 
     def same_steps(self, chain: list[FokkerPlanckSolution], floor: float) -> None:
         """``chain``: the solves on the current solve's time steps (cells doubling, the current one last); the
-        estimate of the Richardson extrapolation of its last pair (:func:`_extrapolation_estimate`) on them."""
-        self.chain, self.x_ex, self.t_ex = chain, _extrapolation_estimate(chain, floor), None
+        estimate of the Richardson extrapolation of its last pair (:func:`_extrapolation_estimate`) on them, at the
+        order the last chain of four showed (:func:`_extrapolation_divisor`, carried across time refinements)."""
+        self.ex_div = _extrapolation_divisor(chain, floor) or self.ex_div
+        self.chain, self.x_ex, self.t_ex = chain, _extrapolation_estimate(chain, floor, self.ex_div), None
 
     def extrapolates(self) -> bool:
         """Whether the extrapolation of the chain's last pair is in view: its space estimate, measured on the current
@@ -791,14 +849,14 @@ def _extrapolated(fine: "FokkerPlanckSolution", half: "FokkerPlanckSolution") ->
     return a + (a - _observed_curves(half)) / 3.0
 
 
-def _extrapolation_estimate(chain: list["FokkerPlanckSolution"], floor: float) -> float:
+def _extrapolation_estimate(chain: list["FokkerPlanckSolution"], floor: float, div: float = 3.0) -> float:
     """Estimated relative error of the Richardson extrapolation of the last two solves of ``chain`` (solves on the
     same time steps, each with twice the cells of the one before; at least three), or ``inf``.
 
     ``E2 = (4 S - S_h) / 3`` and ``E1 = (4 S_h - S_q) / 3`` from the last three solves ``S_q, S_h, S``: where the
     plain differences shrink at least :data:`_ASYMPTOTIC`-fold (the second-order term dominates), the extrapolations
-    converge at least at second order too, so ``E2``'s error is at most ``|E2 - E1| / 3``; else ``inf`` (no
-    extrapolation).  Measured on THEORY §6 at 0.8x the critical lr (d = 16384, replayed steps, against the
+    converge at least at second order too, so ``E2``'s error is at most ``|E2 - E1| / 3``, or ``/ div`` at the order
+    a chain of four showed (:func:`_extrapolation_divisor`); else ``inf`` (no extrapolation).  Measured on THEORY §6 at 0.8x the critical lr (d = 16384, replayed steps, against the
     extrapolation of 3840 and 7680 cells): the plain solves' errors 1.8e-2, 4.6e-3, 1.1e-3 at 480, 960, 1920 cells
     fall 4x per doubling, the extrapolations' 1.3e-3, 6.0e-5, 4.1e-6 about 20x (order ~4, the scheme being
     symmetric); this estimate is then 5-7x above the error there, 2-4x on two-level-noisy (docs/benchmarks.md)."""
@@ -808,7 +866,33 @@ def _extrapolation_estimate(chain: list["FokkerPlanckSolution"], floor: float) -
     near, far = _pair_difference(sol, half, floor), _pair_difference(half, quarter, floor)
     if not (math.isfinite(far) and 0.0 < near and far >= _ASYMPTOTIC * near):
         return math.inf
-    return _pair_difference(sol, quarter, floor, curves=(_extrapolated(sol, half), _extrapolated(half, quarter))) / 3.0
+    return _pair_difference(sol, quarter, floor, curves=(_extrapolated(sol, half), _extrapolated(half, quarter))) / div
+
+
+def _extrapolation_divisor(chain: list["FokkerPlanckSolution"], floor: float) -> float | None:
+    """``r - 1`` for the extrapolation estimate (:func:`_extrapolation_estimate`) from the last four solves of ``chain``
+    (same time steps, cells doubling), or None (fewer; the last pair's differences shrinking less than
+    :data:`_ASYMPTOTIC`-fold, or the one before less than 2-fold): ``r`` is how much the extrapolations' difference
+    shrank, ``|E1 - E0| / |E2 - E1|``, kept in ``[4, 6]`` (``/ 3`` to ``/ 5``).
+
+    The extrapolations converge faster than second order (the scheme is symmetric): THEORY §6 (d = 1000, t <= 5, on
+    fixed steps, against the extrapolation of 1920 and 3840 cells) at lr 8 showed ``r`` = 7.5, 13.5, 22.7 on chains
+    ending at 480, 960, 1920 cells, at lr 4 4.6, 8.6, 14.8, and the estimate at ``/ 5`` was 1.6-4.2x the true error
+    there (``/ 3``: 2.7-7x); at lr 2, 960 cells (``r`` 3.6, kept at 4: ``/ 3``) 1.7x, 1920 cells (5.7) 1.9x.  Clipped at
+    6: the seventeenth session's tables (docs/benchmarks.md) had 8 understate two-level-noisy's error at 3840 cells by
+    10 %."""
+    if len(chain) < 4:
+        return None
+    eighth, quarter, half, sol = chain[-4:]
+    plain = [_pair_difference(b, a, floor) for a, b in ((eighth, quarter), (quarter, half), (half, sol))]
+    if not (all(math.isfinite(x) for x in plain) and plain[2] > 0.0 and plain[0] >= 2.0 * plain[1]
+            and plain[1] >= _ASYMPTOTIC * plain[2]):
+        return None  # the last pair short of the asymptotic range (no extrapolation), or the one before not converging
+    far = _pair_difference(half, eighth, floor, curves=(_extrapolated(half, quarter), _extrapolated(quarter, eighth)))
+    near = _pair_difference(sol, quarter, floor, curves=(_extrapolated(sol, half), _extrapolated(half, quarter)))
+    if not (math.isfinite(far) and near > 0.0):
+        return None
+    return min(6.0, max(4.0, far / near)) - 1.0
 
 
 def _pair_difference(fine: "FokkerPlanckSolution", coarse: "FokkerPlanckSolution", floor: float,
