@@ -319,16 +319,16 @@ class _BatchCheck:
         steps, halves with 4x the step tolerance; a recheck's two solves have 1/2 and 1/4 of the cells, and the
         extrapolation's time check solves half the cells on the kept twin's steps (or a twin and that partner); the
         order of level 0's halvings, level 0's steps in four."""
-        kind, extrapolates = key[0], key[3]
+        kind, tag = key[0], key[3]  # tag: whether the extrapolation is in view (retime), the kept twin (retime_ex)
         nfe, work = float(c.sol.nfe), _work(c.sol)
         if kind == "space":
             return nfe, 2.0 * work
         if kind == "recheck":
             return 2.0 * nfe, 0.75 * work
         if kind == "retime":
-            return (0.75 * nfe, 0.75 * work) if extrapolates else (0.5 * nfe, 0.5 * work)
+            return (0.75 * nfe, 0.75 * work) if tag else (0.5 * nfe, 0.5 * work)
         if kind == "retime_ex":
-            return (float(c.prev.nfe), 0.5 * _work(c.prev)) if c.prev is not None and key[3] is not None else (
+            return (float(c.prev.nfe), 0.5 * _work(c.prev)) if c.prev is not None and tag is not None else (
                 nfe, 0.75 * work)
         if kind == "order":
             return 4.0 * c.level0.sol.nfe, 4.0 * _work(c.level0.sol)
