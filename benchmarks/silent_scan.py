@@ -7,7 +7,8 @@ size and its schedule (constant, doubling at half the run, a ramp), momentum, we
 cosine, step, warmup-cosine) and lr (a fraction of the E8 estimate) -- from ``random.Random(case)``, so a case number
 is a reproducible setting.  It runs ``predict`` (41 points, ``--max-seconds``) and ``--runs`` SGD runs
 (``simulate_sgd``, torch.optim.SGD's semantics) and prints, per case, whether the prediction warned, the largest
-relative error of the risk and the curvature over the descent window (``R >= 1e-3 R(0)``, before a divergence),
+relative error of the risk and the curvature over the descent window (``R >= 1e-3 R(0)``, before a divergence, and
+each observable at least 1e-3 of its start in SGD),
 its distance from the SGD mean in seed standard errors at that point (``z``; the spread behind the standard error is
 the larger of the runs' own and the predicted one-run scatter, ``Prediction.scatter``) and the finite-d indicators that
 ``FiniteDimensionWarning`` reads (``info["finite_d"]``: the largest step and scatter, and the step compounded over
@@ -135,8 +136,12 @@ def run_case(case: int, d: int, runs: int, max_seconds: float) -> dict:
         spread = torch.maximum(sgd.values[name].std(0), pred.scatter[name] * mean.abs()) if name in pred.scatter \
             else sgd.values[name].std(0)
         se = spread / runs**0.5
-        rel = ((pred.curves[name] - mean).abs() / mean.abs())[window]
-        z = ((pred.curves[name] - mean).abs() / se)[window]
+        # and, like the risk's window, only where SGD's value is at least 1e-3 of its start: a vanished observable's
+        # relative error says nothing (case 2433: weight decay 0.01 took every weight to 0, the curvature to 1e-198 in
+        # SGD and to 6e-39 in the prediction, from 0.02: "1e180 %")
+        keep = window & (mean.abs() >= 1e-3 * mean.abs()[0])
+        rel = ((pred.curves[name] - mean).abs() / mean.abs())[keep]
+        z = ((pred.curves[name] - mean).abs() / se)[keep]
         k = int(torch.nan_to_num(rel, nan=math.inf).argmax()) if rel.numel() else None
         out[name] = (float(rel[k]), float(z[k])) if k is not None else (math.nan, math.nan)
     return out
