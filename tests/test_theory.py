@@ -200,13 +200,13 @@ def test_the_grid_check_extrapolates_in_the_cells_and_says_how_well(lr, tol):
 
 
 @functools.lru_cache(maxsize=None)
-def _section6_reference(lr: float) -> tuple[MeanFieldDynamics, torch.Tensor, torch.Tensor]:
-    """THEORY §6 (d = 1000) at ``lr``, t <= 5 (21 points): ``(dynamics, t, R and C)``, the reference the grid check's
+def _section6_reference(lr: float, points: int = 21) -> tuple[MeanFieldDynamics, torch.Tensor, torch.Tensor]:
+    """THEORY §6 (d = 1000) at ``lr``, t <= 5 (``points`` output times): ``(dynamics, t, R and C)``, the reference the grid check's
     answers are held to: the extrapolation of 768 and 1536 cells at step tolerance 2e-5 (within 5e-5 of 1536/3072 at
     1e-5 at lr 4 and 8, measured; 2-4 s)."""
     problem, model = section6()
     dyn = MeanFieldDynamics(coordinate_types(problem, model), lr, 1, 0.0)
-    t = torch.linspace(0, 5, 21, dtype=F64)
+    t = torch.linspace(0, 5, points, dtype=F64)
     coarse = solve_on_grid(dyn, t, 768, 2e-5)
     fine = solve_on_grid(dyn, t, 1536, 2e-5, schedule=coarse.schedule)
     return dyn, t, fine.answer_curves() + (fine.answer_curves() - coarse.answer_curves()) / 3.0
@@ -304,9 +304,7 @@ def test_the_grid_check_measures_the_halvings_order_before_a_second_halving(monk
     level 0's cells (the ``order`` solve) and carries it: its answer meets tol and its estimate bounds the error
     against 768 / 1536 cells extrapolated at step tolerance 2e-5 (measured 1.9e-3 for 1.7e-3; 768 cells alone are
     3.0e-4 from that reference)."""
-    problem, model = section6()
-    dyn = MeanFieldDynamics(coordinate_types(problem, model), 1.0, 1, 0.0)
-    t = torch.linspace(0, 5, 101, dtype=F64)
+    dyn, t, ref = _section6_reference(1.0, 101)
     kinds, run = [], gc._BatchCheck.run
 
     def recorded(self, key, members):
@@ -318,9 +316,6 @@ def test_the_grid_check_measures_the_halvings_order_before_a_second_halving(monk
         warnings.simplefilter("error")
         sol = solve_fokker_planck(dyn, t, tol=3e-3)
     assert "order" in kinds and kinds.index("halve") < kinds.index("order")
-    coarse = solve_on_grid(dyn, t, 768, 2e-5)
-    fine = solve_on_grid(dyn, t, 1536, 2e-5, schedule=coarse.schedule)
-    ref = fine.answer_curves() + (fine.answer_curves() - coarse.answer_curves()) / 3.0
     assert _error_against(sol.answer_curves(), ref) <= sol.error_estimate <= 3e-3
 
 def test_a_split_whose_replay_blew_up_measures_both_sources_on_the_other_corner(monkeypatch):
