@@ -796,29 +796,31 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     threshold = blowup_factor * max(float(r0), 1e-300)
     state0 = (g0, m0.clone(), s0.clone(), (_per_group(dynamics.coef.noise(0.0)) * r0 * t0).reshape(-1).expand(groups).clone())
     later = t_out[t_out > t0]
+    n_before = t_out.numel() - later.numel()
+    # the trajectory (mass, m, s, int R, per-type curves) at every output time, each (n, G, ...): times <= t0 take the
+    # exact (delta) initial law, the integrator writes the later ones in place (ordinary tensors: made outside
+    # inference mode; one copy of each output state, where a list stacked and padded per member made three)
+    traj = tuple(torch.empty(t_out.numel(), *z.shape, dtype=dtype, device=dev)
+                 for z in (*state0, torch.empty(groups, 2, n_types)))
+    traj[0][:n_before] = g0
+    traj[1][:n_before] = x0[:, 0]
+    traj[2][:n_before] = 1e-12
+    traj[3][:n_before] = 0.0
+    nfe, tail_divs, taken = 0, [None] * groups, []
     if later.numel():
         with torch.inference_mode():  # no autograd bookkeeping per operation: a third of a small step's cost
-            outs, nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
-                                                            tail_limit, schedule, budget or Budget(), on_step)
-        traj = tuple(torch.stack(z) for z in zip(*outs))  # stacked outside: ordinary tensors for the caller
-    else:  # no output time after t0: an empty trajectory (state and per-type curves)
-        curves0 = torch.zeros(groups, 2, n_types, dtype=dtype, device=dev)
-        traj = tuple(z[None][:0] for z in (*state0, curves0))
-        nfe, tail_divs, taken = 0, [None] * groups, []
-    n_before = t_out.numel() - later.numel()
+            nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
+                                                      tail_limit, tuple(z[n_before:] for z in traj), schedule,
+                                                      budget or Budget(), on_step)
     sols = []
     for g in range(groups):
-        mass, m, s, integral, curves = (z[:, g] for z in traj)
+        # a member's own contiguous tensors (views of the trajectory when there is one member)
+        mass, m, s, integral, curves = (z[:, g] if groups == 1 else z[:, g].contiguous() for z in traj)
         member = dynamics.member(g) if dynamics.groups is not None else dynamics
-        if n_before:  # times <= t0 take the exact (delta) initial law
-            pad = lambda z, first: torch.cat([first.expand(n_before, *first.shape), z])  # noqa: E731
-            mass = pad(mass, g0[g])
-            m = pad(m, x0[:, 0])
-            s = pad(s, torch.full_like(s0[g], 1e-12))
-            integral = pad(integral, torch.zeros((), dtype=dtype, device=dev))
+        if n_before:  # the initial law's curves
             head = FokkerPlanckSolution(t_out[:n_before], grid.xi, grid.h, mass[:n_before], m[:n_before], s[:n_before],
                                         integral[:n_before], torch.empty(0), member, None, 0, 0.0)
-            curves = torch.cat([head.type_curves().transpose(0, 1), curves])
+            curves[:n_before] = head.type_curves().transpose(0, 1)
         sol = FokkerPlanckSolution(t_out, grid.xi, grid.h, mass, m, s, integral, torch.empty(0), member, None, nfe,
                                    float(torch.maximum(mass[..., 0], mass[..., -1]).max()), schedule=taken, curves=curves)
         risk = curves[:, 0].sum(-1) + _RISK.offset(dynamics.noise_std)  # E7 from the solve's own statistics
@@ -839,7 +841,8 @@ def _per_group(value):
 
 
 def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: float, threshold: float, max_steps: int,
-                      tail_limit: float, schedule: list[float] | None = None, budget: Budget | None = None, on_step=None):
+                      tail_limit: float, out: tuple[Tensor, ...], schedule: list[float] | None = None,
+                      budget: Budget | None = None, on_step=None):
     """Adaptive MPRK22 (modified Patankar-Runge-Kutta, Kopecz & Meister 2018, alpha = 1).
 
     For the linear conservative system ``y' = A(t) y`` (``A`` Metzler with zero column sums)
@@ -858,11 +861,11 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     A member that diverges (``R`` past ``threshold``, the tail or step limit, or no step resolving it) is frozen
     and leaves the batch; the rest go on.  ``schedule``: replay these step sizes instead (no error control): two
     solves on the same steps have the same time-discretization error to first order, so their difference
-    isolates what else differs (the types).  Returns the trajectory (a list over the ``n`` output times of tuples
-    ``(mass, m, s, int R, curves)`` with a leading ``G``), the operator evaluations, each member's tail-divergence
-    time (or None) and the steps taken.  The curves are the per-type R and C (:class:`_Statistics`'s ``per_type``,
-    ``(G, 2, T)``).  Runs under ``torch.inference_mode`` (:func:`solve_batch_on_grid`): its tensors are inference
-    tensors, and the caller stacks the trajectory outside it.
+    isolates what else differs (the types).  Writes the trajectory into ``out``, ``(mass, m, s, int R, curves)``
+    each ``(n, G, ...)`` over the ``n`` output times ``times``; returns the operator evaluations, each member's
+    tail-divergence time (or None) and the steps taken.  The curves are the per-type R and C (:class:`_Statistics`'s
+    ``per_type``, ``(G, 2, T)``).  Runs under ``torch.inference_mode`` (:func:`solve_batch_on_grid`): ``out`` is
+    made outside it, so the caller's trajectory is made of ordinary tensors.
     """
     mass, m, s, integral = state0
     frozen = [z.clone() for z in state0]  # every member's latest state (a diverged member's stays here)
@@ -874,7 +877,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     dyn_all = grid.dyn
     t = t0
     dt = t0
-    outs: list[tuple[Tensor, ...]] = []
+    written = 0  # output times of `out` written so far
     nfe = 0
     steps = 0
     mark = (t0, 0)  # (t, steps) at the last crawl check
@@ -957,13 +960,15 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                     idx = torch.tensor(alive, device=mass.device)
                     for full, cur in zip(frozen, (mass, m, s, integral, st0.per_type.transpose(0, 1))):
                         full[idx] = cur
-                while len(outs) < len(wanted) and (wanted[len(outs)] <= t_target * (1 + 1e-13) or not alive):
-                    outs.append(tuple(z.clone() for z in frozen))  # a diverged member: its frozen state (R > threshold)
-            if len(outs) == len(wanted):
+                while written < len(wanted) and (wanted[written] <= t_target * (1 + 1e-13) or not alive):
+                    for buf, z in zip(out, frozen):  # a diverged member: its frozen state (R > threshold)
+                        buf[written] = z
+                    written += 1
+            if written == len(wanted):
                 break
     finally:
         grid.dyn = dyn_all
-    return outs, nfe, tail_div, taken
+    return nfe, tail_div, taken
 
 
 def _step_errors(y1: Tensor, y2: Tensor, i1: Tensor, i2: Tensor, st1: _Statistics, weight: Tensor,
