@@ -186,6 +186,23 @@ def test_a_capped_quadrature_falls_back_to_the_coordinates_when_they_fit():
     assert not capped.types.exact and capped.estimate > 1e-7  # the coordinates do not fit: the caller warns
 
 
+def test_the_quadrature_takes_the_coordinates_once_its_next_set_would_have_half_as_many_types():
+    # tol far below reach, the d coordinates fit under max_types: the ladder stops before a set of more than d / 2
+    # types (the rows then cost at most twice that set's solve), and the answer is the rows' own solve
+    d = 512
+    problem, model = log_uniform_dense(d, seed=8)
+    t = torch.linspace(0, 2.0, 9, dtype=F64)
+    solve = _fixed_grid_solver(problem, model, 0.5, 1, t)
+    sizes = []
+    counted = lambda types: sizes.append(types.num_types) or solve(types)  # noqa: E731
+    check = solve_with_type_control(coordinate_columns(problem, model), counted, t, tol=1e-7, max_types=4096,
+                                    noise_std=0.0, max_solves=30)
+    assert check.types.exact and check.types.num_types == d and check.estimate == 0.0
+    assert sizes[-1] == d and len(sizes) >= 3  # the quadrature ran, then the rows
+    assert max(sizes[:-1]) <= d // 2 < max(sizes[:-1]) * 2  # it stopped short of d / 2, within one doubling
+    assert check.solves == len(sizes)  # every solve counted, the rows' included
+
+
 def test_exact_types_need_no_quadrature():
     problem = TeacherProblem.sparse(1000, 0.1, spectrum="two-level", seed=0)
     model = DiagonalLinearNetwork(1000, alpha=0.1, dtype=F64)
