@@ -800,8 +800,8 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     # the trajectory (mass, m, s, int R, per-type curves) at every output time, each (n, G, ...): times <= t0 take the
     # exact (delta) initial law, the integrator writes the later ones in place (ordinary tensors: made outside
     # inference mode; one copy of each output state, where a list stacked and padded per member made three)
-    traj = tuple(torch.empty(t_out.numel(), *z.shape, dtype=dtype, device=dev)
-                 for z in (*state0, torch.empty(groups, 2, n_types)))
+    shapes = [z.shape for z in state0] + [(groups, 2, n_types)]
+    traj = tuple(torch.empty(t_out.numel(), *shape, dtype=dtype, device=dev) for shape in shapes)
     traj[0][:n_before] = g0
     traj[1][:n_before] = x0[:, 0]
     traj[2][:n_before] = 1e-12
