@@ -18,6 +18,7 @@ import torch
 from sde_optim import DiagonalLinearNetwork, TeacherProblem
 from sde_optim.theory import predict
 from sde_optim.theory.fokker_planck import MeanFieldDynamics, grid_level, solve_on_grid
+from sde_optim.theory import grid_check as gc
 from sde_optim.theory.grid_check import _cross_estimate, _pair_difference, _reach_cross, refine_grid_on_subset
 from sde_optim.theory.quadrature import (
     TypeQuadrature,
@@ -431,6 +432,37 @@ def test_the_subset_pair_moves_on_level_2_too(lu_ladder):
     assert moved.fine.levels == 2 and moved.estimate + moved.cross <= tol  # measured: 5.07e-4 + 3.6e-5
     assert moved.base is closer[0][1] and moved.fine.dynamics.types.num_types == sizes[2]
     assert moved.fine.xi.numel() == two.fine.xi.numel()  # the same level-2 grid (261 cells)
+
+
+def test_a_subset_check_on_capped_steps_answers_with_its_steps_halved():
+    """Where a level's steps are its predecessor's (a step tolerance too loose to set them) the subset check measures
+    its time error by halving them; past half the tolerance it handed over to the check on the final types
+    (exp-laplace-randinit at d = 4096: 2 x 4.87e-4 against half of 1e-3, then the check on 4096 types ran into its
+    work cap, ~60 s, estimate 4.6e-3, warned).  Now the steps in four give the halvings' order and the halved solve
+    answers when its own estimates fit: here (step tolerance 0.32: level 1 takes 34 steps where level 0 took 26) the
+    first-order time error 2 x 1.8e-2 is past half of tol 0.03; the halved solve answers, its error against a
+    reference within its estimate (measured 7.2e-3 <= 1.04e-2; the reference, 252 cells on level 0's steps in 16,
+    is within 3e-4 of one on 504 cells and steps in 64)."""
+    problem, model = log_uniform_dense(1024)
+    dyn_s = MeanFieldDynamics(coordinate_types(problem, model, max_types=128), 0.5, 1, 0.0)
+    dyn_c = MeanFieldDynamics(coordinate_types(problem, model, max_types=64), 0.5, 1, 0.0)
+    t = torch.linspace(0, 3, 13, dtype=F64)
+    n0, st0, tol = grid_level(1e-3, 20.0, None, 0)[0], 0.32, 0.03
+    base_s = solve_on_grid(dyn_s, t, n0, st0)
+    base_c = solve_on_grid(dyn_c, t, n0, st0, schedule=base_s.schedule)
+    level1 = solve_on_grid(dyn_s, t, 2 * n0, st0 / 4)
+    assert not gc._steps_moved(level1, base_s)  # capped: a quarter of the step tolerance, about the same steps
+    halved = solve_on_grid(dyn_s, t, 2 * n0, st0 / 4, schedule=gc._halved(level1.schedule))
+    assert gc._halving_estimate(level1, halved, 1e-3) > 0.5 * tol  # first order: the old check handed over here
+    kw = dict(base=(n0, st0), step_tol=None, max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3,
+              half_width=20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        found = refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=tol, **kw)
+    assert found is not None and found.fine.levels == 1 and found.estimate + found.cross <= tol
+    assert found.fine.schedule == halved.schedule  # the halved solve is the subset's answer
+    reference = solve_on_grid(dyn_s, t, 252, 1e-9, schedule=[x / 16 for h in base_s.schedule for x in [h] * 16])
+    assert _pair_difference(reference, found.fine, 1e-3) <= found.estimate
 
 
 def test_the_cross_term_is_scaled_to_how_far_the_final_types_are(lu_ladder):

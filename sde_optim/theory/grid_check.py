@@ -615,8 +615,10 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
 
     Where a level took its predecessor's steps (other limits than the step tolerance set them: :func:`_steps_moved`)
     the pair's difference is the cells' alone, and the subset's time error is measured by halving its steps
-    (:func:`_halving_estimate`) and added to the estimate; past half the tolerance the check returns None (the check
-    on the final types then refines by halving the steps).
+    (:func:`_halving_estimate`) and added to the estimate; past half the tolerance the steps in four give the
+    halvings' order, and the halved solve answers for the subset if it fits the tolerance with its own space, time
+    and cross estimates (:func:`_capped_subset`); else the check returns None (the check on the final types then
+    refines by halving their steps).
 
     Returns a :class:`SubsetCheck` (``L_l(S)``, its base solve, grid and cross estimates), or None if a solve
     diverges (a divergence is decided on the many types: the caller refines them instead) or if the cross estimate
@@ -665,12 +667,14 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
             dyn_s, dyn_c, fine, other, base_s, base_c, coarse = dyn_n, dyn_s, nxt, fine, base_n, base_s, below
             estimate, cross = judge(fine, coarse, other, base_s, base_c, ratio)
         if not _steps_moved(fine, coarse):  # the level's steps are its predecessor's: the pair saw space only
-            halved = solve_on_grid(dyn_s, t_out, n_cells, st, schedule=_halved(fine.schedule), **opts)
-            spent, work = spent + halved.nfe, work + _work(halved)
-            time_err = _halving_estimate(fine, halved, estimate_floor)
-            if time_err > 0.5 * allowed:
-                return None  # a finer step tolerance would not shorten them: the check on the final types halves them
-            estimate += time_err
+            timed = _capped_subset(dyn_s, dyn_c, t_out, (n_cells, st, before[0], ratio), fine, other, estimate, cross,
+                                   allowed, lambda f, o: judge(f, coarse, o, base_s, base_c, ratio)[1], estimate_floor,
+                                   opts)
+            spent += sum(x.nfe for x in timed.solves)
+            work += sum(_work(x) for x in timed.solves)
+            if timed.fine is None:
+                return None  # its time error, halved, still too large: the check on the final types halves their steps
+            fine, other, estimate, cross = timed.fine, timed.other, timed.estimate, timed.cross
         ratio = _next_ratio(estimate, allowed - cross)
         if (estimate + cross <= allowed or ratio * n_cells > max_cells  # a level: cells and steps x ratio
                 or _next_exceeds(spent, ratio**2 * fine.nfe, max_evaluations, work,
@@ -688,6 +692,61 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     fine.error_estimate = estimate + cross
     fine.levels = level
     return SubsetCheck(fine, base_s, estimate, cross)
+
+
+class _SubsetTime(NamedTuple):
+    """What :func:`_capped_subset` found: the subset's answer on the level (``fine``, None when it cannot answer),
+    the coarser set on its steps (``other``), their estimates (grid, time included; cross) and every solve it made."""
+
+    fine: "FokkerPlanckSolution | None"
+    other: "FokkerPlanckSolution | None"
+    estimate: float
+    cross: float
+    solves: list
+
+
+def _capped_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, grid: tuple[int, float, int, float],
+                   fine: "FokkerPlanckSolution", other: "FokkerPlanckSolution", estimate: float, cross: float,
+                   allowed: float, cross_of, floor: float, opts: dict) -> _SubsetTime:
+    """The time error of a level of :func:`refine_grid_on_subset` whose steps are its predecessor's (other limits
+    than the step tolerance set them, :func:`_steps_moved`): the pair ``(fine, coarser level)`` saw space only.
+    ``grid``: the level's cells and step tolerance, the cells of the level before and the ratio between them.
+
+    The subset's steps halved give the time error at first order (:func:`_halving_estimate`); where that is past
+    half of ``allowed``, the steps in four give the halvings' order (:func:`_halving_divisor`), and where the error
+    of ``fine`` at that order is still past it, the halved solve becomes the subset's answer: its time error the
+    pair's difference over that order, its space error measured again on its own steps (``before_cells`` on them,
+    ``/ (ratio^2 - 1)`` as the level's pair), its cross term from the coarser set on those steps (``cross_of(fine,
+    other)``).  An answer past ``allowed`` there, or a divergence in any of these solves, returns ``fine=None``: the
+    caller hands over to the check on the final types.
+
+    Measured on exp-laplace-randinit (own lr, d = 4096, 4096 exact types, 324 and 176 in the subset pair): level 1's
+    halving said 2 x 4.87e-4 against half of 1e-3, and the check on the 4096 types that followed ran into its work
+    cap (estimate 4.6e-3, warned, ~60 s of the prediction; docs/benchmarks.md)."""
+    n_cells, st, before_cells, ratio = grid
+    schedule = _halved(fine.schedule)
+    halved = solve_on_grid(dyn_s, t_out, n_cells, st, schedule=schedule, **opts)
+    solves = [halved]
+    time_err = _halving_estimate(fine, halved, floor)
+    if halved.diverged_at is None and time_err > 0.5 * allowed:
+        quarter = solve_on_grid(dyn_s, t_out, n_cells, st, schedule=_halved(schedule), **opts)
+        solves.append(quarter)
+        div = _halving_divisor(fine, halved, quarter, floor)
+        time_err = _halving_estimate(fine, halved, floor, div)
+        if time_err > 0.5 * allowed and quarter.diverged_at is None:
+            other_h = solve_on_grid(dyn_c, t_out, n_cells, st, schedule=schedule, **opts)
+            space_h = solve_on_grid(dyn_s, t_out, before_cells, st, schedule=schedule, **opts)
+            solves += [other_h, space_h]
+            if other_h.diverged_at is not None or space_h.diverged_at is not None:
+                return _SubsetTime(None, None, math.inf, math.inf, solves)
+            x_h = _pair_difference(halved, space_h, floor) / (ratio**2 - 1.0)
+            t_h = _pair_difference(fine, halved, floor) / div
+            cross_h = cross_of(halved, other_h)
+            if x_h + t_h + cross_h <= allowed:
+                return _SubsetTime(halved, other_h, x_h + t_h, cross_h, solves)
+    if halved.diverged_at is not None or time_err > 0.5 * allowed:
+        return _SubsetTime(None, None, math.inf, math.inf, solves)
+    return _SubsetTime(fine, other, estimate + time_err, cross, solves)
 
 
 class SubsetCheck(NamedTuple):
