@@ -434,35 +434,58 @@ def test_the_subset_pair_moves_on_level_2_too(lu_ladder):
     assert moved.fine.xi.numel() == two.fine.xi.numel()  # the same level-2 grid (261 cells)
 
 
-def test_a_subset_check_on_capped_steps_answers_with_its_steps_halved():
-    """Where a level's steps are its predecessor's (a step tolerance too loose to set them) the subset check measures
-    its time error by halving them; past half the tolerance it handed over to the check on the final types
-    (exp-laplace-randinit at d = 4096: 2 x 4.87e-4 against half of 1e-3, then the check on 4096 types ran into its
-    work cap, ~60 s, estimate 4.6e-3, warned).  Now the steps in four give the halvings' order and the halved solve
-    answers when its own estimates fit: here (step tolerance 0.32: level 1 takes 34 steps where level 0 took 26) the
-    first-order time error 2 x 1.8e-2 is past half of tol 0.03; the halved solve answers, its error against a
-    reference within its estimate (measured 7.2e-3 <= 1.04e-2; the reference, 252 cells on level 0's steps in 16,
-    is within 3e-4 of one on 504 cells and steps in 64)."""
+@pytest.fixture(scope="module")
+def capped_pair():
+    """A subset pair (128 and 64 types of a log-uniform spectrum with a dense Gaussian teacher, d = 1024) on a base
+    grid of 30 cells at step tolerance 0.32, where level 1 (60 cells, 0.08) takes about the same steps as level 0
+    (capped: other limits set them), and a reference for the subset: 252 cells on level 0's steps in 16 (within
+    2.9e-4 of 504 cells on its steps in 32)."""
     problem, model = log_uniform_dense(1024)
     dyn_s = MeanFieldDynamics(coordinate_types(problem, model, max_types=128), 0.5, 1, 0.0)
     dyn_c = MeanFieldDynamics(coordinate_types(problem, model, max_types=64), 0.5, 1, 0.0)
     t = torch.linspace(0, 3, 13, dtype=F64)
-    n0, st0, tol = grid_level(1e-3, 20.0, None, 0)[0], 0.32, 0.03
-    base_s = solve_on_grid(dyn_s, t, n0, st0)
-    base_c = solve_on_grid(dyn_c, t, n0, st0, schedule=base_s.schedule)
-    level1 = solve_on_grid(dyn_s, t, 2 * n0, st0 / 4)
+    base_s = solve_on_grid(dyn_s, t, 30, 0.32)
+    base_c = solve_on_grid(dyn_c, t, 30, 0.32, schedule=base_s.schedule)
+    level1 = solve_on_grid(dyn_s, t, 60, 0.08)
     assert not gc._steps_moved(level1, base_s)  # capped: a quarter of the step tolerance, about the same steps
-    halved = solve_on_grid(dyn_s, t, 2 * n0, st0 / 4, schedule=gc._halved(level1.schedule))
+    reference = solve_on_grid(dyn_s, t, 252, 1e-9, schedule=[x / 16 for h in base_s.schedule for x in [h] * 16])
+    return dyn_s, dyn_c, t, base_s, base_c, level1, reference
+
+
+@pytest.mark.parametrize("tol, levels, split", [(0.03, 1, 2), (0.02, 1, 4), (0.01, 2, 4)])
+def test_a_subset_check_on_capped_steps_answers_on_its_steps_halved(capped_pair, tol, levels, split):
+    """Where a level's steps are its predecessor's (a step tolerance too loose to set them) the subset check measures
+    its time error by halving them; past half the tolerance it handed over to the check on the final types
+    (exp-laplace-randinit at d = 4096: 2 x 4.87e-4 against half of 1e-3, then the check on 4096 types ran into its
+    work cap, ~60 s, estimate 4.6e-3, warned; lu-dense-gauss: the check on 1461 types, 77 of 96 s).  Now the steps in
+    four give the halvings' order, and the halved solve, or the one on the steps in four where the halved steps'
+    own time error is past half the tolerance, answers; a next level, where its space error needs one, replays those
+    steps.  Here level 1's first-order time error (2 x 1.8e-2) is past half of every tol; at 0.03 the halved solve
+    answers on level 1, at 0.02 the one in four, at 0.01 level 2 (94 cells) on the steps in four.  Each answer's error
+    against the reference is within its estimate (measured 7.7e-3 <= 1.45e-2, 3.2e-3 <= 7.3e-3, 2.1e-3 <= 3.6e-3;
+    the reference's own error ~3e-4)."""
+    dyn_s, dyn_c, t, base_s, base_c, level1, reference = capped_pair
+    halved = solve_on_grid(dyn_s, t, 60, 0.08, schedule=gc._halved(level1.schedule))
     assert gc._halving_estimate(level1, halved, 1e-3) > 0.5 * tol  # first order: the old check handed over here
-    kw = dict(base=(n0, st0), step_tol=None, max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3,
+    kw = dict(base=(30, 0.32), step_tol=None, max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3,
               half_width=20.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         found = refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=tol, **kw)
-    assert found is not None and found.fine.levels == 1 and found.estimate + found.cross <= tol
-    assert found.fine.schedule == halved.schedule  # the halved solve is the subset's answer
-    reference = solve_on_grid(dyn_s, t, 252, 1e-9, schedule=[x / 16 for h in base_s.schedule for x in [h] * 16])
+    assert found is not None and found.fine.levels == levels and found.estimate + found.cross <= tol
+    assert len(found.fine.schedule) == split * len(level1.schedule)  # the steps it answers on
     assert _pair_difference(reference, found.fine, 1e-3) <= found.estimate
+
+
+def test_a_subset_check_whose_steps_in_four_miss_hands_over(capped_pair):
+    """The same pair at tol 0.005: the steps in four's own time error is past half of it, so the subset cannot answer
+    and the check on the final types takes over (None)."""
+    dyn_s, dyn_c, t, base_s, base_c, _, _ = capped_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=0.005, base=(30, 0.32), step_tol=None,
+                                     max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3,
+                                     half_width=20.0) is None
 
 
 def test_the_cross_term_is_scaled_to_how_far_the_final_types_are(lu_ladder):
