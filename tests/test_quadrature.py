@@ -477,6 +477,35 @@ def test_a_subset_check_on_capped_steps_answers_on_its_steps_halved(capped_pair,
     assert _pair_difference(reference, found.fine, 1e-3) <= found.estimate
 
 
+def test_a_subset_level_that_replays_its_steps_is_priced_by_its_cells(capped_pair, monkeypatch):
+    """The caps price a level at ``ratio^2`` x the last one's evaluations and cell updates (cells and steps both
+    finer); a level that replays the steps the subset answers on has the same evaluations and ``ratio`` x the cell
+    updates, and pricing it as the others stopped it early (a warning where the work would have fitted)."""
+    dyn_s, dyn_c, t, base_s, base_c, _, _ = capped_pair
+    priced = []
+    real = gc._next_exceeds
+
+    def spy(spent, next_evaluations, max_evaluations, work, next_work, max_work):
+        priced.append((next_evaluations, next_work))
+        return real(spent, next_evaluations, max_evaluations, work, next_work, max_work)
+
+    monkeypatch.setattr(gc, "_next_exceeds", spy)
+    solves = []
+    real_solve = gc.solve_on_grid
+    monkeypatch.setattr(gc, "solve_on_grid", lambda *a, **k: solves.append(real_solve(*a, **k)) or solves[-1])
+    found = refine_grid_on_subset(dyn_s, dyn_c, t, base_s, base_c, tol=0.01, base=(30, 0.32), step_tol=None,
+                                  max_cells=4096, max_evaluations=40_000, estimate_floor=1e-3, half_width=20.0)
+    assert found.fine.levels == 2 and len(priced) == 1  # level 1 priced the replaying level 2, which then fitted
+    # level 1's answer (60 cells, on the steps in four the subset answers on) and the coarser set on those steps
+    level1 = [x for x in solves if x.dynamics is dyn_s and x.schedule == found.fine.schedule and 45 < x.xi.numel() < 70]
+    other1 = [x for x in solves if x.dynamics is dyn_c and x.schedule == found.fine.schedule and 45 < x.xi.numel() < 70]
+    assert len(level1) == len(other1) == 1
+    ratio = 91 / 60  # level 2's cells over level 1's (measured: 91 nominal cells)
+    evaluations, work = priced[0]
+    assert evaluations == level1[0].nfe  # the same steps: the same evaluations
+    assert work == pytest.approx(ratio * (gc._work(level1[0]) + gc._work(other1[0])), rel=0.02)  # not ratio^2
+
+
 def test_a_subset_check_whose_steps_in_four_miss_hands_over(capped_pair):
     """The same pair at tol 0.005: the steps in four's own time error is past half of it, so the subset cannot answer
     and the check on the final types takes over (None)."""

@@ -681,9 +681,11 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
             fine, other, estimate, cross, h_div = timed.fine, timed.other, timed.estimate, timed.cross, timed.div
             replay = fine.schedule if timed.halved else replay
         ratio = _next_ratio(estimate, allowed - cross)
-        if (estimate + cross <= allowed or ratio * n_cells > max_cells  # a level: cells and steps x ratio
-                or _next_exceeds(spent, ratio**2 * fine.nfe, max_evaluations, work,
-                                 ratio**2 * (_work(fine) + _work(other)), max_work)):
+        # a level's cost: cells and steps x ratio, priced ratio^2 in both; one that replays the steps: cells x ratio
+        evaluations, cells_steps = (1.0, ratio) if replay is not None else (ratio**2, ratio**2)
+        if (estimate + cross <= allowed or ratio * n_cells > max_cells
+                or _next_exceeds(spent, evaluations * fine.nfe, max_evaluations, work,
+                                 cells_steps * (_work(fine) + _work(other)), max_work)):
             break
         if cross > 0.5 * allowed and cross > 0.5 * cross_before:
             return None  # the correction's type dependence does not fall with the grid: check the final types instead
