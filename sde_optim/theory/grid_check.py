@@ -633,10 +633,12 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
     half_width = opts["half_width"]
     allowed = tol - tol_used
 
-    def judge(fine, coarse, other, base_s, base_c, ratio):  # a pair's (Richardson estimate, scaled cross term)
+    def cross_of(fine, other, base_s, base_c):  # the cross term of S's and C's solves, scaled to F
         cross = _cross_estimate(fine, base_s, other, base_c, estimate_floor)
-        return (_richardson_estimate(fine, coarse, estimate_floor, ratio),
-                _reach_cross(cross, base_s, base_c, final, estimate_floor))
+        return _reach_cross(cross, base_s, base_c, final, estimate_floor)
+
+    def judge(fine, coarse, other, base_s, base_c, ratio):  # a pair's (Richardson estimate, scaled cross term)
+        return _richardson_estimate(fine, coarse, estimate_floor, ratio), cross_of(fine, other, base_s, base_c)
 
     closer = iter(closer)
     level, spent, cross_before = 0, base_s.nfe + base_c.nfe, math.inf
@@ -672,8 +674,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
             estimate, cross = judge(fine, coarse, other, base_s, base_c, ratio)
         if not _steps_moved(fine, coarse):  # the level's steps are its predecessor's: the pair saw space only
             timed = _capped_subset(dyn_s, dyn_c, t_out, (n_cells, st, before[0], ratio), fine, other, estimate, cross,
-                                   allowed, lambda f, o: judge(f, coarse, o, base_s, base_c, ratio)[1], estimate_floor,
-                                   opts, h_div)
+                                   allowed, lambda f, o: cross_of(f, o, base_s, base_c), estimate_floor, opts, h_div)
             spent += sum(x.nfe for x in timed.solves)
             work += sum(_work(x) for x in timed.solves)
             if timed.fine is None:
