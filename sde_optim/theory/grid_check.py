@@ -680,7 +680,7 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
             if timed.fine is None:
                 return None  # its time error, halved, still too large: the check on the final types halves their steps
             fine, other, estimate, cross, h_div = timed.fine, timed.other, timed.estimate, timed.cross, timed.div
-            replay = fine.schedule if timed.halved else replay
+            replay = fine.schedule if timed.finer_steps else replay
         ratio = _next_ratio(estimate, allowed - cross)
         # a level's cost: cells and steps x ratio, priced ratio^2 in both; one that replays the steps: cells x ratio
         evaluations, cells_steps = (1.0, ratio) if replay is not None else (ratio**2, ratio**2)
@@ -705,7 +705,8 @@ def refine_grid_on_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_
 class _SubsetTime(NamedTuple):
     """What :func:`_capped_subset` found: the subset's answer on the level (``fine``, None when it cannot answer),
     the coarser set on its steps (``other``), their estimates (grid, time included; cross), every solve it made, the
-    divisor of the halvings' order (None until measured) and whether the answer is the halved solve."""
+    divisor of the halvings' order (None until measured) and whether the answer is on finer steps than the level's
+    (``finer_steps``: the halved solve, or the one on the steps in four)."""
 
     fine: "FokkerPlanckSolution | None"
     other: "FokkerPlanckSolution | None"
@@ -713,7 +714,7 @@ class _SubsetTime(NamedTuple):
     cross: float
     solves: list
     div: float | None = None
-    halved: bool = False
+    finer_steps: bool = False
 
 
 def _capped_subset(dyn_s: MeanFieldDynamics, dyn_c: MeanFieldDynamics, t_out: Tensor, grid: tuple[int, float, int, float],
