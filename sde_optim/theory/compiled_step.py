@@ -47,9 +47,9 @@ TYPE_FIELDS = ("lam", "bstar", "q0", "sign", "kind", "weight", "active")
 _MAX_TYPE_TV = 0.25  # the largest total-variation change of any one type's law in one step (both steps' step control)
 # _exp's constants: log2(e), log(2) in two parts (the high part exact in 33 bits), 1 / k!
 _LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896338700e+00, 6.93147180369123816490e-01, 1.90821492927058770002e-10
-_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(18))
+_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(14))
 # the kernels and their helpers, set by compiled_kernels (module globals: see there)
-_floor = _exp = _expm1 = _exponent = _state = _drift = _plan = _assemble = _evaluate = _attempt = None
+_floor = _exp = _exponent = _state = _drift = _plan = _assemble = _evaluate = _attempt = None
 _risk_density = _curvature_density = _bands = _eliminate = _as_float = None
 
 
@@ -74,7 +74,7 @@ def compiled_kernels():
     from numba import types as nb_types
     from numba.extending import intrinsic, overload_attribute
 
-    global _floor, _exp, _expm1, _exponent, _state, _drift, _plan, _assemble, _evaluate, _attempt
+    global _floor, _exp, _exponent, _state, _drift, _plan, _assemble, _evaluate, _attempt
     global _risk_density, _curvature_density, _bands, _eliminate, _as_float
     # The kernels and their helpers are module globals, not closure variables: numba keys its disk cache on the pickled
     # closure, and a dispatcher pickles with a per-process id (every process would compile again and add to the cache).
@@ -137,16 +137,6 @@ def compiled_kernels():
         y = np.inf if x > 709.782712893384 else y
         y = 0.0 if x < -745.2 else y
         return x if x != x else y
-
-    @njit(inline="always")
-    def _expm1(z):  # pragma: no cover - compiled
-        """``exp(z) - 1`` for ``z >= 0`` (or nan), within a few ulp, vectorizable: the Taylor series to degree 17
-        below 1/2 (remainder below 1e-21 of the value), ``_exp(z) - 1`` above (no cancellation worse than 2 bits)."""
-        z = float(z)
-        p = _EXP_TAYLOR[17]
-        for i in range(16, 0, -1):
-            p = p * z + _EXP_TAYLOR[i]
-        return p * z if z < 0.5 else _exp(z) - 1.0
 
     @njit(inline="always")
     def _exponent(kind, log_half, x, cap):  # pragma: no cover - compiled
@@ -303,24 +293,28 @@ def compiled_kernels():
         return (m_end - m) / h, (s_end - s) / h
 
     @njit
-    def _assemble(a, diffusion, s, vm, vs, inner, gap, fl, fr, normal, tiny, zero, pe, zs, em1, out):  # pragma: no cover
-        """:meth:`_Grid.assemble` then :func:`sg_bands` into ``out`` ``(3, G T, N)``; ``pe, zs, em1`` scratch
-        ``(G T, N - 1)``."""
+    def _assemble(a, diffusion, s, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, out):  # pragma: no cover
+        """:meth:`_Grid.assemble` then :func:`sg_bands` into ``out`` ``(3, G T, N)``; ``pe, small`` scratch
+        ``(G T, N - 1)``.  The Peclet numbers are ``(a - vm - vs g) / s / D * gap`` as in the torch path, the two
+        divisions as one product by their reciprocal where it is finite (a frozen type's ``D = 0``, ``s = 1e-8``
+        overflows it in float32: the divisions then, so that ``0`` stays ``0``)."""
         groups, ntypes = s.shape
         faces = inner.shape[0]
         dxi = np.empty(groups * ntypes, dtype=s.dtype)
         for g in range(groups):
             for t in range(ntypes):
                 row = g * ntypes + t
-                k = _floor(diffusion[g, t] / (s[g, t] * s[g, t]), tiny)
+                sg, v0, v1 = s[g, t], vm[g, t], vs[g, t]
+                k = _floor(diffusion[g, t] / (sg * sg), tiny)
                 dxi[row] = k
-                for j in range(faces):
-                    p = (a[g, t, faces + 1 + j] - (vm[g, t] + vs[g, t] * inner[j])) / s[g, t] / k * gap[j]
-                    pe[row, j] = p
-                    zs[row, j] = _floor(abs(p), normal)
-                for j in range(faces):  # (a loop of its own: it vectorizes)
-                    em1[row, j] = _expm1(zs[row, j])
-        _bands(pe, zs, em1, dxi, fl, fr, zero, out)
+                scale = 1.0 / sg / k
+                if np.isfinite(scale):
+                    for j in range(faces):
+                        pe[row, j] = (a[g, t, faces + 1 + j] - (v0 + v1 * inner[j])) * scale * gap[j]
+                else:
+                    for j in range(faces):
+                        pe[row, j] = (a[g, t, faces + 1 + j] - (v0 + v1 * inner[j])) / sg / k * gap[j]
+        _bands(pe, dxi, fl, fr, zero, small, out)
 
     @jit
     def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coef2, limit2, dim, h, control,
@@ -348,11 +342,10 @@ def compiled_kernels():
                 m1[g, t] = m[g, t] + h * vm[g, t]
                 s1[g, t] = s[g, t] + h * vs[g, t]
         pe = np.empty((rows, n - 1), dtype=mass.dtype)
-        zs = np.empty_like(pe)
-        em1 = np.empty_like(pe)
+        small = np.empty_like(pe)
         bands0 = np.empty((3, rows, n), dtype=mass.dtype)
         bands1 = np.empty_like(bands0)
-        _assemble(a0, diffusion0, s, vm, vs, inner, gap, fl, fr, normal, tiny, zero, pe, zs, em1, bands0)
+        _assemble(a0, diffusion0, s, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, bands0)
         rhs = mass.reshape(rows, n)
         y1 = np.empty_like(mass)
         flat1 = y1.reshape(rows, n)
@@ -376,7 +369,7 @@ def compiled_kernels():
         _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, types, points, cap, normal, tiny, param_scale, offset,
                  var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1, totals1,
                  per_type1, unused, unused)
-        _assemble(a1, diffusion1, s1, vm, vs, inner, gap, fl, fr, normal, tiny, zero, pe, zs, em1, bands1)
+        _assemble(a1, diffusion1, s1, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, bands1)
         ratio = np.empty((rows, n), dtype=mass.dtype)
         for r in range(rows):
             for j in range(n):

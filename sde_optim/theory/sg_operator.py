@@ -8,13 +8,15 @@ rows, :func:`implicit_solve`).  ``A`` and ``B`` have non-negative off-diagonals 
 is a strictly column-diagonally-dominant M-matrix for every ``h > 0`` and column scaling ``c > 0``: Gaussian
 elimination without pivoting is stable, and it is what partial pivoting (LAPACK ``gtsv``) does on such a matrix.
 
-* **CPU** (float32/float64): compiled loops (numba).  The bands are formed from the Peclet numbers and their
-  ``expm1`` (evaluated by torch, vectorized) in one pass instead of about ten; the elimination forms the bands of
+* **CPU** (float32/float64): compiled loops (numba).  The bands are formed from the Peclet numbers in one pass
+  instead of about ten, the Bernoulli weights ``B(|pe|)`` by their Taylor series below ``|pe| = 1/2`` (a loop that
+  vectorizes) and ``|pe| / expm1(|pe|)`` above: the torch formulas' bands to a few units of the last place (tests);
+  the elimination forms the bands of
   ``I - h M`` from ``A``, ``c`` and ``B`` as it goes and follows ``gtsv``'s arithmetic without its row
   interchanges (``f = l_j / d_{j-1}``, ``d_j -= f u_{j-1}``, ``r_j -= f r_{j-1}``; back substitution by division),
   eight systems side by side: ``gtsv`` solved one system after another, each a chain of dependent divisions.
-  Both give the torch formulas' results bit for bit (tests); the solves take a third of their time with ``gtsv``,
-  the bands 0.6x theirs with torch (``docs/benchmarks.md``, sixteenth session).  The first call compiles (about a second per dtype,
+  The elimination gives ``gtsv``'s results bit for bit (tests) in a third of its time, the bands 0.6x the torch
+  formulas' time (``docs/benchmarks.md``, sixteenth session).  The first call compiles (about a second per dtype,
   cached on disk by numba).
 * **Elsewhere** (CUDA, other dtypes): the same formulas as torch operations, and a dense batched LU per system
   (:func:`dense_implicit_solve`), no host sync.
@@ -36,6 +38,10 @@ from torch import Tensor
 __all__ = ["sg_bands", "implicit_solve", "system_bands", "dense_implicit_solve", "dense_tridiagonal_solve"]
 
 _BLOCK = 8  # systems eliminated side by side, so that their chains of dependent divisions overlap
+# B(z) = z / (e^z - 1) = 1 - z / 2 + sum_k B_2k z^2k / (2k)!: the coefficients B_2k / (2k)! to k = 8 (the bands kernel)
+_B2, _B4, _B6, _B8 = 1.0 / 12.0, -1.0 / 720.0, 1.0 / 30240.0, -1.0 / 1209600.0
+_EXPM1_OVERFLOW = 709.782712893384  # expm1(z) is inf past log(largest float64): B(z) = 0 there
+_B10, _B12, _B14, _B16 = 1.0 / 47900160.0, -691.0 / 1307674368000.0, 1.0 / 74724249600.0, -3617.0 / 10670622842880000.0
 
 
 def _compiled(x: Tensor) -> bool:
@@ -57,18 +63,40 @@ def _kernels():
             return njit(error_model="numpy")(fn)
 
     @jit
-    def bands(pe, zs, em1, dxi, fl, fr, zero, out):  # pragma: no cover - compiled
-        """:func:`sg_bands`'s torch formulas in one pass: ``pe``, ``zs = max(|pe|, tiny)``, ``em1 = expm1(zs)``
-        ``(S, N - 1)``; ``dxi`` ``(S,)``; ``fl``, ``fr`` ``(N - 1,)``; ``out`` ``(3, S, N)``; ``zero`` of the dtype."""
+    def bands(pe, dxi, fl, fr, zero, small, out):  # pragma: no cover - compiled
+        """:func:`sg_bands`'s formulas in one pass: ``pe`` ``(S, N - 1)``; ``dxi`` ``(S,)``; ``fl``, ``fr``
+        ``(N - 1,)``; ``out`` ``(3, S, N)``; ``zero`` of the dtype; ``small`` scratch ``(S, N - 1)`` (``B(|pe|)``).
+
+        ``B(z) = z / expm1(z)`` below ``|z| = 1/2`` is its Taylor series (the Bernoulli numbers to ``z^16``,
+        remainder below ``4e-20`` of the value), a loop that vectorizes: an ``expm1`` per face, one element at a
+        time, was a fifth of a step's time on a few types of ~2000 cells (docs/benchmarks.md, twenty-third
+        session); the faces at ``|z| >= 1/2`` (a coarse grid, a far tail) take ``z / expm1(z)`` in a second pass,
+        0 past ``expm1``'s overflow without calling it (float32's ``expm1`` overflows earlier: ``z / inf = 0`` too).
+        A nan Peclet number gives a nan weight, ``|z| > 709`` a zero one, as the torch formulas."""
         systems, faces = pe.shape
         for s in range(systems):
+            wide = 0
+            for j in range(faces):
+                z = abs(pe[s, j])
+                w = z * z
+                series = w * (_B16 * w + _B14) + _B12
+                series = w * (w * (w * (w * series + _B10) + _B8) + _B6)
+                small[s, j] = (w * (w * (series + _B4) + _B2) - 0.5 * z) + 1.0
+                wide += 1 if z >= 0.5 else 0
+            if wide:
+                for j in range(faces):
+                    z = abs(pe[s, j])
+                    if z >= _EXPM1_OVERFLOW:  # z / inf (half the faces on a few types of ~2000 cells: far tails)
+                        small[s, j] = zero
+                    elif z >= 0.5:
+                        small[s, j] = z / np.expm1(z)
             k = dxi[s]
             cm_prev = zero
             for j in range(faces):
-                small = zs[s, j] / em1[s, j]
+                b = small[s, j]
                 p = pe[s, j]
-                cp = (k * fl[j]) * (small + (zero if p < zero else p))  # clamp_min(0): nan stays nan
-                cm = (k * fr[j]) * (small - (zero if p > zero else p))
+                cp = (k * fl[j]) * (b + (zero if p < zero else p))  # clamp_min(0): nan stays nan
+                cm = (k * fr[j]) * (b - (zero if p > zero else p))
                 out[0, s, j + 1] = cp
                 out[2, s, j] = cm
                 out[1, s, j] = -cp if j == 0 else (-cp) - cm_prev
@@ -145,17 +173,18 @@ def sg_bands(pe: Tensor, dxi: Tensor, flux_left: Tensor, flux_right: Tensor) -> 
     ``flux_left``/``flux_right`` ``(N - 1,)`` the geometry ``1 / (gap width)``).  One Bernoulli evaluation through
     ``B(-z) = B(z) + z``: ``B(-pe) = B(|pe|) + max(pe, 0)`` and ``B(pe) = B(|pe|) - min(pe, 0)`` (sums of non-negative
     terms: no cancellation); ``B(|z|) = |z| / expm1(|z|)`` with ``|z|`` floored at the smallest normal number
-    (``B(0) = 1`` exactly) and 0 for ``|z| > 709``.  Zero column sums: mass is conserved to round-off.
+    (``B(0) = 1`` exactly) and 0 for ``|z| > 709`` (the compiled kernel: its Taylor series below ``|z| = 1/2``, the
+    same to rounding).  Zero column sums: mass is conserved to round-off.
     """
-    zs = pe.abs().clamp_min_(torch.finfo(pe.dtype).tiny)
-    em1 = torch.expm1(zs)
     n = pe.shape[-1] + 1
-    if _compiled(pe):
+    if _compiled(pe):  # B(|pe|) by its series where |pe| < 1/2 (the bands kernel)
         out = pe.new_empty(3, pe[..., 0].numel(), n)
-        _kernels()[0](*(_flat(x, n - 1) for x in (pe, zs, em1)), dxi.reshape(-1).contiguous().numpy(),
-                      flux_left.contiguous().numpy(), flux_right.contiguous().numpy(), _scalar(pe, 0.0), out.numpy())
+        flat = _flat(pe, n - 1)
+        _kernels()[0](flat, dxi.reshape(-1).contiguous().numpy(), flux_left.contiguous().numpy(),
+                      flux_right.contiguous().numpy(), _scalar(pe, 0.0), np.empty_like(flat), out.numpy())
         return out.reshape(3, *pe.shape[:-1], n)
-    small = zs / em1
+    zs = pe.abs().clamp_min_(torch.finfo(pe.dtype).tiny)
+    small = zs / torch.expm1(zs)
     bands = pe.new_empty(3, *pe.shape[:-1], n)  # lower, diagonal, upper: written in place, no padded copies
     lo, dg, up = bands.unbind(0)
     cp = torch.mul(dxi[..., None] * flux_left, small + pe.clamp_min(0.0), out=lo[..., 1:])
