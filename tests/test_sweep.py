@@ -66,6 +66,36 @@ def test_predict_sweep_matches_predict_within_tol():
             assert _rel(alone.curves[name], got.curves[name]) < 6e-3
 
 
+@pytest.mark.parametrize("member_batch,budget,groups", [(None, None, [3]), (None, 1, [1, 1, 1]), (1, None, [1, 1, 1]),
+                                                         (2, None, [2, 1])])
+def test_a_sweeps_grid_check_runs_member_batch_members_at_a_time(member_batch, budget, groups, monkeypatch):
+    """The grid check of a sweep takes its members in groups of ``member_batch``, by default as many as fit the memory
+    budget (all three here; one at a time when a member's estimate alone passes it), each group's answers within tol."""
+    import sde_optim.theory.solvers as solvers
+
+    if budget is not None:
+        monkeypatch.setattr(solvers, "BATCH_BYTES", budget)
+
+    seen = []
+    real = solvers.refine_grid_batch
+
+    def spy(dynamics, t_out, coarse, **kwargs):
+        seen.append(len(coarse))
+        assert (dynamics.groups or 1) == len(coarse)  # the group's own coefficients, not the whole batch's
+        return real(dynamics, t_out, coarse, **kwargs)
+
+    monkeypatch.setattr(solvers, "refine_grid_batch", spy)
+    problem, model = section6(d=1000, noise_std=0.1)
+    options = {} if member_batch is None else {"member_batch": member_batch}
+    lrs = [0.3, 1.0, 3.0]
+    sweep = predict_sweep(problem, model, lr=lrs, steps=4000, num_points=41, tol=3e-3, options=options)
+    assert seen == groups
+    for lr, got in zip(lrs, sweep):
+        assert got.info["lr"] == pytest.approx(lr) and got.info["error_estimate"] <= 3e-3
+    with pytest.raises(ValueError, match="member_batch"):
+        predict_sweep(problem, model, lr=lrs, steps=4000, num_points=41, tol=3e-3, options={"member_batch": 0})
+
+
 def test_predict_sweep_scales_a_schedule_and_keeps_momentum():
     problem, model = section6(d=500)
     shape = SGDConfig(lr=lambda k: 1.0 if k < 1000 else 0.5, momentum=0.5)

@@ -266,7 +266,9 @@ def predict_sweep(
     One :class:`Prediction` per pair of ``itertools.product(lr, batch_size)`` (learning rate major), each as
     :func:`predict` would return it for that pair, with the same ``tol`` semantics: the PDE solves every member in
     one batched Fokker-Planck system (:class:`~sde_optim.theory.dynamics.CoefficientBatch`), its type check on the
-    largest estimate over the members and its grid check per member; a member that diverges leaves the batch.
+    largest estimate over the members and its grid check per member, in groups of members whose solves fit a memory
+    budget (``options={"member_batch": ...}``, :class:`~sde_optim.theory.solvers.PDESolver`); a member that diverges
+    leaves the batch.
     Other methods solve the members one after the other.
 
     ``lr`` is a number or a sequence of numbers (> 0) -- not a per-step schedule: that is :func:`predict`'s

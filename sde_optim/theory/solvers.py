@@ -186,6 +186,11 @@ def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+# A sweep's grid check batches members up to this estimate of their retained solves (PDESolver._checked_members):
+# _RETAINED solves of T x N x n doubles per member on the a priori cells
+BATCH_BYTES, _RETAINED = 2 * 2**30, 4
+
+
 class PDESolver(Solver):
     """E6 on quadrature types (:mod:`.quadrature`) and an error-checked grid (:func:`refine_grid`).
 
@@ -195,13 +200,20 @@ class PDESolver(Solver):
     caps, in operator evaluations and in cell updates: it stops, with a warning), ``estimate_floor``,
     ``half_width``, ``t0``, ``step_tol``, ``tail_limit``, ``max_steps`` (see
     :func:`~sde_optim.theory.fokker_planck.solve_fokker_planck`); ``types``: solve on these types as they are
-    (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves).
+    (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves); ``member_batch``: a
+    sweep's members per batch of its grid check (default None: as many as fit :data:`BATCH_BYTES`, see
+    :meth:`_checked_members`).
     """
 
     name = "pde"
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
                     max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05,
-                    max_steps=200_000, types=None)
+                    max_steps=200_000, types=None, member_batch=None)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options["member_batch"] is not None:
+            check_int("member_batch", self.options["member_batch"], minimum=1)  # before any solve
 
     def solve(self, problem: Problem) -> Solution:
         return self.solve_batch(problem)[0] if problem.members == 1 else _batch_error(self.name)
@@ -256,20 +268,50 @@ class PDESolver(Solver):
         if ladder is not None and ladder.schedule is not None:  # the answer's solves on every output time
             check = replace(check, solve=_typesolve(ladder.full(check.solve.result, n, st, schedule, grid_opts)))
         level0 = check.solve.result if batched else [check.solve.result]
-        terms = [[(1.0, sol)] for sol in level0]
         if o["num_cells"] is None and o["refine"]:
             if batched:
-                fines = refine_grid_batch(problem.dynamics(check.types), problem.t, level0,
-                                          **self._grid_check(problem, check, grid_opts))
-                terms = [sol.terms() for sol in fines]
+                solutions = self._checked_members(problem, check, level0, n, grid_opts)
             else:
                 full = (lambda sol: sol) if ladder is None else (
                     lambda sol: ladder.full(sol, n, st, schedule, grid_opts))
-                terms = [self._refine(problem, check, grid_opts, base, full)]
-        solutions = [self._solution(problem.member(g), member, check, n) for g, member in enumerate(terms)]
+                solutions = [self._solution(problem, self._refine(problem, check, grid_opts, base, full), check, n)]
+        else:
+            solutions = [self._solution(problem.member(g), [(1.0, sol)], check, n) for g, sol in enumerate(level0)]
         for sol in solutions:
             sol.info["type_check_points"] = int(problem.t.numel() if ladder is None or ladder.schedule is None
                                                 else ladder.t.numel())
+        return solutions
+
+    def _checked_members(self, problem: Problem, check: TypeCheck, level0: list, base_cells: int,
+                         grid_opts: dict) -> list[Solution]:
+        """The grid check of a batch's members (:func:`refine_grid_batch`) in groups of ``member_batch`` members, and
+        their solutions; each group's solves are released before the next group's check.
+
+        A grid check keeps several solves of each member, each ``T x N x n`` doubles (types, cells, output times), so a
+        batch's memory is the sum of its members': a 16-member sweep of a power law at ``d = 16384`` (216 types, up to
+        1110 cells, 201 times) held 13.5 GB and swapped the host, while each of its single predictions stayed under 1.1
+        GB (docs/benchmarks.md, twenty-third session).  By default (``member_batch`` None) a group holds as many members
+        as fit :data:`BATCH_BYTES` at :data:`_RETAINED` solves each on the a priori cells (4x level 0's); the few-type
+        sweeps of the accuracy tables fit in one group (the batch as it was), many-type ones are split.  A group of
+        ``G`` members counts one operator evaluation per batched step against ``max_evaluations``, so smaller
+        groups spend more of it; members share no other work."""
+        size = self.options["member_batch"]
+        if size is None:
+            cells = 4 * max(sol.xi.numel() for sol in level0)
+            item = torch.empty((), dtype=problem.dtype).element_size()
+            per_member = _RETAINED * check.types.num_types * cells * problem.t.numel() * item
+            size = max(1, int(BATCH_BYTES // per_member))
+        dyn = problem.dynamics(check.types)
+        solutions: list[Solution] = []
+        for start in range(0, len(level0), size):
+            group = list(range(start, min(start + size, len(level0))))
+            sub = dyn if len(group) == len(level0) else dyn.with_coefficients(dyn.coef.select(group))
+            fines = refine_grid_batch(sub, problem.t, [level0[g] for g in group],
+                                      **self._grid_check(problem, check, grid_opts))
+            solutions += [self._solution(problem.member(g), sol.terms(), check, base_cells)
+                          for g, sol in zip(group, fines)]
+            for g in group:
+                level0[g] = None  # released with the group's check (the answer keeps its own solves' outputs only)
         return solutions
 
     def _solution(self, problem: Problem, terms: list, check: TypeCheck, base_cells: int) -> Solution:
