@@ -7,6 +7,13 @@ step is one call: the plan of the grid's motion, both stages' statistics and sol
 acceptance the new state's statistics.  The exponentials of the cell loops are :func:`_exp`-style polynomials
 (numba would call the C library one element at a time), in loops of their own so that they vectorize.
 
+Each type's solves and statistics run on the cells its mass can reach (``RANGES``, :func:`_closure`): on a large
+grid about half the cells are far tails where the drift of ``sinh(phi)`` makes every SG flux exactly one-sided
+(``|pe| > 709``, weight ``B = 0``), whose mass is exactly 0 and stays so.  A step widens a type's range face by face
+until the flux out of it is exactly 0, evaluating the drift (and, for the step's error, the densities) where the
+last state's window ends; the result is the whole grid's step bit for bit (tests: same steps, same laws), for about
+half the work on the grids near the critical lr (docs/benchmarks.md, twenty-fourth session).
+
 What is *not* written again: the E7 densities are the registry's own (:data:`~sde_optim.observables.OBSERVABLES`'s
 ``risk`` and ``curvature`` lambdas, compiled by numba on a per-cell :class:`CoordinateState` look-alike), and the
 bands and eliminations are :mod:`~sde_optim.theory.sg_operator`'s compiled kernels.  What is written as scalar
@@ -37,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..observables import OBSERVABLES, CoordinateState
+from . import sg_operator
 from .sg_operator import _kernels as _sg_kernels
 from .types import KIND_PHI, KIND_PSI
 
@@ -50,7 +58,12 @@ _LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896338700e+00, 6.93147180369123816490e-0
 _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(14))
 # the kernels and their helpers, set by compiled_kernels (module globals: see there)
 _floor = _exp = _exponent = _state = _drift = _plan = _assemble = _evaluate = _attempt = None
-_risk_density = _curvature_density = _bands = _eliminate = _as_float = None
+_risk_density = _curvature_density = _bands = _eliminate = _as_float = _sg_weight = _sg_couplings = None
+_support = _window = _windows = _type_state = _point = _drift_at = _observed_at = _scale = _peclet = None
+_face_drift = _face_couplings = _closure = None
+# whether the step runs each type's solves and statistics on the cells its mass can reach (the kernels' `ranged`;
+# False: every cell, the same bits up to the sign of zeros: tests)
+RANGES = True
 
 
 class _Cell(NamedTuple):
@@ -75,15 +88,19 @@ def compiled_kernels():
     from numba.extending import intrinsic, overload_attribute
 
     global _floor, _exp, _exponent, _state, _drift, _plan, _assemble, _evaluate, _attempt
-    global _risk_density, _curvature_density, _bands, _eliminate, _as_float
+    global _risk_density, _curvature_density, _bands, _eliminate, _as_float, _sg_weight, _sg_couplings
+    global _support, _window, _windows, _type_state, _point, _drift_at, _observed_at, _scale, _peclet
+    global _face_drift, _face_couplings, _closure
     # The kernels and their helpers are module globals, not closure variables: numba keys its disk cache on the pickled
     # closure, and a dispatcher pickles with a per-process id (every process would compile again and add to the cache).
     # What the kernels compile in from other modules is tied to the cache by `stamp` instead (the only closure variable):
     # a change to a registry density, CoordinateState.residual or sg_operator's kernels makes a new key, so the cache
     # never serves code compiled from the old definitions (tested).
     _bands, _eliminate = _sg_kernels()
+    _sg_weight, _sg_couplings = sg_operator._weight, sg_operator._couplings
     external = (OBSERVABLES["risk"].density, OBSERVABLES["curvature"].density, CoordinateState.residual.fget,
-                _bands.py_func, _eliminate.py_func)
+                _bands.py_func, _eliminate.py_func, sg_operator._series.py_func, _sg_weight.py_func,
+                _sg_couplings.py_func)
     stamp = hashlib.sha256(b"".join(marshal.dumps(f.__code__) for f in external)).hexdigest()
     residual = njit(CoordinateState.residual.fget)  # the registry densities read c.residual: the class's own property
 
@@ -170,9 +187,74 @@ def compiled_kernels():
             return base * sign - 2.0 * noise * lam * risk - 2.0 * kappa
         return 0.0
 
+    @njit(inline="always")
+    def _support(mass, g, t):  # pragma: no cover - compiled
+        """The first and last cell of type ``t`` of member ``g`` whose mass is not 0 (``(0, -1)``: none)."""
+        n = mass.shape[2]
+        lo = 0
+        while lo < n and mass[g, t, lo] == 0.0:
+            lo += 1
+        if lo == n:
+            return 0, -1
+        hi = n - 1
+        while mass[g, t, hi] == 0.0:
+            hi -= 1
+        return lo, hi
+
+    @njit(inline="always")
+    def _window(mass, g, t, ranged):  # pragma: no cover - compiled
+        """``(c0, c1, f0, f1)``: the cells ``c0 .. c1`` and interior faces ``f0 .. f1`` (face ``f`` between cells
+        ``f`` and ``f + 1``) at which :func:`evaluate` computes a type's statistics: its mass's support, the cell on
+        either side (the fourth-order weights reach it) and the faces around it; everything if not ``ranged``.
+        Outside, the mass is 0, so every sum there adds exact zeros (the densities are finite: the state cap)."""
+        n = mass.shape[2]
+        if not ranged:
+            return 0, n - 1, 0, n - 2
+        lo, hi = _support(mass, g, t)
+        if hi < lo:
+            return 0, -1, 0, -1
+        return max(lo - 1, 0), min(hi + 1, n - 1), max(lo - 1, 0), min(hi, n - 2)
+
+    @njit(inline="always")
+    def _type_state(types, t, coef, g, integral, normal):  # pragma: no cover - compiled
+        """``(q, max(|q| / 2, normal), its log)`` of type ``t`` of member ``g`` (E4's ``q`` at ``int R`` and ``K``)."""
+        q = types[2, t] * np.exp(-(2.0 * types[0, t] * integral[g] + 2.0 * coef[3, g]))
+        half = _floor(0.5 * abs(q), normal)
+        return q, half, np.log(half)
+
+    @njit(inline="always")
+    def _point(types, t, coef, g, integral, m, s, x, cap, normal, buf):  # pragma: no cover - compiled
+        """``(beta, rho, q)`` of type ``t`` of member ``g`` at the grid point ``x``, one point of :func:`evaluate`'s
+        loops (``buf``: one element of the dtype, for the rounding of its store)."""
+        kind = types[4, t]
+        q, half, log_half = _type_state(types, t, coef, g, integral, normal)
+        y = m[g, t] + s[g, t] * x
+        buf[0] = _exp(_exponent(kind, log_half, y, cap)) if kind == KIND_PHI or kind == KIND_PSI else 0.0
+        beta, rho = _state(kind, half, types[3, t], y, buf[0])
+        return beta, rho, q
+
+    @njit(inline="always")
+    def _drift_at(types, t, coef, g, integral, m, s, risk, x, cap, normal, buf):  # pragma: no cover - compiled
+        """The drift of type ``t`` of member ``g`` at the grid point ``x``, as :func:`evaluate` writes it into ``a``."""
+        buf[0] = _point(types, t, coef, g, integral, m, s, x, cap, normal, buf)[0]
+        buf[0] = _drift(types[4, t], types[0, t], types[1, t], types[3, t], buf[0], coef[0, g], coef[1, g],
+                        coef[2, g], risk[g])
+        return buf[0]
+
+    @njit(inline="always")
+    def _observed_at(types, t, coef, g, integral, m, s, x, cap, normal, param_scale, buf):  # pragma: no cover
+        """The E7 risk and curvature densities times ``pi`` of type ``t`` of member ``g`` at the cell centre ``x``, as
+        :func:`evaluate` writes them into ``observed``."""
+        beta, rho, q = _point(types, t, coef, g, integral, m, s, x, cap, normal, buf)
+        c = _Cell(types[0, t], types[1, t], beta, rho, q, param_scale)
+        buf[0] = _risk_density(c) * types[5, t]
+        dr = buf[0]
+        buf[0] = _curvature_density(c) * types[5, t]
+        return dr, buf[0]
+
     @jit
-    def _evaluate(mass, m, s, integral, coef, limit, dim, full, types, points, cap, normal, tiny, param_scale, offset,
-                  var_floor, risk, a, diffusion, moments, observed, totals, per_type, tail_share,
+    def _evaluate(mass, m, s, integral, coef, limit, dim, full, ranged, types, points, cap, normal, tiny, param_scale,
+                  offset, var_floor, risk, a, diffusion, moments, observed, totals, per_type, tail_share,
                   unstable):  # pragma: no cover - compiled
         """:meth:`_Grid.statistics` of the state ``mass`` ``(G, T, N)``, ``m, s`` ``(G, T)``, ``int R`` ``(G,)``.
 
@@ -183,12 +265,15 @@ def compiled_kernels():
         ``(G, T, 2N - 1)`` the drift at centres then faces, ``diffusion`` ``(G, T)`` (E6), ``observed``
         ``(2, G, T, N)`` (E7 risk and curvature densities times ``pi``), ``totals`` ``(2, G)`` (``R``, ``C``),
         ``per_type`` ``(2, G, T)``; with ``full``: ``moments`` ``(4, G, T)`` (``E xi``, ``Var xi`` floored at
-        ``var_floor``, ``E a``, ``Cov(xi, a)``, fourth-order weights), ``tail_share`` and ``unstable`` ``(G,)``."""
+        ``var_floor``, ``E a``, ``Cov(xi, a)``, fourth-order weights), ``tail_share`` and ``unstable`` ``(G,)``.
+        With ``ranged``, ``a`` and ``observed`` are written on each type's :func:`_window` only (the sums are the
+        same: they add exact zeros elsewhere); :func:`attempt` computes them elsewhere where it needs them."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
         xi = points[:n]
+        windows = np.empty((ntypes, 4), dtype=np.int64)
         for g in range(groups):
-            gamma, noise, kappa, kint = coef[0, g], coef[1, g], coef[2, g], coef[3, g]
+            gamma, noise, kappa = coef[0, g], coef[1, g], coef[2, g]
             total_r = 0.0
             total_c = 0.0
             ends = 0.0
@@ -196,9 +281,9 @@ def compiled_kernels():
             past = 0.0
             for t in range(ntypes):
                 lam, bstar, kind, w = types[0, t], types[1, t], types[4, t], types[5, t]
-                q = types[2, t] * np.exp(-(2.0 * lam * integral[g] + 2.0 * kint))
-                half = _floor(0.5 * abs(q), normal)
-                log_half = np.log(half)
+                q, half, log_half = _type_state(types, t, coef, g, integral, normal)
+                c0, c1, f0, f1 = _window(mass, g, t, ranged)
+                windows[t, 0], windows[t, 1], windows[t, 2], windows[t, 3] = c0, c1, f0, f1
                 sign = types[3, t]
                 sum_r = 0.0
                 sum_c = 0.0
@@ -207,12 +292,16 @@ def compiled_kernels():
                 type_past = 0.0
                 # the exponentials first, one loop per kind at every point (a loop the compiler vectorizes), into `a`
                 if kind == KIND_PHI:
-                    for j in range(2 * n - 1):
+                    for j in range(c0, c1 + 1):
+                        a[g, t, j] = _exp(_exponent(KIND_PHI, log_half, mt + st * points[j], cap))
+                    for j in range(n + f0, n + f1 + 1):
                         a[g, t, j] = _exp(_exponent(KIND_PHI, log_half, mt + st * points[j], cap))
                 elif kind == KIND_PSI:
-                    for j in range(2 * n - 1):
+                    for j in range(c0, c1 + 1):
                         a[g, t, j] = _exp(_exponent(KIND_PSI, log_half, mt + st * points[j], cap))
-                for j in range(n):
+                    for j in range(n + f0, n + f1 + 1):
+                        a[g, t, j] = _exp(_exponent(KIND_PSI, log_half, mt + st * points[j], cap))
+                for j in range(c0, c1 + 1):
                     beta, rho = _state(kind, half, sign, mt + st * xi[j], a[g, t, j])
                     a[g, t, j] = beta  # the _drift needs R: beta is kept here until the second pass
                     c = _Cell(lam, bstar, beta, rho, q, param_scale)
@@ -236,15 +325,15 @@ def compiled_kernels():
                             ends += dm
                         if rho > bar:
                             type_past += mass[g, t, j]
-                for j in range(n, 2 * n - 1):
+                for j in range(n + f0, n + f1 + 1):
                     a[g, t, j] = _state(kind, half, sign, mt + st * points[j], a[g, t, j])[0]
                 per_type[0, g, t] = sum_r
                 per_type[1, g, t] = sum_c
                 total_r += sum_r
                 total_c += sum_c
                 past += type_past * w
-            r = total_r + offset
-            risk[g] = r
+            risk[g] = total_r + offset
+            r = risk[g]  # (in the dtype: the drift evaluated elsewhere by _drift_at reads it from here)
             totals[0, g] = r
             totals[1, g] = total_c
             if full:
@@ -252,12 +341,15 @@ def compiled_kernels():
                 unstable[g] = dim * past
             for t in range(ntypes):
                 lam, bstar, sign, kind = types[0, t], types[1, t], types[3, t], types[4, t]
+                c0, c1, f0, f1 = windows[t, 0], windows[t, 1], windows[t, 2], windows[t, 3]
                 diffusion[g, t] = 4.0 * noise * lam * r * types[6, t]
-                for j in range(2 * n - 1):
+                for j in range(c0, c1 + 1):
+                    a[g, t, j] = _drift(kind, lam, bstar, sign, a[g, t, j], gamma, noise, kappa, r)
+                for j in range(n + f0, n + f1 + 1):
                     a[g, t, j] = _drift(kind, lam, bstar, sign, a[g, t, j], gamma, noise, kappa, r)
                 if full:
                     e_xi = e_xi2 = e_a = e_xia = 0.0
-                    for j in range(n):
+                    for j in range(c0, c1 + 1):
                         qw = mass[g, t, j] * (13.0 / 12.0)
                         if j > 0:
                             qw -= mass[g, t, j - 1] * (1.0 / 24.0)
@@ -292,34 +384,129 @@ def compiled_kernels():
         s_end = std_end * (1.0 + (s / std - 1.0) * keep)
         return (m_end - m) / h, (s_end - s) / h
 
+    @njit(inline="always")
+    def _scale(diffusion, sg, tiny):  # pragma: no cover - compiled
+        """``(k, 1 / s / k)``: a type's diffusion in ``xi`` (``D / s^2``, floored at ``tiny``) and the factor of its
+        Peclet numbers (:meth:`_Grid.assemble`)."""
+        k = _floor(diffusion / (sg * sg), tiny)
+        return k, 1.0 / sg / k
+
+    @njit(inline="always")
+    def _peclet(af, v0, v1, face, gap, sg, k, scale):  # pragma: no cover - compiled
+        """The Peclet number ``(a - v0 - v1 face) / s / D * gap`` of a face with drift ``af``: the two divisions as
+        one product by their reciprocal where it is finite (a frozen type's ``D = 0``, ``s = 1e-8`` overflows it in
+        float32: the divisions then, so that ``0`` stays ``0``)."""
+        if np.isfinite(scale):
+            return (af - (v0 + v1 * face)) * scale * gap
+        return (af - (v0 + v1 * face)) / sg / k * gap
+
+    @njit(inline="always")
+    def _face_drift(stage, g, t, f, ctx):  # pragma: no cover - compiled
+        """The drift at face ``f`` of type ``t`` of member ``g`` in one stage: from ``a`` on the type's window,
+        else evaluated here (:func:`_drift_at`)."""
+        a, windows, coef, integral, m, s, risk, _ = stage
+        types, points, cap, normal, buf = ctx[0], ctx[1], ctx[5], ctx[6], ctx[9]
+        n = (points.shape[0] + 1) // 2
+        if windows[2, g, t] <= f <= windows[3, g, t]:
+            return a[g, t, n + f]
+        return _drift_at(types, t, coef, g, integral, m, s, risk, points[n + f], cap, normal, buf)
+
+    @njit(inline="always")
+    def _face_couplings(stage, g, t, f, vm, vs, ctx):  # pragma: no cover - compiled
+        """``(cp, cm)`` of face ``f`` of type ``t`` of member ``g`` in one stage's bands, as the bands kernel forms
+        them."""
+        s, diffusion = stage[5], stage[7]
+        points, gap, fl, fr, tiny, zero, buf = ctx[1], ctx[2], ctx[3], ctx[4], ctx[7], ctx[8], ctx[9]
+        n = (points.shape[0] + 1) // 2
+        af = _face_drift(stage, g, t, f, ctx)
+        k, scale = _scale(diffusion[g, t], s[g, t], tiny)
+        buf[0] = _peclet(af, vm[g, t], vs[g, t], points[n + f], gap[f], s[g, t], k, scale)
+        p = buf[0]
+        buf[0] = _sg_weight(abs(p), zero)
+        b = buf[0]
+        buf[0] = k
+        return _sg_couplings(b, p, buf[0], fl[f], fr[f], zero)
+
     @njit
-    def _assemble(a, diffusion, s, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, out):  # pragma: no cover
-        """:meth:`_Grid.assemble` then :func:`sg_bands` into ``out`` ``(3, G T, N)``; ``pe, small`` scratch
-        ``(G T, N - 1)``.  The Peclet numbers are ``(a - vm - vs g) / s / D * gap`` as in the torch path, the two
-        divisions as one product by their reciprocal where it is finite (a frozen type's ``D = 0``, ``s = 1e-8``
-        overflows it in float32: the divisions then, so that ``0`` stays ``0``)."""
+    def _assemble(stage, vm, vs, ctx, first, last, pe, dxi, small, out):  # pragma: no cover - compiled
+        """:meth:`_Grid.assemble` then :func:`sg_bands` into ``out`` ``(3, G T, N)`` on each system's cells
+        ``first .. last`` (``(G T,)``; none where ``last < first``); ``pe`` and ``small`` scratch ``(G T, N - 1)``,
+        ``dxi`` ``(G T,)``.  The drift at a face outside the type's window is evaluated here (:func:`_drift_at`)."""
+        a, windows, s, diffusion = stage[0], stage[1], stage[5], stage[7]
+        points, gap, fl, fr, tiny, zero = ctx[1], ctx[2], ctx[3], ctx[4], ctx[7], ctx[8]
         groups, ntypes = s.shape
-        faces = inner.shape[0]
-        dxi = np.empty(groups * ntypes, dtype=s.dtype)
+        n = (points.shape[0] + 1) // 2
         for g in range(groups):
             for t in range(ntypes):
                 row = g * ntypes + t
                 sg, v0, v1 = s[g, t], vm[g, t], vs[g, t]
-                k = _floor(diffusion[g, t] / (sg * sg), tiny)
+                k, scale = _scale(diffusion[g, t], sg, tiny)
                 dxi[row] = k
-                scale = 1.0 / sg / k
-                if np.isfinite(scale):
-                    for j in range(faces):
-                        pe[row, j] = (a[g, t, faces + 1 + j] - (v0 + v1 * inner[j])) * scale * gap[j]
-                else:
-                    for j in range(faces):
-                        pe[row, j] = (a[g, t, faces + 1 + j] - (v0 + v1 * inner[j])) / sg / k * gap[j]
-        _bands(pe, dxi, fl, fr, zero, small, out)
+                f0, f1 = windows[2, g, t], windows[3, g, t]
+                lo, hi = first[row], last[row] - 1  # the faces between the system's cells
+                for j in range(max(lo, f0), min(hi, f1) + 1):  # (a loop that vectorizes)
+                    pe[row, j] = _peclet(a[g, t, n + j], v0, v1, points[n + j], gap[j], sg, k, scale)
+                for j in range(lo, hi + 1):
+                    if j < f0 or j > f1:
+                        pe[row, j] = _peclet(_face_drift(stage, g, t, j, ctx), v0, v1, points[n + j], gap[j], sg, k,
+                                             scale)
+        _bands(pe, dxi, fl, fr, zero, small, out, first, last)
+
+    @njit
+    def _closure(stage0, stage1, ratio, vm, vs, ctx, first, last):  # pragma: no cover - compiled
+        """Widen each system's cells ``first .. last`` (in place) until no flux leaves them: the cells its solve can
+        put mass in.  ``stage1`` None: stage 1's system ``I - h A0``, whose flux out of the right end is ``cp`` of
+        ``A0`` at the end face; else stage 2's ``I - h/2 (A0 diag(ratio) + A1)``: ``cp0 ratio + cp1`` (the
+        column of the inner cell scaled).  A range stops at a face only where its outward coupling is exactly 0
+        (``|pe| > 709`` on the upwind side: the SG flux is exactly one-sided there) *and* no rounding made it so
+        (``cp0 = 0`` or ``ratio = 0``, not a product that underflowed): then the cells beyond start empty and
+        receive nothing, and the elimination on the range is the whole system's elimination bit for bit (its
+        forward sweep enters the range with a zero coupling, its back substitution leaves it with zeros).  A nan
+        coupling is not 0: the range grows to the whole system, whose solve is the nan it was."""
+        groups, ntypes = vm.shape
+        n = ratio.shape[1]
+        for g in range(groups):
+            for t in range(ntypes):
+                row = g * ntypes + t
+                if last[row] < first[row]:
+                    continue
+                while last[row] < n - 1:
+                    f = last[row]
+                    cp0, _ = _face_couplings(stage0, g, t, f, vm, vs, ctx)
+                    if stage1 is None:
+                        stop = cp0 == 0.0
+                    else:
+                        cp1, _ = _face_couplings(stage1, g, t, f, vm, vs, ctx)
+                        stop = (cp0 == 0.0 or ratio[row, f] == 0.0) and cp1 == 0.0
+                    if stop:
+                        break
+                    last[row] += 1
+                while first[row] > 0:
+                    f = first[row] - 1
+                    _, cm0 = _face_couplings(stage0, g, t, f, vm, vs, ctx)
+                    if stage1 is None:
+                        stop = cm0 == 0.0
+                    else:
+                        _, cm1 = _face_couplings(stage1, g, t, f, vm, vs, ctx)
+                        stop = (cm0 == 0.0 or ratio[row, f + 1] == 0.0) and cm1 == 0.0
+                    if stop:
+                        break
+                    first[row] -= 1
+
+    @njit(inline="always")
+    def _windows(mass, ranged):  # pragma: no cover - compiled
+        """``(4, G, T)``: every type's :func:`_window` (``c0, c1, f0, f1``)."""
+        groups, ntypes, _ = mass.shape
+        out = np.empty((4, groups, ntypes), dtype=np.int64)
+        for g in range(groups):
+            for t in range(ntypes):
+                out[0, g, t], out[1, g, t], out[2, g, t], out[3, g, t] = _window(mass, g, t, ranged)
+        return out
 
     @jit
     def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coef2, limit2, dim, h, control,
-                 step_tol, types, points, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero, one,
-                 nh0, nh1, y2, m1, s1, i2, errors, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2,
+                 step_tol, ranged, types, points, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero,
+                 one, nh0, nh1, y2, m1, s1, i2, errors, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2,
                  tail_share2, unstable2):  # pragma: no cover - compiled
         """One MPRK22 step of length ``h`` from the state with statistics ``risk0, a0, diffusion0, moments0`` (of
         :func:`evaluate` with ``full``), as ``_Grid.attempt``: writes ``y2`` ``(G, T, N)``, ``m1, s1`` ``(G, T)``,
@@ -328,31 +515,44 @@ def compiled_kernels():
         statistics into ``risk2 .. unstable2`` (:func:`evaluate`'s outputs).  ``coef0``: the coefficients at
         ``(t, +1)``, ``coef1`` at ``(t + h, -1)``, ``coef2`` at ``(t + h, +1)`` (``(4, G)`` as in :func:`evaluate`),
         ``limit2`` and ``dim`` the step limit there; ``zero``, ``one``, ``nh0 = -h`` and ``nh1 = -h / 2`` scalars of
-        the arrays' dtype (float32 stays float32 in the solves)."""
+        the arrays' dtype (float32 stays float32 in the solves).
+
+        With ``ranged`` (``RANGES``) each type's two solves and statistics run on the cells their mass can reach
+        (:func:`_closure`; outside, the mass is exactly 0 before and after the step): about half the cells of a
+        large grid are far tails whose SG flux is exactly one-sided (``|pe| > 709``).  The step is the whole
+        grid's step bit for bit wherever that one is finite (tests), up to the sign of zeros."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
-        inner = points[n:]
         rows = groups * ntypes
+        buf = np.empty(1, dtype=mass.dtype)
+        ctx = (types, points, gap, fl, fr, cap, normal, tiny, zero, buf)
         vm = np.empty_like(m)
         vs = np.empty_like(m)
+        first1 = np.empty(rows, dtype=np.int64)
+        last1 = np.empty(rows, dtype=np.int64)
         for g in range(groups):
             for t in range(ntypes):
                 vm[g, t], vs[g, t] = _plan(m[g, t], s[g, t], moments0[0, g, t], moments0[1, g, t], moments0[2, g, t],
                                           moments0[3, g, t], diffusion0[g, t], h, tiny)
                 m1[g, t] = m[g, t] + h * vm[g, t]
                 s1[g, t] = s[g, t] + h * vs[g, t]
+                first1[g * ntypes + t], last1[g * ntypes + t] = _support(mass, g, t) if ranged else (0, n - 1)
+        stage0 = (a0, _windows(mass, ranged), coef0, integral, m, s, risk0, diffusion0)
         pe = np.empty((rows, n - 1), dtype=mass.dtype)
         small = np.empty_like(pe)
+        dxi = np.empty(rows, dtype=mass.dtype)
         bands0 = np.empty((3, rows, n), dtype=mass.dtype)
         bands1 = np.empty_like(bands0)
-        _assemble(a0, diffusion0, s, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, bands0)
         rhs = mass.reshape(rows, n)
+        ratio = np.empty((rows, n), dtype=mass.dtype)
+        _closure(stage0, None, ratio, vm, vs, ctx, first1, last1)
+        _assemble(stage0, vm, vs, ctx, first1, last1, pe, dxi, small, bands0)
         y1 = np.empty_like(mass)
         flat1 = y1.reshape(rows, n)
         pivots = np.empty((rows, n), dtype=mass.dtype)
-        _eliminate(bands0, bands0, rhs, nh0, one, rhs, flat1, pivots, False, False)
+        _eliminate(bands0, bands0, rhs, nh0, one, rhs, flat1, pivots, False, False, first1, last1)
         for r in range(rows):
-            for j in range(n):
+            for j in range(first1[r], last1[r] + 1):
                 if flat1[r, j] < 0.0:
                     flat1[r, j] = 0.0
         i1 = np.empty_like(integral)
@@ -366,18 +566,33 @@ def compiled_kernels():
         per_type1 = np.empty((2, groups, ntypes), dtype=mass.dtype)
         no_limit = np.full(groups, np.inf, dtype=mass.dtype)
         unused = np.empty(0, dtype=mass.dtype)  # moments, tail share and step limit: an intermediate stage has none
-        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, types, points, cap, normal, tiny, param_scale, offset,
-                 var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1, totals1,
-                 per_type1, unused, unused)
-        _assemble(a1, diffusion1, s1, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, bands1)
-        ratio = np.empty((rows, n), dtype=mass.dtype)
-        for r in range(rows):
+        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, ranged, types, points, cap, normal, tiny, param_scale,
+                  offset, var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1, totals1,
+                  per_type1, unused, unused)
+        windows1 = _windows(y1, ranged)
+        stage1 = (a1, windows1, coef1, i1, m1, s1, risk1, diffusion1)
+        for r in range(rows):  # (y1 and y_n are 0 outside stage 1's cells)
             for j in range(n):
-                ratio[r, j] = rhs[r, j] / flat1[r, j] if flat1[r, j] > 0.0 else one
+                if first1[r] <= j <= last1[r]:
+                    ratio[r, j] = rhs[r, j] / flat1[r, j] if flat1[r, j] > 0.0 else one
+                else:
+                    ratio[r, j] = one
+        first2, last2 = first1.copy(), last1.copy()
+        _closure(stage0, stage1, ratio, vm, vs, ctx, first2, last2)
+        grow_first = np.zeros(rows, dtype=np.int64)  # the systems whose cells stage 2 widened: bands0 there again
+        grow_last = np.full(rows, -1, dtype=np.int64)
+        grown = False
+        for r in range(rows):
+            if first2[r] != first1[r] or last2[r] != last1[r]:
+                grow_first[r], grow_last[r] = first2[r], last2[r]
+                grown = True
+        if grown:
+            _assemble(stage0, vm, vs, ctx, grow_first, grow_last, pe, dxi, small, bands0)
+        _assemble(stage1, vm, vs, ctx, first2, last2, pe, dxi, small, bands1)
         flat2 = y2.reshape(rows, n)
-        _eliminate(bands0, bands1, ratio, nh1, one, rhs, flat2, pivots, True, True)
+        _eliminate(bands0, bands1, ratio, nh1, one, rhs, flat2, pivots, True, True, first2, last2)
         for r in range(rows):
-            for j in range(n):
+            for j in range(first2[r], last2[r] + 1):
                 if flat2[r, j] < 0.0:
                     flat2[r, j] = 0.0
         for g in range(groups):
@@ -390,11 +605,18 @@ def compiled_kernels():
             num_c = 0.0
             for t in range(ntypes):
                 tv = 0.0
-                for j in range(n):
+                row = g * ntypes + t
+                c0, c1 = windows1[0, g, t], windows1[1, g, t]
+                for j in range(first2[row], last2[row] + 1):  # (y1 and y2 are 0 elsewhere)
                     change = abs(y2[g, t, j] - y1[g, t, j])
                     tv += change
-                    num_r += change * observed1[0, g, t, j]
-                    num_c += change * observed1[1, g, t, j]
+                    if c0 <= j <= c1:
+                        num_r += change * observed1[0, g, t, j]
+                        num_c += change * observed1[1, g, t, j]
+                    elif change != 0.0:  # mass where y1 has none, past its window
+                        dr, dc = _observed_at(types, t, coef1, g, i1, m1, s1, points[j], cap, normal, param_scale, buf)
+                        num_r += change * dr
+                        num_c += change * dc
                 tv_w += types[5, t] * tv
                 if not tv <= tv_max:  # a nan is the largest
                     tv_max = tv
@@ -409,8 +631,9 @@ def compiled_kernels():
             if not errors[g] <= step_tol:
                 accepted = False
         if accepted:
-            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, types, points, cap, normal, tiny, param_scale, offset,
-                      var_floor, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2, tail_share2, unstable2)
+            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, ranged, types, points, cap, normal, tiny, param_scale,
+                      offset, var_floor, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2, tail_share2,
+                      unstable2)
         return accepted
 
     return _evaluate, _attempt
