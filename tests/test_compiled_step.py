@@ -140,24 +140,34 @@ def test_the_ranged_step_is_the_whole_grids_step_bit_for_bit(case, dtype, monkey
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_the_drift_and_densities_evaluated_past_a_window_are_the_evaluations(dtype, monkeypatch):
-    """``_drift_at`` and ``_observed_at`` (what a ranged step computes where a state's window ends) at every point
-    equal what the whole-grid evaluation writes there, bit for bit."""
+    """``_extend`` (the drift where a step's closure reaches past a state's window, widening it) and
+    ``_observed_at`` (the densities where the new state has mass and the stage none) give at every face and cell
+    what the whole-grid evaluation writes there, bit for bit, from an empty window outwards in both directions."""
     dyn = dynamics("batch", dtype)
     grid, (mass, m, s, integral) = state_after(dyn, 48, 0.6)
     monkeypatch.setattr(compiled_step, "RANGES", False)
     with torch.inference_mode():
         st = grid.statistics(mass, m, s, integral, 0.6)
     coef = grid._members(0.6, 1)[0]
-    cap, normal, _, param_scale = grid._scalars[:4]
-    types, points = grid._types, grid._geometry[0]
-    m_, s_, i_, r_ = (x.numpy() for x in (m, s, integral, st.risk))
+    cap, normal, tiny, param_scale = grid._scalars[:4]
+    types, (points, gap, fl, fr) = grid._types, grid._geometry
+    m_, s_, i_, r_, diff = (x.numpy() for x in (m, s, integral, st.risk, st.diffusion))
     buf = np.empty(1, dtype=points.dtype)
     a, observed = st.a.numpy(), st.observed.numpy()
-    n = mass.shape[-1]
-    for g in range(mass.shape[0]):
-        for t in range(mass.shape[1]):
-            for j in range(2 * n - 1):
-                assert compiled_step._drift_at(types, t, coef, g, i_, m_, s_, r_, points[j], cap, normal, buf) == a[g, t, j]
+    groups, ntypes, n = mass.shape
+    ctx = (types, points, gap, fl, fr, cap, normal, tiny, points.dtype.type(0.0), buf, 4.0 * cap, math.exp(-4.0 * cap))
+    for order in (range(n - 2, -1, -1), range(n - 1)):  # from an empty window, widened leftwards / rightwards
+        grown = np.full_like(a, np.nan)
+        windows = np.tile(np.array([0, -1, 0, -1], dtype=np.int64)[:, None, None], (1, groups, ntypes))
+        stage = (grown, windows, coef, i_, m_, s_, r_, diff)
+        for g in range(groups):
+            for t in range(ntypes):
+                for f in order:
+                    if not windows[2, g, t] <= f <= windows[3, g, t]:
+                        compiled_step._extend(stage, g, t, f, ctx)
+        assert np.array_equal(grown[..., n:], a[..., n:])
+    for g in range(groups):
+        for t in range(ntypes):
             for j in range(n):
                 dr, dc = compiled_step._observed_at(types, t, coef, g, i_, m_, s_, points[j], cap, normal, param_scale, buf)
                 assert (dr, dc) == (observed[0, g, t, j], observed[1, g, t, j])

@@ -52,6 +52,7 @@ __all__ = ["compiled_kernels", "TYPE_FIELDS"]
 
 # rows of the (7, T) array of per-type constants the kernels take
 TYPE_FIELDS = ("lam", "bstar", "q0", "sign", "kind", "weight", "active")
+_EXTEND = 32  # faces past a window evaluated at once when a step's closure reaches past it (_extend)
 _MAX_TYPE_TV = 0.25  # the largest total-variation change of any one type's law in one step (both steps' step control)
 # _exp's constants: log2(e), log(2) in two parts (the high part exact in 33 bits), 1 / k!
 _LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896338700e+00, 6.93147180369123816490e-01, 1.90821492927058770002e-10
@@ -59,8 +60,8 @@ _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(14))
 # the kernels and their helpers, set by compiled_kernels (module globals: see there)
 _floor = _exp = _exponent = _state = _drift = _plan = _assemble = _evaluate = _attempt = None
 _risk_density = _curvature_density = _bands = _eliminate = _as_float = _sg_weight = _sg_couplings = None
-_support = _window = _windows = _type_state = _point = _drift_at = _observed_at = _scale = _peclet = None
-_face_drift = _face_couplings = _closure = None
+_support = _window = _windows = _type_state = _point = _observed_at = _scale = _peclet = None
+_face_states = _face_drifts = _extend = _face_drift = _face_open = _closure = None
 # whether the step runs each type's solves and statistics on the cells its mass can reach (the kernels' `ranged`;
 # False: every cell, the same bits up to the sign of zeros: tests)
 RANGES = True
@@ -89,8 +90,8 @@ def compiled_kernels():
 
     global _floor, _exp, _exponent, _state, _drift, _plan, _assemble, _evaluate, _attempt
     global _risk_density, _curvature_density, _bands, _eliminate, _as_float, _sg_weight, _sg_couplings
-    global _support, _window, _windows, _type_state, _point, _drift_at, _observed_at, _scale, _peclet
-    global _face_drift, _face_couplings, _closure
+    global _support, _window, _windows, _type_state, _point, _observed_at, _scale, _peclet
+    global _face_states, _face_drifts, _extend, _face_drift, _face_open, _closure
     # The kernels and their helpers are module globals, not closure variables: numba keys its disk cache on the pickled
     # closure, and a dispatcher pickles with a per-process id (every process would compile again and add to the cache).
     # What the kernels compile in from other modules is tied to the cache by `stamp` instead (the only closure variable):
@@ -234,12 +235,47 @@ def compiled_kernels():
         return beta, rho, q
 
     @njit(inline="always")
-    def _drift_at(types, t, coef, g, integral, m, s, risk, x, cap, normal, buf):  # pragma: no cover - compiled
-        """The drift of type ``t`` of member ``g`` at the grid point ``x``, as :func:`evaluate` writes it into ``a``."""
-        buf[0] = _point(types, t, coef, g, integral, m, s, x, cap, normal, buf)[0]
-        buf[0] = _drift(types[4, t], types[0, t], types[1, t], types[3, t], buf[0], coef[0, g], coef[1, g],
-                        coef[2, g], risk[g])
-        return buf[0]
+    def _face_states(a, g, t, f0, f1, kind, half, log_half, sign, mt, st, points, cap):  # pragma: no cover
+        """``beta`` at the interior faces ``f0 .. f1`` of type ``t`` of member ``g`` into ``a`` (the exponentials
+        first, in a loop of their own per kind: it vectorizes)."""
+        n = (points.shape[0] + 1) // 2
+        if kind == KIND_PHI:
+            for j in range(n + f0, n + f1 + 1):
+                a[g, t, j] = _exp(_exponent(KIND_PHI, log_half, mt + st * points[j], cap))
+        elif kind == KIND_PSI:
+            for j in range(n + f0, n + f1 + 1):
+                a[g, t, j] = _exp(_exponent(KIND_PSI, log_half, mt + st * points[j], cap))
+        for j in range(n + f0, n + f1 + 1):
+            a[g, t, j] = _state(kind, half, sign, mt + st * points[j], a[g, t, j])[0]
+
+    @njit(inline="always")
+    def _face_drifts(a, g, t, f0, f1, types, coef, r, n):  # pragma: no cover - compiled
+        """The drift at the faces ``f0 .. f1`` from the ``beta`` there (:func:`_face_states`), in place."""
+        lam, bstar, sign, kind = types[0, t], types[1, t], types[3, t], types[4, t]
+        for j in range(n + f0, n + f1 + 1):
+            a[g, t, j] = _drift(kind, lam, bstar, sign, a[g, t, j], coef[0, g], coef[1, g], coef[2, g], r)
+
+    @njit(inline="always")
+    def _extend(stage, g, t, f, ctx):  # pragma: no cover - compiled
+        """Widen type ``t``'s face window in ``stage`` (its ``a`` and ``windows``, in place) to face ``f`` and
+        :data:`_EXTEND` faces beyond, evaluating the drift there as :func:`evaluate` does (the same passes: the
+        same bits); the faces past a state's window are a step's closure (:func:`_closure`)."""
+        a, windows, coef, integral, m, s, risk = stage[0], stage[1], stage[2], stage[3], stage[4], stage[5], stage[6]
+        types, points, cap, normal = ctx[0], ctx[1], ctx[5], ctx[6]
+        n = (points.shape[0] + 1) // 2
+        f0, f1 = windows[2, g, t], windows[3, g, t]
+        if f1 < f0:  # an empty window (a type with no mass: never a closure's, kept for safety)
+            j0, j1 = max(f - _EXTEND, 0), min(f + _EXTEND, n - 2)
+            windows[2, g, t], windows[3, g, t] = j0, j1
+        elif f > f1:
+            j0, j1 = f1 + 1, min(f + _EXTEND, n - 2)
+            windows[3, g, t] = j1
+        else:
+            j0, j1 = max(f - _EXTEND, 0), f0 - 1
+            windows[2, g, t] = j0
+        q, half, log_half = _type_state(types, t, coef, g, integral, normal)
+        _face_states(a, g, t, j0, j1, types[4, t], half, log_half, types[3, t], m[g, t], s[g, t], points, cap)
+        _face_drifts(a, g, t, j0, j1, types, coef, risk[g], n)
 
     @njit(inline="always")
     def _observed_at(types, t, coef, g, integral, m, s, x, cap, normal, param_scale, buf):  # pragma: no cover
@@ -294,12 +330,8 @@ def compiled_kernels():
                 if kind == KIND_PHI:
                     for j in range(c0, c1 + 1):
                         a[g, t, j] = _exp(_exponent(KIND_PHI, log_half, mt + st * points[j], cap))
-                    for j in range(n + f0, n + f1 + 1):
-                        a[g, t, j] = _exp(_exponent(KIND_PHI, log_half, mt + st * points[j], cap))
                 elif kind == KIND_PSI:
                     for j in range(c0, c1 + 1):
-                        a[g, t, j] = _exp(_exponent(KIND_PSI, log_half, mt + st * points[j], cap))
-                    for j in range(n + f0, n + f1 + 1):
                         a[g, t, j] = _exp(_exponent(KIND_PSI, log_half, mt + st * points[j], cap))
                 for j in range(c0, c1 + 1):
                     beta, rho = _state(kind, half, sign, mt + st * xi[j], a[g, t, j])
@@ -325,15 +357,14 @@ def compiled_kernels():
                             ends += dm
                         if rho > bar:
                             type_past += mass[g, t, j]
-                for j in range(n + f0, n + f1 + 1):
-                    a[g, t, j] = _state(kind, half, sign, mt + st * points[j], a[g, t, j])[0]
+                _face_states(a, g, t, f0, f1, kind, half, log_half, sign, mt, st, points, cap)
                 per_type[0, g, t] = sum_r
                 per_type[1, g, t] = sum_c
                 total_r += sum_r
                 total_c += sum_c
                 past += type_past * w
             risk[g] = total_r + offset
-            r = risk[g]  # (in the dtype: the drift evaluated elsewhere by _drift_at reads it from here)
+            r = risk[g]  # (in the dtype: the drift evaluated by _extend reads it from here)
             totals[0, g] = r
             totals[1, g] = total_c
             if full:
@@ -345,8 +376,7 @@ def compiled_kernels():
                 diffusion[g, t] = 4.0 * noise * lam * r * types[6, t]
                 for j in range(c0, c1 + 1):
                     a[g, t, j] = _drift(kind, lam, bstar, sign, a[g, t, j], gamma, noise, kappa, r)
-                for j in range(n + f0, n + f1 + 1):
-                    a[g, t, j] = _drift(kind, lam, bstar, sign, a[g, t, j], gamma, noise, kappa, r)
+                _face_drifts(a, g, t, f0, f1, types, coef, r, n)
                 if full:
                     e_xi = e_xi2 = e_a = e_xia = 0.0
                     for j in range(c0, c1 + 1):
@@ -402,36 +432,42 @@ def compiled_kernels():
 
     @njit(inline="always")
     def _face_drift(stage, g, t, f, ctx):  # pragma: no cover - compiled
-        """The drift at face ``f`` of type ``t`` of member ``g`` in one stage: from ``a`` on the type's window,
-        else evaluated here (:func:`_drift_at`)."""
-        a, windows, coef, integral, m, s, risk, _ = stage
-        types, points, cap, normal, buf = ctx[0], ctx[1], ctx[5], ctx[6], ctx[9]
-        n = (points.shape[0] + 1) // 2
-        if windows[2, g, t] <= f <= windows[3, g, t]:
-            return a[g, t, n + f]
-        return _drift_at(types, t, coef, g, integral, m, s, risk, points[n + f], cap, normal, buf)
+        """The drift at face ``f`` of type ``t`` of member ``g`` in one stage, from ``a`` (its window widened first
+        where ``f`` is past it, :func:`_extend`)."""
+        windows = stage[1]
+        if not windows[2, g, t] <= f <= windows[3, g, t]:
+            _extend(stage, g, t, f, ctx)
+        return stage[0][g, t, (ctx[1].shape[0] + 1) // 2 + f]
 
     @njit(inline="always")
-    def _face_couplings(stage, g, t, f, vm, vs, ctx):  # pragma: no cover - compiled
-        """``(cp, cm)`` of face ``f`` of type ``t`` of member ``g`` in one stage's bands, as the bands kernel forms
-        them."""
+    def _face_open(stage, g, t, f, right, vm, vs, ctx):  # pragma: no cover - compiled
+        """Whether the SG flux out of face ``f``'s left cell to the right (``right``: ``cp``) or out of its right
+        cell to the left (``cm``) in one stage's bands is not exactly 0, as the bands kernel forms it.  Where
+        ``|pe| < safe`` (half the log of the dtype's largest number) and ``k * fl`` (or ``fr``) is at least ``kmin``
+        (``e^-safe``) the weight ``B(|pe|) >= safe e^-safe`` and the product is a normal number: open, without the
+        weight's ``expm1``; elsewhere the kernel's own arithmetic decides."""
         s, diffusion = stage[5], stage[7]
-        points, gap, fl, fr, tiny, zero, buf = ctx[1], ctx[2], ctx[3], ctx[4], ctx[7], ctx[8], ctx[9]
+        points, gap, fl, fr, tiny, zero, buf, safe, kmin = (ctx[1], ctx[2], ctx[3], ctx[4], ctx[7], ctx[8], ctx[9],
+                                                           ctx[10], ctx[11])
         n = (points.shape[0] + 1) // 2
         af = _face_drift(stage, g, t, f, ctx)
         k, scale = _scale(diffusion[g, t], s[g, t], tiny)
         buf[0] = _peclet(af, vm[g, t], vs[g, t], points[n + f], gap[f], s[g, t], k, scale)
         p = buf[0]
-        buf[0] = _sg_weight(abs(p), zero)
-        b = buf[0]
         buf[0] = k
-        return _sg_couplings(b, p, buf[0], fl[f], fr[f], zero)
+        kr = buf[0]
+        buf[0] = kr * (fl[f] if right else fr[f])
+        if abs(p) < safe and buf[0] >= kmin:
+            return True
+        buf[0] = _sg_weight(abs(p), zero)
+        cp, cm = _sg_couplings(buf[0], p, kr, fl[f], fr[f], zero)
+        return (cp if right else cm) != 0.0
 
     @njit
     def _assemble(stage, vm, vs, ctx, first, last, pe, dxi, small, out):  # pragma: no cover - compiled
         """:meth:`_Grid.assemble` then :func:`sg_bands` into ``out`` ``(3, G T, N)`` on each system's cells
         ``first .. last`` (``(G T,)``; none where ``last < first``); ``pe`` and ``small`` scratch ``(G T, N - 1)``,
-        ``dxi`` ``(G T,)``.  The drift at a face outside the type's window is evaluated here (:func:`_drift_at`)."""
+        ``dxi`` ``(G T,)``.  A type's window is widened first where the cells reach past it (:func:`_extend`)."""
         a, windows, s, diffusion = stage[0], stage[1], stage[5], stage[7]
         points, gap, fl, fr, tiny, zero = ctx[1], ctx[2], ctx[3], ctx[4], ctx[7], ctx[8]
         groups, ntypes = s.shape
@@ -442,14 +478,14 @@ def compiled_kernels():
                 sg, v0, v1 = s[g, t], vm[g, t], vs[g, t]
                 k, scale = _scale(diffusion[g, t], sg, tiny)
                 dxi[row] = k
-                f0, f1 = windows[2, g, t], windows[3, g, t]
                 lo, hi = first[row], last[row] - 1  # the faces between the system's cells
-                for j in range(max(lo, f0), min(hi, f1) + 1):  # (a loop that vectorizes)
+                if lo <= hi:
+                    if windows[3, g, t] < windows[2, g, t] or lo < windows[2, g, t]:
+                        _extend(stage, g, t, lo, ctx)
+                    if hi > windows[3, g, t]:
+                        _extend(stage, g, t, hi, ctx)
+                for j in range(lo, hi + 1):  # (a loop that vectorizes)
                     pe[row, j] = _peclet(a[g, t, n + j], v0, v1, points[n + j], gap[j], sg, k, scale)
-                for j in range(lo, hi + 1):
-                    if j < f0 or j > f1:
-                        pe[row, j] = _peclet(_face_drift(stage, g, t, j, ctx), v0, v1, points[n + j], gap[j], sg, k,
-                                             scale)
         _bands(pe, dxi, fl, fr, zero, small, out, first, last)
 
     @njit
@@ -472,23 +508,22 @@ def compiled_kernels():
                     continue
                 while last[row] < n - 1:
                     f = last[row]
-                    cp0, _ = _face_couplings(stage0, g, t, f, vm, vs, ctx)
+                    open0 = _face_open(stage0, g, t, f, True, vm, vs, ctx)
                     if stage1 is None:
-                        stop = cp0 == 0.0
+                        stop = not open0
                     else:
-                        cp1, _ = _face_couplings(stage1, g, t, f, vm, vs, ctx)
-                        stop = (cp0 == 0.0 or ratio[row, f] == 0.0) and cp1 == 0.0
+                        stop = (not open0 or ratio[row, f] == 0.0) and not _face_open(stage1, g, t, f, True, vm, vs, ctx)
                     if stop:
                         break
                     last[row] += 1
                 while first[row] > 0:
                     f = first[row] - 1
-                    _, cm0 = _face_couplings(stage0, g, t, f, vm, vs, ctx)
+                    open0 = _face_open(stage0, g, t, f, False, vm, vs, ctx)
                     if stage1 is None:
-                        stop = cm0 == 0.0
+                        stop = not open0
                     else:
-                        _, cm1 = _face_couplings(stage1, g, t, f, vm, vs, ctx)
-                        stop = (cm0 == 0.0 or ratio[row, f + 1] == 0.0) and cm1 == 0.0
+                        stop = ((not open0 or ratio[row, f + 1] == 0.0)
+                                and not _face_open(stage1, g, t, f, False, vm, vs, ctx))
                     if stop:
                         break
                     first[row] -= 1
@@ -525,7 +560,8 @@ def compiled_kernels():
         groups, ntypes, n = mass.shape
         rows = groups * ntypes
         buf = np.empty(1, dtype=mass.dtype)
-        ctx = (types, points, gap, fl, fr, cap, normal, tiny, zero, buf)
+        safe = 4.0 * cap  # half the log of the dtype's largest number (cap is an eighth): _face_open
+        ctx = (types, points, gap, fl, fr, cap, normal, tiny, zero, buf, safe, np.exp(-safe))
         vm = np.empty_like(m)
         vs = np.empty_like(m)
         first1 = np.empty(rows, dtype=np.int64)
