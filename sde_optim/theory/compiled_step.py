@@ -60,7 +60,7 @@ _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(14))
 # the kernels and their helpers, set by compiled_kernels (module globals: see there)
 _floor = _exp = _exponent = _state = _drift = _plan = _assemble = _evaluate = _attempt = None
 _risk_density = _curvature_density = _bands = _eliminate = _as_float = _sg_weight = _sg_couplings = None
-_support = _window = _windows = _type_state = _point = _observed_at = _scale = _peclet = None
+_support = _window = _type_state = _point = _observed_at = _scale = _peclet = None
 _face_states = _face_drifts = _extend = _face_drift = _face_open = _closure = None
 # whether the step runs each type's solves and statistics on the cells its mass can reach (the kernels' `ranged`;
 # False: every cell, the same bits up to the sign of zeros: tests)
@@ -90,7 +90,7 @@ def compiled_kernels():
 
     global _floor, _exp, _exponent, _state, _drift, _plan, _assemble, _evaluate, _attempt
     global _risk_density, _curvature_density, _bands, _eliminate, _as_float, _sg_weight, _sg_couplings
-    global _support, _window, _windows, _type_state, _point, _observed_at, _scale, _peclet
+    global _support, _window, _type_state, _point, _observed_at, _scale, _peclet
     global _face_states, _face_drifts, _extend, _face_drift, _face_open, _closure
     # The kernels and their helpers are module globals, not closure variables: numba keys its disk cache on the pickled
     # closure, and a dispatcher pickles with a per-process id (every process would compile again and add to the cache).
@@ -203,15 +203,14 @@ def compiled_kernels():
         return lo, hi
 
     @njit(inline="always")
-    def _window(mass, g, t, ranged):  # pragma: no cover - compiled
+    def _window(lo, hi, n, ranged):  # pragma: no cover - compiled
         """``(c0, c1, f0, f1)``: the cells ``c0 .. c1`` and interior faces ``f0 .. f1`` (face ``f`` between cells
-        ``f`` and ``f + 1``) at which :func:`evaluate` computes a type's statistics: its mass's support, the cell on
-        either side (the fourth-order weights reach it) and the faces around it; everything if not ``ranged``.
-        Outside, the mass is 0, so every sum there adds exact zeros (the densities are finite: the state cap)."""
-        n = mass.shape[2]
+        ``f`` and ``f + 1``) at which :func:`evaluate` computes a type's statistics, from its mass's support
+        ``lo .. hi`` (:func:`_support`) on ``n`` cells: the support, the cell on either side (the fourth-order
+        weights reach it) and the faces around it; everything if not ``ranged``.  Outside, the mass is 0, so every
+        sum there adds exact zeros (the densities are finite: the state cap)."""
         if not ranged:
             return 0, n - 1, 0, n - 2
-        lo, hi = _support(mass, g, t)
         if hi < lo:
             return 0, -1, 0, -1
         return max(lo - 1, 0), min(hi + 1, n - 1), max(lo - 1, 0), min(hi, n - 2)
@@ -289,8 +288,8 @@ def compiled_kernels():
         return dr, buf[0]
 
     @jit
-    def _evaluate(mass, m, s, integral, coef, limit, dim, full, ranged, types, points, cap, normal, tiny, param_scale,
-                  offset, var_floor, risk, a, diffusion, moments, observed, totals, per_type, tail_share,
+    def _evaluate(mass, m, s, integral, coef, limit, dim, full, ranged, windows, types, points, cap, normal, tiny,
+                  param_scale, offset, var_floor, risk, a, diffusion, moments, observed, totals, per_type, tail_share,
                   unstable):  # pragma: no cover - compiled
         """:meth:`_Grid.statistics` of the state ``mass`` ``(G, T, N)``, ``m, s`` ``(G, T)``, ``int R`` ``(G,)``.
 
@@ -302,12 +301,12 @@ def compiled_kernels():
         ``(2, G, T, N)`` (E7 risk and curvature densities times ``pi``), ``totals`` ``(2, G)`` (``R``, ``C``),
         ``per_type`` ``(2, G, T)``; with ``full``: ``moments`` ``(4, G, T)`` (``E xi``, ``Var xi`` floored at
         ``var_floor``, ``E a``, ``Cov(xi, a)``, fourth-order weights), ``tail_share`` and ``unstable`` ``(G,)``.
-        With ``ranged``, ``a`` and ``observed`` are written on each type's :func:`_window` only (the sums are the
-        same: they add exact zeros elsewhere); :func:`attempt` computes them elsewhere where it needs them."""
+        With ``ranged``, ``a`` and ``observed`` are written on each type's :func:`_window` only, written into
+        ``windows`` ``(4, G, T)`` (the sums are the same: they add exact zeros elsewhere); :func:`attempt` computes
+        them elsewhere where it needs them."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
         xi = points[:n]
-        windows = np.empty((ntypes, 4), dtype=np.int64)
         for g in range(groups):
             gamma, noise, kappa = coef[0, g], coef[1, g], coef[2, g]
             total_r = 0.0
@@ -318,8 +317,9 @@ def compiled_kernels():
             for t in range(ntypes):
                 lam, bstar, kind, w = types[0, t], types[1, t], types[4, t], types[5, t]
                 q, half, log_half = _type_state(types, t, coef, g, integral, normal)
-                c0, c1, f0, f1 = _window(mass, g, t, ranged)
-                windows[t, 0], windows[t, 1], windows[t, 2], windows[t, 3] = c0, c1, f0, f1
+                lo, hi = _support(mass, g, t) if ranged else (0, n - 1)
+                c0, c1, f0, f1 = _window(lo, hi, n, ranged)
+                windows[0, g, t], windows[1, g, t], windows[2, g, t], windows[3, g, t] = c0, c1, f0, f1
                 sign = types[3, t]
                 sum_r = 0.0
                 sum_c = 0.0
@@ -372,7 +372,7 @@ def compiled_kernels():
                 unstable[g] = dim * past
             for t in range(ntypes):
                 lam, bstar, sign, kind = types[0, t], types[1, t], types[3, t], types[4, t]
-                c0, c1, f0, f1 = windows[t, 0], windows[t, 1], windows[t, 2], windows[t, 3]
+                c0, c1, f0, f1 = windows[0, g, t], windows[1, g, t], windows[2, g, t], windows[3, g, t]
                 diffusion[g, t] = 4.0 * noise * lam * r * types[6, t]
                 for j in range(c0, c1 + 1):
                     a[g, t, j] = _drift(kind, lam, bstar, sign, a[g, t, j], gamma, noise, kappa, r)
@@ -528,16 +528,6 @@ def compiled_kernels():
                         break
                     first[row] -= 1
 
-    @njit(inline="always")
-    def _windows(mass, ranged):  # pragma: no cover - compiled
-        """``(4, G, T)``: every type's :func:`_window` (``c0, c1, f0, f1``)."""
-        groups, ntypes, _ = mass.shape
-        out = np.empty((4, groups, ntypes), dtype=np.int64)
-        for g in range(groups):
-            for t in range(ntypes):
-                out[0, g, t], out[1, g, t], out[2, g, t], out[3, g, t] = _window(mass, g, t, ranged)
-        return out
-
     @jit
     def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coef2, limit2, dim, h, control,
                  step_tol, ranged, types, points, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero,
@@ -566,14 +556,17 @@ def compiled_kernels():
         vs = np.empty_like(m)
         first1 = np.empty(rows, dtype=np.int64)
         last1 = np.empty(rows, dtype=np.int64)
+        windows0 = np.empty((4, groups, ntypes), dtype=np.int64)  # where a0 holds the drift (the last evaluation's)
         for g in range(groups):
             for t in range(ntypes):
                 vm[g, t], vs[g, t] = _plan(m[g, t], s[g, t], moments0[0, g, t], moments0[1, g, t], moments0[2, g, t],
                                           moments0[3, g, t], diffusion0[g, t], h, tiny)
                 m1[g, t] = m[g, t] + h * vm[g, t]
                 s1[g, t] = s[g, t] + h * vs[g, t]
-                first1[g * ntypes + t], last1[g * ntypes + t] = _support(mass, g, t) if ranged else (0, n - 1)
-        stage0 = (a0, _windows(mass, ranged), coef0, integral, m, s, risk0, diffusion0)
+                lo, hi = _support(mass, g, t) if ranged else (0, n - 1)
+                first1[g * ntypes + t], last1[g * ntypes + t] = lo, hi
+                windows0[0, g, t], windows0[1, g, t], windows0[2, g, t], windows0[3, g, t] = _window(lo, hi, n, ranged)
+        stage0 = (a0, windows0, coef0, integral, m, s, risk0, diffusion0)
         pe = np.empty((rows, n - 1), dtype=mass.dtype)
         small = np.empty_like(pe)
         dxi = np.empty(rows, dtype=mass.dtype)
@@ -602,10 +595,10 @@ def compiled_kernels():
         per_type1 = np.empty((2, groups, ntypes), dtype=mass.dtype)
         no_limit = np.full(groups, np.inf, dtype=mass.dtype)
         unused = np.empty(0, dtype=mass.dtype)  # moments, tail share and step limit: an intermediate stage has none
-        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, ranged, types, points, cap, normal, tiny, param_scale,
-                  offset, var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1, totals1,
-                  per_type1, unused, unused)
-        windows1 = _windows(y1, ranged)
+        windows1 = np.empty_like(windows0)
+        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, ranged, windows1, types, points, cap, normal, tiny,
+                  param_scale, offset, var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype),
+                  observed1, totals1, per_type1, unused, unused)
         stage1 = (a1, windows1, coef1, i1, m1, s1, risk1, diffusion1)
         for r in range(rows):  # (y1 and y_n are 0 outside stage 1's cells)
             for j in range(n):
@@ -667,9 +660,9 @@ def compiled_kernels():
             if not errors[g] <= step_tol:
                 accepted = False
         if accepted:
-            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, ranged, types, points, cap, normal, tiny, param_scale,
-                      offset, var_floor, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2, tail_share2,
-                      unstable2)
+            _evaluate(y2, m1, s1, i2, coef2, limit2, dim, True, ranged, np.empty_like(windows0), types, points, cap,
+                      normal, tiny, param_scale, offset, var_floor, risk2, a2, diffusion2, moments2, observed2, totals2,
+                      per_type2, tail_share2, unstable2)
         return accepted
 
     return _evaluate, _attempt

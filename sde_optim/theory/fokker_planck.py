@@ -574,8 +574,9 @@ class _Grid:
         tensors: the call is rare, at the start and when members leave the batch)."""
         out = _StepOutputs(mass.shape, self._types.dtype)
         np_ = self._numpy
+        windows = np.empty((4, *mass.shape[:2]), dtype=np.int64)  # (where the drift and densities are written)
         compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), *self._members(t, side), full,
-                              compiled_step.RANGES, self._types,
+                              compiled_step.RANGES, windows, self._types,
                               self._geometry[0], *self._scalars, *out.arrays[5:])
         if full:
             return out.statistics
