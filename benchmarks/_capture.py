@@ -3,7 +3,9 @@ again on grids of their own (``step_speed.py``, ``grid_convergence.py``)."""
 
 from __future__ import annotations
 
+import time
 import warnings
+from contextlib import contextmanager
 
 import sde_optim.theory.fokker_planck as fp
 import sde_optim.theory.solvers as solvers
@@ -33,3 +35,21 @@ def captured_dynamics(name: str, lr: float | None, d: int, tol: float = 1e-3):
         fp.solve_batch_on_grid = solvers.solve_batch_on_grid = original
     dynamics, t_out, opts = seen["args"]
     return dynamics, t_out, {k: v for k, v in opts.items() if k not in ("schedule", "budget", "on_step")}
+
+
+@contextmanager
+def switched(module, name: str, value):
+    """``module.name`` set to ``value`` for the block (a path switch such as ``COMPILED_STEP`` or ``RANGES``)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def timed_solve(dynamics, t_out, cells: int, step_tol: float, opts: dict):
+    """``(seconds, solution)`` of one :func:`~sde_optim.theory.fokker_planck.solve_on_grid`."""
+    t0 = time.perf_counter()
+    sol = fp.solve_on_grid(dynamics, t_out, cells, step_tol, **opts)
+    return time.perf_counter() - t0, sol

@@ -15,7 +15,6 @@ milliseconds per step each way, their ratio, and whether the two solves took the
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from _threads import pin_threads
@@ -26,9 +25,8 @@ import torch  # noqa: E402 - after the thread environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _capture import captured_dynamics  # noqa: E402
+from _capture import captured_dynamics, switched, timed_solve  # noqa: E402
 
-import sde_optim.theory.fokker_planck as fp  # noqa: E402
 from sde_optim.theory import compiled_step  # noqa: E402
 
 # (setting, lr, d, cells, step tolerance): issue 12's near-critical single predictions at d = 16384 (0.8x the
@@ -39,26 +37,17 @@ CASES = [("two-level-noisy", 17.9, 16384, 2277, 1e-3), ("iso-noisy-B4-bal", 51.6
          ("two-level-noisy", 0.3, 16384, 126, 1e-3), ("pl-sparse-gauss", 0.5, 4096, 126, 1e-3)]
 
 
-def timed_solve(dynamics, t_out, cells: int, step_tol: float, opts: dict, ranged: bool):
-    compiled_step.RANGES = ranged
-    try:
-        t0 = time.perf_counter()
-        sol = fp.solve_on_grid(dynamics, t_out, cells, step_tol, **opts)
-        return time.perf_counter() - t0, sol
-    finally:
-        compiled_step.RANGES = True
-
-
 def main() -> None:
     print(f"# torch {torch.__version__}, threads={torch.get_num_threads()}")
     print(f"{'setting':<18} {'lr':>6} {'d':>6} {'types':>6} {'cells':>6} {'steps':>6} {'held':>5} "
           f"{'every cell ms/step':>19} {'ranges ms/step':>15} {'ratio':>6} {'same bits':>9}")
-    timed_solve(*captured_dynamics("iso-s6", 0.5, 1024, 0.5)[:2], 24, 1e-2, {}, True)  # load (or compile) the kernels
+    timed_solve(*captured_dynamics("iso-s6", 0.5, 1024, 0.5)[:2], 24, 1e-2, {})  # load (or compile) the kernels
     for name, lr, d, cells, step_tol in CASES:
         dynamics, t_out, opts = captured_dynamics(name, lr, d)
         runs = {False: [], True: []}
         for ranged in (False, True, False, True):
-            runs[ranged].append(timed_solve(dynamics, t_out, cells, step_tol, opts, ranged))
+            with switched(compiled_step, "RANGES", ranged):
+                runs[ranged].append(timed_solve(dynamics, t_out, cells, step_tol, opts))
         (t_every, every), (t_ranged, ranged) = (min(runs[r], key=lambda x: x[0]) for r in (False, True))
         steps = len(every.schedule)
         same = every.schedule == ranged.schedule and torch.equal(every.answer_curves(), ranged.answer_curves())

@@ -14,7 +14,6 @@ rounding); the table says so, and the largest relative difference of the two sol
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from _threads import pin_threads
@@ -25,7 +24,7 @@ import torch  # noqa: E402 - after the thread environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _capture import captured_dynamics  # noqa: E402
+from _capture import captured_dynamics, switched, timed_solve  # noqa: E402
 
 import sde_optim.theory.fokker_planck as fp  # noqa: E402
 
@@ -36,26 +35,17 @@ CASES = [("iso-s6", 0.5, 16384, 0.5, 120, 4e-3), ("iso-s6", 4.0, 4096, 0.5, 480,
          ("pl-sparse-gauss", 0.5, 16384, 0.5, 240, 1e-3), ("lu-dense-gauss", 0.5, 16384, 1e-2, 60, 0.016)]
 
 
-def timed_solve(dynamics, t_out, cells: int, step_tol: float, opts: dict, compiled: bool):
-    fp.COMPILED_STEP = compiled
-    try:
-        t0 = time.perf_counter()
-        sol = fp.solve_on_grid(dynamics, t_out, cells, step_tol, **opts)
-        return time.perf_counter() - t0, sol
-    finally:
-        fp.COMPILED_STEP = True
-
-
 def main() -> None:
     print(f"# torch {torch.__version__}, threads={torch.get_num_threads()}")
     print(f"{'setting':<18} {'lr':>4} {'d':>6} {'types':>6} {'cells':>6} {'steps':>6} {'same':>5} {'torch ms/step':>14} "
           f"{'compiled ms/step':>17} {'ratio':>6} {'max rel diff':>13}")
-    timed_solve(*captured_dynamics("iso-s6", 0.5, 1024, 0.5)[:2], 24, 1e-2, {}, True)  # load (or compile) the kernels
+    timed_solve(*captured_dynamics("iso-s6", 0.5, 1024, 0.5)[:2], 24, 1e-2, {})  # load (or compile) the kernels
     for name, lr, d, tol, cells, step_tol in CASES:
         dynamics, t_out, opts = captured_dynamics(name, lr, d, tol)
         runs = {False: [], True: []}
         for compiled in (False, True, False, True):
-            runs[compiled].append(timed_solve(dynamics, t_out, cells, step_tol, opts, compiled))
+            with switched(fp, "COMPILED_STEP", compiled):
+                runs[compiled].append(timed_solve(dynamics, t_out, cells, step_tol, opts))
         (t_torch, ref), (t_fast, fast) = (min(runs[c], key=lambda r: r[0]) for c in (False, True))
         steps = len(ref.schedule)
         same = steps == len(fast.schedule)
