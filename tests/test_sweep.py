@@ -174,3 +174,25 @@ def test_a_prediction_whose_solve_meets_a_zero_pivot_diverges():
     run = simulate_sgd(problem, model, lr=1.0, batch_size=4, record_steps=[0, d], num_runs=4,
                        generator=torch.Generator().manual_seed(2))
     assert bool(run.diverged.all())  # SGD diverges within the first unit of time too
+
+
+def test_a_sweeps_base_grid_is_refined_while_a_members_divergence_is_spurious(monkeypatch):
+    """The type check's grid (the grid check's level 0): doubled while some member's divergence there vanishes or
+    moves by more than 10 % on twice the cells (a blow-up of the coarse grid), kept where every divergence stays (a
+    member past its critical lr diverges by design, as in best_lr's sweeps)."""
+    from types import SimpleNamespace as NS
+
+    import sde_optim.theory.solvers as solvers
+
+    finer = {120: [NS(diverged_at=1.02), NS(diverged_at=None)], 240: [NS(diverged_at=1.03), NS(diverged_at=None)]}
+    calls = []
+    monkeypatch.setattr(solvers, "solve_batch_on_grid", lambda dyn, t, n, st, **kw: calls.append(n) or finer[n])
+    solver, problem = solvers.PDESolver(), NS(tol=1e-3, t=None, dynamics=lambda types: None)
+    # member 1 blew up at t = 0.5 on 60 cells and not on 120: the base moves to 120 cells (and stays: 240 agrees)
+    sols, base = solver._resolved_base(problem, None, [NS(diverged_at=1.0), NS(diverged_at=0.5)], (60, 4e-3), {})
+    assert base == (120, 4e-3) and sols is finer[120] and calls == [120, 240]
+    # member 0 diverges at about the same time on 120 cells: a divergence by design, the base stays on 60 cells
+    calls.clear()
+    level0 = [NS(diverged_at=1.0), NS(diverged_at=None)]
+    sols, base = solver._resolved_base(problem, None, level0, (60, 4e-3), {})
+    assert base is None and sols is level0 and calls == [120]

@@ -234,7 +234,8 @@ class PDESolver(Solver):
             n, st = grid_level(tol, o["half_width"], o["step_tol"], 0 if o["refine"] else 2, o["max_cells"])
         schedule: list[float] | None = None
         base: tuple[int, float] | None = None  # the type check's grid (the grid check's level 0), when not level 0
-        single = not batched and o["num_cells"] is None and o["refine"] and o["types"] is None
+        checked = o["num_cells"] is None and o["refine"] and o["types"] is None  # the type and grid checks run
+        single = not batched and checked
         ladder = _LadderTimes.of(problem) if single else None
 
         def solve(types: CoordinateTypes) -> TypeSolve:
@@ -246,7 +247,7 @@ class PDESolver(Solver):
                 return ladder.solve(k, dyn, n, st, grid_opts)
             sols = solve_batch_on_grid(dyn, problem.t, n, st, schedule=schedule, **grid_opts)
             first = schedule is None
-            if first and single:
+            if first and checked:
                 sols, base = self._resolved_base(problem, types, sols, (n, st), grid_opts)
                 n, st = base or (n, st)
             schedule = sols[0].schedule if first else schedule
@@ -270,7 +271,7 @@ class PDESolver(Solver):
         level0 = check.solve.result if batched else [check.solve.result]
         if o["num_cells"] is None and o["refine"]:
             if batched:
-                solutions = self._checked_members(problem, check, level0, n, grid_opts)
+                solutions = self._checked_members(problem, check, level0, n, grid_opts, base)
             else:
                 full = (lambda sol: sol) if ladder is None else (
                     lambda sol: ladder.full(sol, n, st, schedule, grid_opts))
@@ -283,7 +284,7 @@ class PDESolver(Solver):
         return solutions
 
     def _checked_members(self, problem: Problem, check: TypeCheck, level0: list, base_cells: int,
-                         grid_opts: dict) -> list[Solution]:
+                         grid_opts: dict, base: tuple[int, float] | None = None) -> list[Solution]:
         """The grid check of a batch's members (:func:`refine_grid_batch`) in groups of ``member_batch`` members, and
         their solutions; each group's solves are released before the next group's check.
 
@@ -307,7 +308,7 @@ class PDESolver(Solver):
             group = list(range(start, min(start + size, len(level0))))
             sub = dyn if len(group) == len(level0) else dyn.with_coefficients(dyn.coef.select(group))
             fines = refine_grid_batch(sub, problem.t, [level0[g] for g in group],
-                                      **self._grid_check(problem, check, grid_opts))
+                                      **self._grid_check(problem, check, grid_opts, base))
             solutions += [self._solution(problem.member(g), sol.terms(), check, base_cells)
                           for g, sol in zip(group, fines)]
             for g in group:
@@ -355,15 +356,21 @@ class PDESolver(Solver):
         (:func:`cells_for_tolerance`, where the grid check believes a divergence), the cells are doubled on the
         same step tolerance; the finer solve becomes the base when the divergence vanished or moved by more than
         10 % of its time, else it stands on the coarser grid (the grid check confirms it on finer cells later).
-        Only single predictions: a sweep's members diverge by design (:func:`~sde_optim.theory.best_lr`).
+        A sweep's members can diverge by design (:func:`~sde_optim.theory.best_lr`): the batch's cells are doubled
+        while some member's divergence vanished or moved by more than 10 % on the finer grid (a spurious one), and a
+        divergence that stays is believed.  A 2-lr power-law sweep at ``d = 16384`` (lr 9.5 and 11.4, neither
+        diverging) had its 60-cell base diverge at ``t = 0.56`` and ``0.36``: its type check ran on those blow-ups,
+        its grid check could not use a subset of the types, and a 16-lr sweep stopped at the work cap with an error
+        of ``inf`` (docs/benchmarks.md, twenty-fourth session).
         """
         n_prior = min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"])
         base = None
-        while sols[0].diverged_at is not None and grid[0] < n_prior:
+        while any(sol.diverged_at is not None for sol in sols) and grid[0] < n_prior:
             finer_grid = (2 * grid[0], grid[1])
             finer = solve_batch_on_grid(problem.dynamics(types), problem.t, *finer_grid, **grid_opts)
-            moved = finer[0].diverged_at
-            if moved is not None and abs(moved - sols[0].diverged_at) <= 0.1 * sols[0].diverged_at:
+            spurious = [a.diverged_at is not None and (b.diverged_at is None or abs(b.diverged_at - a.diverged_at)
+                                                       > 0.1 * a.diverged_at) for a, b in zip(sols, finer)]
+            if not any(spurious):
                 break
             sols, grid, base = finer, finer_grid, finer_grid
         return sols, base
