@@ -302,13 +302,12 @@ class PDESolver(Solver):
             item = torch.empty((), dtype=problem.dtype).element_size()
             per_member = _RETAINED * check.types.num_types * cells * problem.t.numel() * item
             size = max(1, int(BATCH_BYTES // per_member))
-        dyn = problem.dynamics(check.types)
+        dyn, grid = problem.dynamics(check.types), self._grid_check(problem, check, grid_opts, base)
         solutions: list[Solution] = []
         for start in range(0, len(level0), size):
             group = list(range(start, min(start + size, len(level0))))
             sub = dyn if len(group) == len(level0) else dyn.with_coefficients(dyn.coef.select(group))
-            fines = refine_grid_batch(sub, problem.t, [level0[g] for g in group],
-                                      **self._grid_check(problem, check, grid_opts, base))
+            fines = refine_grid_batch(sub, problem.t, [level0[g] for g in group], **grid)
             solutions += [self._solution(problem.member(g), sol.terms(), check, base_cells)
                           for g, sol in zip(group, fines)]
             for g in group:
