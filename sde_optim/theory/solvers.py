@@ -221,7 +221,11 @@ class PDESolver(Solver):
     def solve_batch(self, problem: Problem) -> list[Solution]:
         """Every member of a sweep in one batched system (:func:`solve_batch_on_grid`): the type check on the
         largest estimate over members, the grid check per member (:func:`refine_grid_batch`).  A batch refines
-        the grid on the final types (no subset combination, :func:`refine_grid_on_subset`)."""
+        the grid on the final types (no subset combination, :func:`refine_grid_on_subset`).
+
+        The type check runs on level 0 of the grid check, or on twice its cells (a few times at most, up to the a
+        priori cells) where level 0 blows up spuriously (:meth:`_resolved_base`) or holds the first type sets' laws
+        so coarsely that their difference is the cells' more than the types' (:meth:`_type_check_grid`)."""
         o = self.options
         tol = problem.tol
         batched = isinstance(problem.coef, CoefficientBatch)
@@ -237,24 +241,37 @@ class PDESolver(Solver):
         checked = o["num_cells"] is None and o["refine"] and o["types"] is None  # the type and grid checks run
         single = not batched and checked
         ladder = _LadderTimes.of(problem) if single else None
+        pair: list[tuple[CoordinateTypes, list]] = []  # the ladder's first two sets and their solves on this grid
+        made: list[list] = []  # the first solves of a restart, made on its grid by the check that chose it
 
         def solve(types: CoordinateTypes) -> TypeSolve:
             # every type solve replays the first one's time steps: their differences are then the types' alone
-            nonlocal schedule, n, st, base
+            nonlocal schedule, n, st, base, ladder
             dyn = problem.dynamics(types)
             k = ladder.count() if ladder is not None else 0  # the solve's place in the ladder
             if ladder is not None and ladder.schedule is not None:  # the ladder on its own times and steps
                 return ladder.solve(k, dyn, n, st, grid_opts)
-            sols = solve_batch_on_grid(dyn, problem.t, n, st, schedule=schedule, **grid_opts)
+            sols = made.pop(0) if made else solve_batch_on_grid(dyn, problem.t, n, st, schedule=schedule, **grid_opts)
             first = schedule is None
             if first and checked:
-                sols, base = self._resolved_base(problem, types, sols, (n, st), grid_opts)
+                sols, finer = self._resolved_base(problem, types, sols, (n, st), grid_opts)
+                if finer is not None:  # a restart's second solve was made on the grid that has blown up here
+                    base = finer
+                    made.clear()
                 n, st = base or (n, st)
             schedule = sols[0].schedule if first else schedule
+            if checked and len(pair) < 2:
+                pair.append((types, sols))
+                finer = self._type_check_grid(problem, pair, (n, st), grid_opts) if len(pair) == 2 else None
+                if finer is not None:  # the type check starts again on twice the cells, with the pair made there
+                    (n, st), made[:] = finer
+                    base, schedule, ladder = (n, st), None, _LadderTimes.of(problem) if single else None
+                    pair.clear()
+                    raise _Restart
             if ladder is not None:
                 ladder.keep(k, dyn, sols[0])
                 if k == 1 and ladder.long(problem.tol) and ladder.probe(n, st, grid_opts):
-                    raise _LadderRestart  # the type check starts again on the ladder's times
+                    raise _Restart  # the type check starts again on the ladder's times
             if not batched:
                 return _typesolve(sols[0])
             return TypeSolve(sols, torch.stack([x.type_curves() for x in sols]), [x.diverged_at for x in sols])
@@ -262,10 +279,12 @@ class PDESolver(Solver):
         if o["types"] is not None:
             check = TypeCheck(solve(o["types"]), o["types"], 0.0, 1, 0)
         else:
-            try:
-                check = problem.controlled(solve)
-            except _LadderRestart:
-                check = problem.controlled(solve)
+            while True:  # a restart: on a finer grid (a few times at most, up to the a priori cells) or the ladder's times
+                try:
+                    check = problem.controlled(solve)
+                    break
+                except _Restart:
+                    pass
         if ladder is not None and ladder.schedule is not None:  # the answer's solves on every output time
             check = replace(check, solve=_typesolve(ladder.full(check.solve.result, n, st, schedule, grid_opts)))
         level0 = check.solve.result if batched else [check.solve.result]
@@ -374,6 +393,52 @@ class PDESolver(Solver):
             sols, grid, base = finer, finer_grid, finer_grid
         return sols, base
 
+    def _type_check_grid(self, problem: Problem, pair: list[tuple[CoordinateTypes, list]], grid: tuple[int, float],
+                         grid_opts: dict) -> tuple[tuple[int, float], list[list]] | None:
+        """A grid on which the type check measures the types, not the cells: ``(grid, solves)``, twice the cells of
+        ``grid`` (``(cells, step tolerance)``) and the ladder's first two sets solved there, or None to stay on ``grid``.
+
+        The type check compares type sets solved on one grid; where the grid does not resolve their laws, each set
+        carries its own discretization error and their difference is mostly that, which no further type refinement
+        removes: the quadrature then splits nodes until its difference falls under the grid's.  A power law with a
+        sparse sign teacher (power-law-B2-bal, ``d = 16384``, lr 3.75, default tol): its first two sets (61 and 117
+        types) were 1170 % apart in R on 60 cells and 0.009 % on 120, and the check refined to 704 types on 60 cells
+        (48 s) where 117 types on 120 cells met the same estimate (6.6 s, the same risk to 6 digits); at lr 7.86,
+        0.39 % on 120 cells and 0.003 % on 240, and the grid check of the combination stopped at its work cap with an
+        estimate of 0.03 (warned) where 240 cells needed 117 types, no combination and 12.6 s (docs/benchmarks.md,
+        twenty-fifth session).  So where the first pair is further apart than the type tolerance (the check would
+        refine), the pair is solved on twice the cells, up to the a priori cells (:func:`cells_for_tolerance`); if it
+        is less than half as far apart there, most of the difference was the grid's, and the check starts again on
+        those cells (and asks the same of them).  The set with more types is solved there first, on at most
+        :attr:`_LadderTimes.POINTS` of the output times, and the pair on every output time only where that set changed
+        by more than half the difference.  A sweep judges the largest difference over its members."""
+        n_prior = min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"])
+        offset = 0.5 * problem.noise_std**2
+
+        def apart(coarse: list, fine: list, index: Tensor | None = None) -> float:
+            return max(_sets_apart(a, b, problem.t, offset, index) for a, b in zip(coarse, fine))
+
+        (types_c, coarse), (types_f, fine) = pair
+        before = apart(coarse, fine)
+        if not before > 0.5 * problem.tol or grid[0] >= n_prior:
+            return None
+        finer, dyn_f = (2 * grid[0], grid[1]), problem.dynamics(types_f)
+        # the set with more types first (its extreme types are the ones the cells resolve last), on fewer output times
+        # (:func:`_fewer_times`): where its own change is under half the pair's difference, the difference is taken as
+        # the types' and nothing more is solved (measured at d = 4096 on five continuous settings where the check
+        # stays: the two sets changed by the same amount to 2-3 digits, 0.004-0.6 of their difference; where it moved,
+        # the larger set changed 1-8x the difference, the coarser one 0.2-6x)
+        index = _fewer_times(problem.t, _LadderTimes.POINTS)
+        probe = solve_batch_on_grid(dyn_f, problem.t if index is None else problem.t[index], *finer, **grid_opts)
+        # its change against the pair's difference on the same times (a difference peaked between them, as on a power
+        # law at lr 7.9: 3.3 % on every output time, 0.7 % on the 51, is compared as 0.7 %), relative to either grid
+        if not max(apart(fine, probe, index), apart(probe, fine, index)) > 0.5 * apart(coarse, fine, index):
+            return None
+        fine_2 = probe if index is None else solve_batch_on_grid(dyn_f, problem.t, *finer, **grid_opts)
+        coarse_2 = solve_batch_on_grid(problem.dynamics(types_c), problem.t, *finer, schedule=fine_2[0].schedule,
+                                       **grid_opts)
+        return (finer, [coarse_2, fine_2]) if apart(coarse_2, fine_2) < 0.5 * before else None
+
     def _grid_check(self, problem: Problem, check: TypeCheck, grid_opts: dict,
                     base: tuple[int, float] | None = None) -> dict:
         """Keywords of the grid check (:func:`refine_grid`) after the type check ``check`` (run on the grid ``base``,
@@ -408,8 +473,19 @@ def _typesolve(sol: FokkerPlanckSolution, t: Tensor | None = None) -> TypeSolve:
     return TypeSolve(sol, sol.type_curves(), sol.diverged_at, t)
 
 
-class _LadderRestart(Exception):
-    """Raised by a type solve to start the type check again on the ladder's own times (:class:`_LadderTimes`)."""
+class _Restart(Exception):
+    """Raised by a type solve to start the type check again: on the ladder's own times (:class:`_LadderTimes`), or on
+    a grid that resolves the first sets' difference (:meth:`PDESolver._type_check_grid`)."""
+
+
+def _fewer_times(t: Tensor, points: int) -> Tensor | None:
+    """Indices of at most ``points`` of the output times ``t`` (every k-th and the last), or None when there are no
+    more than that: a solve that only compares or probes need not stop at every output (:class:`_LadderTimes`)."""
+    n = t.numel()
+    if n <= points:
+        return None
+    k = -(-(n - 1) // (points - 1))
+    return torch.tensor([*range(0, n - 1, k), n - 1], device=t.device)
 
 
 class _LadderTimes:
@@ -445,11 +521,10 @@ class _LadderTimes:
     @classmethod
     def of(cls, problem: Problem) -> "_LadderTimes | None":
         """None when there are at most :attr:`POINTS` output times or the types are exact (no ladder: one solve)."""
-        n = problem.t.numel()
-        if n <= cls.POINTS or exact_types(problem.columns, max_types=EXACT_LIMIT) is not None:
+        index = _fewer_times(problem.t, cls.POINTS)
+        if index is None or exact_types(problem.columns, max_types=EXACT_LIMIT) is not None:
             return None
-        k = -(-(n - 1) // (cls.POINTS - 1))
-        return cls(problem.t, torch.tensor([*range(0, n - 1, k), n - 1], device=problem.t.device))
+        return cls(problem.t, index)
 
     def count(self) -> int:
         """The place of the next type solve in the ladder (from 0, again after a restart)."""
@@ -465,12 +540,7 @@ class _LadderTimes:
         """Whether the first round's sets differ by more than :attr:`LONG` x the type tolerance ``tol / 2`` in ``R``
         or ``C`` (relative, largest over the output times with ``R >= 1e-3 R(0)`` before a divergence)."""
         (_, c), (_, s) = self._first
-        a, b = (x.type_curves().sum(-1) for x in (c, s))  # (2, n): excess risk and curvature
-        ok = _descent_window(self.t_full, c.risk, (c.diverged_at, s.diverged_at))
-        ok &= torch.isfinite(a).all(0) & torch.isfinite(b).all(0)
-        if not bool(ok.any()):
-            return False
-        return float(((b - a).abs() / a.abs().clamp_min(tiny(a)))[:, ok].max()) > self.LONG * 0.5 * tol
+        return _sets_apart(c, s, self.t_full) > self.LONG * 0.5 * tol
 
     def probe(self, n: int, st: float, grid_opts: dict) -> bool:
         """Solve the first set on the ladder's times with its own steps; keep them as the ladder's (True) if that
@@ -510,6 +580,29 @@ class _LadderTimes:
             (found,) = solve_batch_on_grid(sol.dynamics, self.t_full, n, st, schedule=schedule, **grid_opts)
             self._full.append((sol, found))
         return found
+
+
+def _sets_apart(coarse: FokkerPlanckSolution, fine: FokkerPlanckSolution, t: Tensor, offset: float = 0.0,
+                index: Tensor | None = None) -> float:
+    """How far two type sets' solves are apart: the largest relative difference (to ``coarse``) of their excess risk
+    and curvature (E7, summed over the types; ``offset`` added to the excess risk, e.g. the noise's ``sigma^2 / 2`` for
+    the risk) over the output times ``t`` with ``R >= 1e-3 R(0)`` before either diverges (0 where there is none).
+    ``index``: compare on the times ``t[index]`` only (a solve on every time ``t`` is taken there, one on those times
+    as it is)."""
+    every = t.numel()
+
+    def on(x: FokkerPlanckSolution) -> tuple[Tensor, Tensor]:  # (2, n) curves and (n,) risk on the compared times
+        c, r = x.type_curves().sum(-1), x.risk
+        return (c[:, index], r[index]) if index is not None and c.shape[-1] == every else (c, r)
+
+    (a, risk), (b, _) = on(coarse), on(fine)
+    shift = torch.tensor([offset, 0.0], dtype=a.dtype, device=a.device)[:, None]
+    a, b = a + shift, b + shift
+    ok = _descent_window(t if index is None else t[index], risk, (coarse.diverged_at, fine.diverged_at))
+    ok &= torch.isfinite(a).all(0) & torch.isfinite(b).all(0)
+    if not bool(ok.any()):
+        return 0.0
+    return float(((b - a).abs() / a.abs().clamp_min(tiny(a)))[:, ok].max())
 
 
 def _descent_window(t: Tensor, risk: Tensor, ends: tuple[float | None, ...], floor: float = 1e-3) -> Tensor:
