@@ -251,6 +251,8 @@ class PDESolver(Solver):
             k = ladder.count() if ladder is not None else 0  # the solve's place in the ladder
             if ladder is not None and ladder.schedule is not None:  # the ladder on its own times and steps
                 return ladder.solve(k, dyn, n, st, grid_opts)
+            if made and made[0][0].dynamics.types.num_types != types.num_types:  # not the sets they were made for
+                made.clear()
             sols = made.pop(0) if made else solve_batch_on_grid(dyn, problem.t, n, st, schedule=schedule, **grid_opts)
             first = schedule is None
             if first and checked:
@@ -402,9 +404,9 @@ class PDESolver(Solver):
         carries its own discretization error and their difference is mostly that, which no further type refinement
         removes: the quadrature then splits nodes until its difference falls under the grid's.  A power law with a
         sparse sign teacher (power-law-B2-bal, ``d = 16384``, lr 3.75, default tol): its first two sets (61 and 117
-        types) were 1170 % apart in R on 60 cells and 0.009 % on 120, and the check refined to 704 types on 60 cells
+        types) were 198 % apart on 60 cells and 0.009 % on 120, and the check refined to 704 types on 60 cells
         (48 s) where 117 types on 120 cells met the same estimate (6.6 s, the same risk to 6 digits); at lr 7.86,
-        0.39 % on 120 cells and 0.003 % on 240, and the grid check of the combination stopped at its work cap with an
+        2.6 % on 120 cells and 0.003 % on 240, and the grid check of the combination stopped at its work cap with an
         estimate of 0.03 (warned) where 240 cells needed 117 types, no combination and 12.6 s (docs/benchmarks.md,
         twenty-fifth session).  So where the first pair is further apart than the type tolerance (the check would
         refine), the pair is solved on twice the cells, up to the a priori cells (:func:`cells_for_tolerance`); if it
