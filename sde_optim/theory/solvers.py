@@ -407,8 +407,10 @@ class PDESolver(Solver):
         types) were 198 % apart on 60 cells and 0.009 % on 120, and the check refined to 704 types on 60 cells
         (48 s) where 117 types on 120 cells met the same estimate (6.6 s, the same risk to 6 digits); at lr 7.86,
         2.6 % on 120 cells and 0.003 % on 240, and the grid check of the combination stopped at its work cap with an
-        estimate of 0.03 (warned) where 240 cells needed 117 types, no combination and 12.6 s (docs/benchmarks.md,
-        twenty-fifth session).  So where the first pair is further apart than the type tolerance (the check would
+        estimate of 0.03 (warned) where 240 cells needed 117 types, no combination and 12.6 s.  And silently: a power
+        law with a sparse Gaussian teacher (pl-sparse-gauss, ``d = 4096``, 3x its lr) answered 1.06 % from the exact
+        coordinates (4096 types on 609 cells) with an estimate of 8.1e-4, its first pair 82 % apart on 60 cells and
+        0.45 % on 120; on 120 cells it is 2.0e-5 from them (docs/benchmarks.md, twenty-fifth session).  So where the first pair is further apart than the type tolerance (the check would
         refine), the pair is solved on twice the cells, up to the a priori cells (:func:`cells_for_tolerance`); if it
         is less than half as far apart there, most of the difference was the grid's, and the check starts again on
         those cells (and asks the same of them).  The set with more types is solved there first, on at most
