@@ -636,15 +636,19 @@ def test_the_type_check_moves_to_twice_the_cells_where_its_first_sets_differ_by_
     assert made == [("F", 120, 4e-3, None, 51), ("F", 120, 4e-3, None, 201), ("C", 120, 4e-3, [0.25, 0.75], 201)]
 
 
+def _coarse_power_law(d: int = 512):
+    """A power law with a sparse teacher, balanced, B = 2, lr 7.9, tol 3e-3: level 0 too coarse for its type sets."""
+    problem = TeacherProblem.sparse(d, 0.1, spectrum="power-law", exponent=0.5, noise_std=0.0, seed=3)
+    model = DiagonalLinearNetwork(d, alpha=0.1, init="balanced", dtype=F64)
+    return problem, model, dict(lr=7.9, batch_size=2, steps=8 * d, num_points=41, tol=3e-3)
+
+
 def test_a_type_check_on_a_grid_too_coarse_for_its_sets_starts_again_on_twice_the_cells():
     """End to end (a power law with a sparse teacher, balanced, B = 2, d = 512, lr 7.9, tol 3e-3): on the 68 cells
     of the type check's grid the first two type sets differ mostly by their grids, and the quadrature went to 161 types (10 s);
     the check starts again on 136 cells and stops at the first round's 78 types (2.6 s).  The answer agrees with
     the exact coordinates (512 types) on 615 cells within tol (measured: 2.6e-5 in R, 1.4e-5 in C)."""
-    d = 512
-    problem = TeacherProblem.sparse(d, 0.1, spectrum="power-law", exponent=0.5, noise_std=0.0, seed=3)
-    model = DiagonalLinearNetwork(d, alpha=0.1, init="balanced", dtype=F64)
-    kw = dict(lr=7.9, batch_size=2, steps=8 * d, num_points=41, tol=3e-3)
+    problem, model, kw = _coarse_power_law()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         pred = predict(problem, model, **kw)
@@ -656,4 +660,25 @@ def test_a_type_check_on_a_grid_too_coarse_for_its_sets_starts_again_on_twice_th
     window = exact.curves["risk"] >= 1e-3 * exact.curves["risk"][0]
     for name in ("risk", "curvature"):
         rel = (pred.curves[name] - exact.curves[name]).abs() / exact.curves[name].abs()
+        assert float(rel[window].max()) <= 3e-3
+
+
+def test_a_sweeps_type_check_starts_again_on_twice_the_cells_for_its_members():
+    """A sweep's type check restarts as a single's does (the batch's largest difference decides): lr 2.0 and 7.9 on
+    the coarse power law, both members on the 136 cells and 78 types of the single at 7.9 (2.0 alone: 34 cells),
+    and the member at 7.9 within tol of that single (measured: the same curves)."""
+    from sde_optim.theory import predict_sweep
+
+    problem, model, kw = _coarse_power_law()
+    lr = kw.pop("lr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        sweep = predict_sweep(problem, model, lr=[2.0, lr], **kw)
+        single = predict(problem, model, lr=lr, **kw)
+    assert [p.info["type_check_cells"] for p in sweep] == [136, 136] == [single.info["type_check_cells"]] * 2
+    assert [p.info["num_types"] for p in sweep] == [78, 78]
+    assert all(p.info["error_estimate"] <= 3e-3 for p in sweep)
+    window = single.curves["risk"] >= 1e-3 * single.curves["risk"][0]
+    for name in ("risk", "curvature"):
+        rel = (sweep[1].curves[name] - single.curves[name]).abs() / single.curves[name].abs()
         assert float(rel[window].max()) <= 3e-3
