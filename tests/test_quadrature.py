@@ -682,24 +682,3 @@ def test_a_sweeps_type_check_starts_again_on_twice_the_cells_for_its_members():
     for name in ("risk", "curvature"):
         rel = (sweep[1].curves[name] - single.curves[name]).abs() / single.curves[name].abs()
         assert float(rel[window].max()) <= 3e-3
-
-
-def test_a_split_sweeps_members_start_their_grid_checks_where_they_hold():
-    """A sweep split into groups whose type check ran on more cells than level 0 (for its largest member) starts each
-    member's grid check on level 0 where the member's own solve of the final types holds there, as its single
-    prediction does: with one member per group, each member is its single prediction bit for bit (lr 2.0 on 143 cells
-    from level 0's 34, not 298 from 136); one group (the default for these few types) is the batch as before."""
-    from sde_optim.theory import predict_sweep
-
-    problem, model, kw = _coarse_power_law()
-    kw.pop("lr")
-    lrs = [2.0, 7.9]
-    singles = [predict(problem, model, lr=lr, **kw) for lr in lrs]
-    split = predict_sweep(problem, model, lr=lrs, options={"member_batch": 1}, **kw)
-    together = predict_sweep(problem, model, lr=lrs, **kw)
-    assert [p.info["type_check_cells"] for p in singles] == [34, 136]
-    for single, member in zip(singles, split):
-        assert member.info["num_cells"] == single.info["num_cells"]  # measured: 143 and 615
-        for name in ("risk", "curvature"):
-            assert torch.equal(member.curves[name], single.curves[name])
-    assert [p.info["num_cells"] for p in together] == [298, 615]  # every member from the batch's 136 cells

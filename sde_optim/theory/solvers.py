@@ -316,40 +316,24 @@ class PDESolver(Solver):
         as fit :data:`BATCH_BYTES` at :data:`_RETAINED` solves each on the a priori cells (4x level 0's); the few-type
         sweeps of the accuracy tables fit in one group (the batch as it was), many-type ones are split.  A group of
         ``G`` members counts one operator evaluation per batched step against ``max_evaluations``, so smaller
-        groups spend more of it; members share no other work.
-
-        Where the batch is split and its type check ran on more cells than level 0 (:meth:`_resolved_base`,
-        :meth:`_type_check_grid`: the largest member's need), a member whose own solve of the final types on level 0
-        does not diverge starts its grid check there, as its single prediction would (members grouped by the grid
-        they start on).  The 16-lr sweep of that power law ran every member from the 240 cells of its upper members,
-        its lower ones refining to 539 cells where alone they stop at 261 (504.6 s against 297.6 s for the 16
-        single predictions; docs/benchmarks.md, twenty-fifth session)."""
+        groups spend more of it; members share no other work."""
         size = self.options["member_batch"]
         if size is None:
             cells = 4 * max(sol.xi.numel() for sol in level0)
             item = torch.empty((), dtype=problem.dtype).element_size()
             per_member = _RETAINED * check.types.num_types * cells * problem.t.numel() * item
             size = max(1, int(BATCH_BYTES // per_member))
-        dyn, o = problem.dynamics(check.types), self.options
-        bases = [base] * len(level0)
-        if base is not None and size < len(level0):
-            own = grid_level(problem.tol, o["half_width"], o["step_tol"], 0, o["max_cells"])
-            for g in range(len(level0)):
-                (low,) = solve_batch_on_grid(dyn.member(g), problem.t, *own, **grid_opts)
-                if low.diverged_at is None:
-                    level0[g], bases[g] = low, None
-        solutions: list[Solution | None] = [None] * len(level0)
-        for start_on in dict.fromkeys(bases):  # the members of each starting grid, in groups
-            grid = self._grid_check(problem, check, grid_opts, start_on)
-            members = [g for g, b in enumerate(bases) if b == start_on]
-            for start in range(0, len(members), size):
-                group = members[start:start + size]
-                sub = dyn if len(group) == len(level0) else dyn.with_coefficients(dyn.coef.select(group))
-                fines = refine_grid_batch(sub, problem.t, [level0[g] for g in group], **grid)
-                for g, sol in zip(group, fines):
-                    solutions[g] = self._solution(problem.member(g), sol.terms(), check, base_cells)
-                    level0[g] = None  # released with the group's check (the answer keeps its own solves' outputs)
-        return solutions  # type: ignore[return-value]
+        dyn, grid = problem.dynamics(check.types), self._grid_check(problem, check, grid_opts, base)
+        solutions: list[Solution] = []
+        for start in range(0, len(level0), size):
+            group = list(range(start, min(start + size, len(level0))))
+            sub = dyn if len(group) == len(level0) else dyn.with_coefficients(dyn.coef.select(group))
+            fines = refine_grid_batch(sub, problem.t, [level0[g] for g in group], **grid)
+            solutions += [self._solution(problem.member(g), sol.terms(), check, base_cells)
+                          for g, sol in zip(group, fines)]
+            for g in group:
+                level0[g] = None  # released with the group's check (the answer keeps its own solves' outputs only)
+        return solutions
 
     def _solution(self, problem: Problem, terms: list, check: TypeCheck, base_cells: int) -> Solution:
         """The curves, E8 rate and diagnostics of one member from its solve(s) ``terms`` (``[(coefficient, solve)]``)."""
