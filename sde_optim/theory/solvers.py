@@ -383,7 +383,7 @@ class PDESolver(Solver):
         its grid check could not use a subset of the types, and a 16-lr sweep stopped at the work cap with an error
         of ``inf`` (docs/benchmarks.md, twenty-fourth session).
         """
-        n_prior = min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"])
+        n_prior = self._prior_cells(problem)
         base = None
         while any(sol.diverged_at is not None for sol in sols) and grid[0] < n_prior:
             finer_grid = (2 * grid[0], grid[1])
@@ -394,6 +394,11 @@ class PDESolver(Solver):
                 break
             sols, grid, base = finer, finer_grid, finer_grid
         return sols, base
+
+    def _prior_cells(self, problem: Problem) -> int:
+        """The a priori cells of ``problem.tol`` (:func:`cells_for_tolerance`, at most ``max_cells``): the finest grid
+        the type check's grid is doubled to, where the grid check believes a divergence."""
+        return min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"])
 
     def _type_check_grid(self, problem: Problem, pair: list[tuple[CoordinateTypes, list]], grid: tuple[int, float],
                          grid_opts: dict) -> tuple[tuple[int, float], list[list]] | None:
@@ -416,7 +421,7 @@ class PDESolver(Solver):
         those cells (and asks the same of them).  The set with more types is solved there first, on at most
         :attr:`_LadderTimes.POINTS` of the output times, and the pair on every output time only where that set changed
         by more than half the difference.  A sweep judges the largest difference over its members."""
-        n_prior = min(cells_for_tolerance(problem.tol, self.options["half_width"]), self.options["max_cells"])
+        n_prior = self._prior_cells(problem)
         offset = 0.5 * problem.noise_std**2
 
         def apart(coarse: list, fine: list, index: Tensor | None = None) -> float:
