@@ -39,7 +39,7 @@ def captured_dynamics(name: str, lr: float | None, d: int, tol: float = 1e-3):
 
 @contextmanager
 def switched(module, name: str, value):
-    """``module.name`` set to ``value`` for the block (a path switch such as ``COMPILED_STEP`` or ``RANGES``)."""
+    """``module.name`` set to ``value`` for the block (a path switch such as ``COMPILED_STEP``)."""
     old = getattr(module, name)
     setattr(module, name, value)
     try:

@@ -71,7 +71,6 @@ from torch import Tensor
 
 from .._validation import check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
-from . import compiled_step
 from .compiled_step import _MAX_TYPE_TV, TYPE_FIELDS, compiled_kernels  # (_MAX_TYPE_TV: both steps' cap)
 from .dynamics import MeanFieldDynamics, _state_cap
 from .statistics import tiny, weighted
@@ -497,7 +496,6 @@ class _Grid:
                 return self._compiled_attempt(st0, mass, m, s, integral, t, h, step_tol)
             except Exception as error:  # noqa: BLE001 - only numba's own errors are handled, the rest re-raised
                 self._not_compiled(error)
-                st0 = self.statistics(mass, m, s, integral, t)  # compiled ones hold the drift on the mass's cells only
         coef = self.dyn.coef
         vm, vs = self.plan(st0, m, s, h)
         m1, s1 = m + h * vm, s + h * vs
@@ -574,9 +572,7 @@ class _Grid:
         tensors: the call is rare, at the start and when members leave the batch)."""
         out = _StepOutputs(mass.shape, self._types.dtype)
         np_ = self._numpy
-        windows = np.empty((4, *mass.shape[:2]), dtype=np.int64)  # (where the drift and densities are written)
-        compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), *self._members(t, side), full,
-                              compiled_step.RANGES, windows, self._types,
+        compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), *self._members(t, side), full, self._types,
                               self._geometry[0], *self._scalars, *out.arrays[5:])
         if full:
             return out.statistics
@@ -595,7 +591,7 @@ class _Grid:
         accepted = compiled_kernels()[1](
             np_(mass), np_(m), np_(s), np_(integral), np_(st0.risk), np_(st0.a), np_(st0.diffusion), np_(moments),
             coef0, coef1, coef2, limit2, dim, h, step_tol is not None, 0.0 if step_tol is None else step_tol,
-            compiled_step.RANGES, self._types, *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
+            self._types, *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
             *out.arrays)
         y2, m1, s1, i2 = out.tensors[:4]
         return y2, m1, s1, i2, ([0.0] if step_tol is None else out.arrays[4].tolist()), (

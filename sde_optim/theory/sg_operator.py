@@ -15,9 +15,6 @@ elimination without pivoting is stable, and it is what partial pivoting (LAPACK 
   ``I - h M`` from ``A``, ``c`` and ``B`` as it goes and follows ``gtsv``'s arithmetic without its row
   interchanges (``f = l_j / d_{j-1}``, ``d_j -= f u_{j-1}``, ``r_j -= f r_{j-1}``; back substitution by division),
   eight systems side by side: ``gtsv`` solved one system after another, each a chain of dependent divisions.
-  Both kernels take each system's cells (``first .. last``): the compiled step solves a type on the cells its mass
-  can reach, no flux crossing the range's ends (:mod:`~sde_optim.theory.compiled_step`); the functions below pass
-  every cell.
   The elimination gives ``gtsv``'s results bit for bit (tests) in a third of its time, the bands 0.6x the torch
   formulas' time (``docs/benchmarks.md``, sixteenth session).  The first call compiles (about a second per dtype,
   cached on disk by numba).
@@ -52,19 +49,11 @@ def _compiled(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32)
 
 
-# helpers of the compiled kernels, set by _kernels (module globals, not closure variables: numba keys its disk cache on
-# a kernel's pickled closure, and a dispatcher pickles with a per-process id)
-_series = _weight = _couplings = None
-
-
 @lru_cache(maxsize=1)
 def _kernels():
     """``(bands, eliminate)``, compiled on first use (importing numba and loading its on-disk cache cost ~0.6 s once
-    per process; compiling ~1 s per dtype, once per environment).  :func:`_weight` and :func:`_couplings` (one face's
-    Bernoulli weight and fluxes, the bands kernel's own arithmetic) are set as module globals for the compiled step."""
+    per process; compiling ~1 s per dtype, once per environment)."""
     from numba import njit
-
-    global _series, _weight, _couplings
 
     def jit(fn):
         # error_model numpy: x / 0 is inf or nan, not an exception (a zero pivot is detected, not raised)
@@ -73,39 +62,10 @@ def _kernels():
         except RuntimeError:  # no writable cache location (a read-only install without a home): compile per process
             return njit(error_model="numpy")(fn)
 
-    @njit(inline="always")
-    def _series(z):  # pragma: no cover - compiled
-        """``B(z) = z / expm1(z)`` by its Taylor series (Bernoulli numbers to ``z^16``; ``0 <= z < 1/2``)."""
-        w = z * z
-        series = w * (_B16 * w + _B14) + _B12
-        series = w * (w * (w * (w * series + _B10) + _B8) + _B6)
-        return (w * (w * (series + _B4) + _B2) - 0.5 * z) + 1.0
-
-    @njit(inline="always")
-    def _weight(z, zero):  # pragma: no cover - compiled
-        """``B(z)`` for ``z = |pe| >= 0``, as the bands kernel computes it (before rounding to the dtype)."""
-        if z >= _EXPM1_OVERFLOW:
-            return zero
-        if z >= 0.5:
-            return z / np.expm1(z)
-        return _series(z)
-
-    @njit(inline="always")
-    def _couplings(b, p, k, flj, frj, zero):  # pragma: no cover - compiled
-        """``(cp, cm)`` of a face with weight ``b = B(|p|)`` (rounded to the dtype), Peclet number ``p``: the flux
-        weights out of the left cell (to the right) and out of the right cell (to the left)."""
-        cp = (k * flj) * (b + (zero if p < zero else p))  # clamp_min(0): nan stays nan
-        cm = (k * frj) * (b - (zero if p > zero else p))
-        return cp, cm
-
     @jit
-    def bands(pe, dxi, fl, fr, zero, small, out, first, last):  # pragma: no cover - compiled
+    def bands(pe, dxi, fl, fr, zero, small, out):  # pragma: no cover - compiled
         """:func:`sg_bands`'s formulas in one pass: ``pe`` ``(S, N - 1)``; ``dxi`` ``(S,)``; ``fl``, ``fr``
-        ``(N - 1,)``; ``out`` ``(3, S, N)``; ``zero`` of the dtype; ``small`` scratch ``(S, N - 1)`` (``B(|pe|)``);
-        ``first``, ``last`` ``(S,)``: each system's cells (inclusive; ``last < first``: none).  Only the faces
-        between a system's cells are read and only its cells' band entries written, as if no flux crossed the
-        faces at either end (:func:`_attempt`'s ranges: there no flux leaves the range); ``0 .. N - 1`` is the
-        whole system.
+        ``(N - 1,)``; ``out`` ``(3, S, N)``; ``zero`` of the dtype; ``small`` scratch ``(S, N - 1)`` (``B(|pe|)``).
 
         ``B(z) = z / expm1(z)`` below ``|z| = 1/2`` is its Taylor series (the Bernoulli numbers to ``z^16``,
         remainder below ``4e-20`` of the value), a loop that vectorizes: an ``expm1`` per face, one element at a
@@ -113,64 +73,56 @@ def _kernels():
         session); the faces at ``|z| >= 1/2`` (a coarse grid, a far tail) take ``z / expm1(z)`` in a second pass,
         0 past ``expm1``'s overflow without calling it (float32's ``expm1`` overflows earlier: ``z / inf = 0`` too).
         A nan Peclet number gives a nan weight, ``|z| > 709`` a zero one, as the torch formulas."""
-        systems = pe.shape[0]
+        systems, faces = pe.shape
         for s in range(systems):
-            lo, hi = first[s], last[s]
-            if hi < lo:
-                continue
             wide = 0
-            for j in range(lo, hi):
+            for j in range(faces):
                 z = abs(pe[s, j])
-                small[s, j] = _series(z)
+                w = z * z
+                series = w * (_B16 * w + _B14) + _B12
+                series = w * (w * (w * (w * series + _B10) + _B8) + _B6)
+                small[s, j] = (w * (w * (series + _B4) + _B2) - 0.5 * z) + 1.0
                 wide += 1 if z >= 0.5 else 0
             if wide:
-                for j in range(lo, hi):
+                for j in range(faces):
                     z = abs(pe[s, j])
-                    if z >= 0.5:  # z / expm1(z), or 0 past its overflow (half the faces of a large grid: far tails)
-                        small[s, j] = _weight(z, zero)
+                    if z >= _EXPM1_OVERFLOW:  # z / inf (half the faces on a few types of ~2000 cells: far tails)
+                        small[s, j] = zero
+                    elif z >= 0.5:
+                        small[s, j] = z / np.expm1(z)
             k = dxi[s]
             cm_prev = zero
-            for j in range(lo, hi):
-                cp, cm = _couplings(small[s, j], pe[s, j], k, fl[j], fr[j], zero)
+            for j in range(faces):
+                b = small[s, j]
+                p = pe[s, j]
+                cp = (k * fl[j]) * (b + (zero if p < zero else p))  # clamp_min(0): nan stays nan
+                cm = (k * fr[j]) * (b - (zero if p > zero else p))
                 out[0, s, j + 1] = cp
                 out[2, s, j] = cm
-                out[1, s, j] = -cp if j == lo else (-cp) - cm_prev
+                out[1, s, j] = -cp if j == 0 else (-cp) - cm_prev
                 cm_prev = cm
-            out[0, s, lo] = zero
-            out[2, s, hi] = zero
-            out[1, s, hi] = zero - cm_prev
+            out[0, s, 0] = zero
+            out[2, s, faces] = zero
+            out[1, s, faces] = zero - cm_prev
 
     @jit
-    def eliminate(a, b, c, nh, one, rhs, out, d, has_c, has_b, first, last):  # pragma: no cover - compiled
+    def eliminate(a, b, c, nh, one, rhs, out, d, has_c, has_b):  # pragma: no cover - compiled
         """``a``, ``b``: bands ``(3, S, N)`` (lower, diagonal, upper; unused ends zero); ``c``, ``rhs``, ``out``,
-        ``d`` (scratch): ``(S, N)``; ``nh = -h`` and ``one`` scalars of the arrays' dtype (float32 stays float32);
-        ``first``, ``last`` ``(S,)`` as in ``bands``.  Solves ``(I - h (A diag(c) + B)) out = rhs`` per row ``s`` on
-        its cells ``first[s] .. last[s]``, with ``out = 0`` on the others (the caller's ranges hold all the mass the
-        solve can reach: :func:`_attempt`)."""
+        ``d`` (scratch): ``(S, N)``; ``nh = -h`` and ``one`` scalars of the arrays' dtype (float32 stays float32).
+        Solves ``(I - h (A diag(c) + B)) out = rhs`` per row ``s``."""
         systems, n = rhs.shape
         for s0 in range(0, systems, _BLOCK):
             s1 = min(systems, s0 + _BLOCK)
-            span = 0
-            for s in range(s0, s1):  # row first[s]: its diagonal and right-hand side
-                lo, hi = first[s], last[s]
-                for j in range(n):
-                    if j < lo or j > hi:
-                        out[s, j] = 0.0
-                if hi < lo:
-                    continue
-                span = max(span, hi - lo + 1)
-                dg = a[1, s, lo]
+            for s in range(s0, s1):  # row 0: its diagonal and right-hand side
+                dg = a[1, s, 0]
                 if has_c:
-                    dg = dg * c[s, lo]
+                    dg = dg * c[s, 0]
                 if has_b:
-                    dg = dg + b[1, s, lo]
-                d[s, lo] = dg * nh + one
-                out[s, lo] = rhs[s, lo]
-            for i in range(1, span):  # forward elimination, f = l_j / d_{j-1} (the systems side by side, each from its first cell)
+                    dg = dg + b[1, s, 0]
+                d[s, 0] = dg * nh + one
+                out[s, 0] = rhs[s, 0]
+            for j in range(1, n):  # forward elimination, f = l_j / d_{j-1}
                 for s in range(s0, s1):
-                    j = first[s] + i
-                    if j > last[s]:
-                        continue
                     lo, dg, up = a[0, s, j], a[1, s, j], a[2, s, j - 1]
                     if has_c:
                         lo, dg, up = lo * c[s, j - 1], dg * c[s, j], up * c[s, j]
@@ -180,13 +132,9 @@ def _kernels():
                     d[s, j] = (dg * nh + one) - f * (up * nh)
                     out[s, j] = rhs[s, j] - f * out[s, j - 1]
             for s in range(s0, s1):  # back substitution
-                if last[s] >= first[s]:
-                    out[s, last[s]] = out[s, last[s]] / d[s, last[s]]
-            for i in range(span - 2, -1, -1):
+                out[s, n - 1] = out[s, n - 1] / d[s, n - 1]
+            for j in range(n - 2, -1, -1):
                 for s in range(s0, s1):
-                    j = first[s] + i
-                    if j >= last[s]:
-                        continue
                     up = a[2, s, j]
                     if has_c:
                         up = up * c[s, j + 1]
@@ -195,7 +143,7 @@ def _kernels():
                     out[s, j] = (out[s, j] - (up * nh) * out[s, j + 1]) / d[s, j]
             for s in range(s0, s1):  # a zero or non-finite pivot: this system is nan (no exception, no mixing)
                 bad = False
-                for j in range(first[s], last[s] + 1):
+                for j in range(n):
                     if d[s, j] == 0.0 or not np.isfinite(d[s, j]):
                         bad = True
                 if bad:
@@ -208,11 +156,6 @@ def _kernels():
 def _flat(x: Tensor, n: int):
     """``x`` as a contiguous ``(S, n)`` numpy array (a view where it can be)."""
     return x.reshape(-1, n).contiguous().numpy()
-
-
-def whole_ranges(systems: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kernels' ``first, last`` for ``systems`` whole systems of ``n`` cells."""
-    return np.zeros(systems, dtype=np.int64), np.full(systems, n - 1, dtype=np.int64)
 
 
 def _scalar(x: Tensor, value: float):
@@ -238,8 +181,7 @@ def sg_bands(pe: Tensor, dxi: Tensor, flux_left: Tensor, flux_right: Tensor) -> 
         out = pe.new_empty(3, pe[..., 0].numel(), n)
         flat = _flat(pe, n - 1)
         _kernels()[0](flat, dxi.reshape(-1).contiguous().numpy(), flux_left.contiguous().numpy(),
-                      flux_right.contiguous().numpy(), _scalar(pe, 0.0), np.empty_like(flat), out.numpy(),
-                      *whole_ranges(flat.shape[0], n))
+                      flux_right.contiguous().numpy(), _scalar(pe, 0.0), np.empty_like(flat), out.numpy())
         return out.reshape(3, *pe.shape[:-1], n)
     zs = pe.abs().clamp_min_(torch.finfo(pe.dtype).tiny)
     small = zs / torch.expm1(zs)
@@ -272,7 +214,7 @@ def implicit_solve(h: float, bands: Tensor, rhs: Tensor, col_scale: Tensor | Non
     b = a if other is None else other.reshape(a.shape).contiguous()
     out, pivots = torch.empty_like(r), torch.empty_like(r)
     _kernels()[1](a.numpy(), b.numpy(), c.numpy(), _scalar(r, -h), _scalar(r, 1.0), r.numpy(), out.numpy(), pivots.numpy(),
-              col_scale is not None, other is not None, *whole_ranges(r.shape[0], r.shape[1]))
+              col_scale is not None, other is not None)
     return out.reshape(rhs.shape)
 
 
