@@ -196,3 +196,30 @@ def test_a_sweeps_base_grid_is_refined_while_a_members_divergence_is_spurious(mo
     level0 = [NS(diverged_at=1.0), NS(diverged_at=None)]
     sols, base = solver._resolved_base(problem, None, level0, (60, 4e-3), {})
     assert base is None and sols is level0 and calls == [120]
+
+
+def test_a_sweep_is_one_batch_unless_its_members_own_work_dwarfs_what_it_shares(monkeypatch):
+    """PDESolver._alone: member by member from ALONE_CELLS type-cells of the first type set on level 0, on the
+    compiled CPU step only, never when member_batch is given; the members' budgets count their own evaluations on
+    the sweep's clock."""
+    from types import SimpleNamespace as NS
+
+    import sde_optim.theory.fokker_planck as fp
+    import sde_optim.theory.solvers as solvers
+
+    solver, t = solvers.PDESolver(), torch.linspace(0.0, 1.0, 5, dtype=F64)
+    limit = solvers.PDESolver.ALONE_CELLS
+    assert solver._alone(NS(t=t), NS(num_types=limit // 60 + 1), 60)
+    assert not solver._alone(NS(t=t), NS(num_types=limit // 60 - 1), 60)
+    assert not solvers.PDESolver(member_batch=4)._alone(NS(t=t), NS(num_types=limit), 60)
+    assert not solver._alone(NS(t=t.half()), NS(num_types=limit), 60)  # no compiled step for float16
+    monkeypatch.setattr(fp, "COMPILED_STEP", False)
+    assert not solver._alone(NS(t=t), NS(num_types=limit), 60)  # the torch path: the batch shares its operations
+    budget = fp.Budget(max_evaluations=10, max_seconds=5.0)
+    budget.spend(3)
+    again = budget.again()
+    assert (again.used, again.max_evaluations, again.max_seconds, again._start) == (0, 10, 5.0, budget._start)
+    # a few-type sweep (THEORY section 6: 2 types) stays one batch: its members share one count of evaluations
+    problem, model = section6(d=1000, noise_std=0.1)
+    sweep = predict_sweep(problem, model, lr=[0.3, 1.0], steps=4000, num_points=41, tol=3e-3)
+    assert sweep[0].info["operator_evaluations"] == sweep[1].info["operator_evaluations"]

@@ -159,6 +159,13 @@ class Budget:
         self._clock = time.perf_counter
         self._start = self._clock()
 
+    def again(self) -> "Budget":
+        """A new count of evaluations under the same caps, on this budget's clock (``max_seconds`` counts from its start):
+        a sweep's members solved one by one (:meth:`~sde_optim.theory.solvers.PDESolver.solve_batch`)."""
+        fresh = Budget(self.max_evaluations, self.max_seconds)
+        fresh._start = self._start
+        return fresh
+
     def spend(self, n: int = 1) -> None:
         self.used += n
         if self.max_evaluations is not None and self.used > self.max_evaluations:

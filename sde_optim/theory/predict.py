@@ -268,15 +268,17 @@ def predict_sweep(
     one batched Fokker-Planck system (:class:`~sde_optim.theory.dynamics.CoefficientBatch`), its type check on the
     largest estimate over the members and its grid check per member, in groups of members whose solves fit a memory
     budget (``options={"member_batch": ...}``, :class:`~sde_optim.theory.solvers.PDESolver`); a member that diverges
-    leaves the batch.
-    Other methods solve the members one after the other.
+    leaves the batch.  Where a member's own work dwarfs what a batch shares (many types on the compiled CPU step:
+    ``PDESolver._alone``; ``member_batch`` keeps the batch), each member is its :func:`predict` bit for bit, solved
+    one after the other.  Other methods solve the members one after the other.
 
     ``lr`` is a number or a sequence of numbers (> 0) -- not a per-step schedule: that is :func:`predict`'s
     ``lr=[...]``, which is why the sweep has its own function.  With ``sgd`` (an
     :class:`~sde_optim.theory.dynamics.SGDConfig`) the sweep scales its learning-rate schedule so that its peak is
     each ``lr`` (the schedule's shape, momentum, weight decay kept) and ``batch_size``, if given, replaces its batch
     size (``None``: the ``sgd``'s, or 1).
-    ``max_evaluations`` and ``max_seconds`` bound the whole sweep.  Other arguments: as :func:`predict`.
+    ``max_seconds`` bounds the whole sweep; ``max_evaluations`` a batch's evaluations (one per batched step), or each
+    member's where members are solved one by one.  Other arguments: as :func:`predict`.
     """
     lrs = [check_float("lr", x, minimum=0.0, strict=True) for x in _as_list(lr)]
     batches = [None] if batch_size is None else [check_int("batch_size", b, minimum=1) for b in _as_list(batch_size)]

@@ -36,10 +36,12 @@ from .fokker_planck import (
     grid_level,
     solve_batch_on_grid,
 )
+from . import fokker_planck
 from .grid_check import refine_grid, refine_grid_batch, refine_grid_on_subset
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
 from .quadrature import EXACT_LIMIT, TypeCheck, TypeSolve, solve_with_type_control
+from .sg_operator import _compiled
 from .statistics import e8_local_rate, finite_d_indicators, observable_values, tiny
 from .types import CoordinateTypes, exact_types
 
@@ -202,10 +204,14 @@ class PDESolver(Solver):
     :func:`~sde_optim.theory.fokker_planck.solve_fokker_planck`); ``types``: solve on these types as they are
     (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves); ``member_batch``: a
     sweep's members per batch of its grid check (default None: as many as fit :data:`BATCH_BYTES`, see
-    :meth:`_checked_members`).
+    :meth:`_checked_members`; and a sweep of many type-cells is solved member by member, :meth:`_alone`; an
+    integer keeps every sweep one batch).
     """
 
     name = "pde"
+    # a sweep is solved member by member where its first type set holds this many type-cells on level 0 (and the step
+    # is the compiled one): a batch shares less per operator evaluation than its members then spend (_alone)
+    ALONE_CELLS: ClassVar[int] = 1000
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
                     max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05,
                     max_steps=200_000, types=None, member_batch=None)
@@ -221,7 +227,8 @@ class PDESolver(Solver):
     def solve_batch(self, problem: Problem) -> list[Solution]:
         """Every member of a sweep in one batched system (:func:`solve_batch_on_grid`): the type check on the
         largest estimate over members, the grid check per member (:func:`refine_grid_batch`).  A batch refines
-        the grid on the final types (no subset combination, :func:`refine_grid_on_subset`).
+        the grid on the final types (no subset combination, :func:`refine_grid_on_subset`).  Where the members'
+        own work dwarfs what a batch shares (:meth:`_alone`), each member is solved as its own prediction instead.
 
         The type check runs on level 0 of the grid check, or on twice its cells (a few times at most, up to the a
         priori cells) where level 0 blows up spuriously (:meth:`_resolved_base`) or holds the first type sets' laws
@@ -247,6 +254,8 @@ class PDESolver(Solver):
         def solve(types: CoordinateTypes) -> TypeSolve:
             # every type solve replays the first one's time steps: their differences are then the types' alone
             nonlocal schedule, n, st, base, ladder
+            if batched and checked and schedule is None and not made and self._alone(problem, types, n):
+                raise _Alone
             dyn = problem.dynamics(types)
             k = ladder.count() if ladder is not None else 0  # the solve's place in the ladder
             if ladder is not None and ladder.schedule is not None:  # the ladder on its own times and steps
@@ -287,6 +296,9 @@ class PDESolver(Solver):
                     break
                 except _Restart:
                     pass
+                except _Alone:  # each member as its own prediction, its own budget of evaluations, the sweep's clock
+                    return [self.solve_batch(replace(problem.member(g), budget=problem.budget.again()))[0]
+                            for g in range(problem.members)]
         if ladder is not None and ladder.schedule is not None:  # the answer's solves on every output time
             check = replace(check, solve=_typesolve(ladder.full(check.solve.result, n, st, schedule, grid_opts)))
         level0 = check.solve.result if batched else [check.solve.result]
@@ -303,6 +315,24 @@ class PDESolver(Solver):
             sol.info["type_check_points"] = int(problem.t.numel() if ladder is None or ladder.schedule is None
                                                 else ladder.t.numel())
         return solutions
+
+    def _alone(self, problem: Problem, types: CoordinateTypes, cells: int) -> bool:
+        """Whether a sweep is solved member by member, each member bit for bit its :func:`~sde_optim.theory.predict`
+        (its own type check, ladder, subset combination and grid check), instead of as one batch: where its first type
+        set ``types`` on ``cells`` (level 0) holds :attr:`ALONE_CELLS` type-cells or more and the step is the compiled
+        CPU step, unless ``member_batch`` asks for batches.
+
+        A batch shares the work around each operator evaluation (the integrator's Python, about 40 us an attempt on
+        this project's CPU) and costs in other ways: every member takes the batch's time steps (its hardest member's)
+        and its type check's cells (its largest member's), and it has no subset combination.  A member's own
+        evaluation costs about 35-50 ns a type-cell on the compiled step, so from about 1000 type-cells (40 us) on
+        level 0, and 2-40x that on the finer grids of the check, the shared part is small and the costs stay.
+        Measured (d = 16384, 16 lrs geometric in [0.05, 0.8] x the critical lr, a batch against its 16 predictions in a
+        loop, docs/benchmarks.md, twenty-sixth session): 3-6 types on 60 cells (180-360 type-cells) the batch took
+        0.77-0.93 of the loop; power-law-B2-bal, 61 types on 60 cells (3660), 1.79x.  On the torch path (other
+        devices) every evaluation is tens of operations whose overhead the batch shares: it stays one batch."""
+        return (self.options["member_batch"] is None and types.num_types * cells >= self.ALONE_CELLS
+                and fokker_planck.COMPILED_STEP and _compiled(problem.t))
 
     def _checked_members(self, problem: Problem, check: TypeCheck, level0: list, base_cells: int,
                          grid_opts: dict, base: tuple[int, float] | None = None) -> list[Solution]:
@@ -480,6 +510,10 @@ class PDESolver(Solver):
 def _typesolve(sol: FokkerPlanckSolution, t: Tensor | None = None) -> TypeSolve:
     """A single solve as the type check takes it (its curves at the times ``t``; None: the output times)."""
     return TypeSolve(sol, sol.type_curves(), sol.diverged_at, t)
+
+
+class _Alone(Exception):
+    """Raised by a sweep's first type solve to solve its members one by one (:meth:`PDESolver._alone`)."""
 
 
 class _Restart(Exception):
