@@ -36,7 +36,7 @@ from .fokker_planck import (
     grid_level,
     solve_batch_on_grid,
 )
-from . import fokker_planck
+from . import fokker_planck  # (its COMPILED_STEP read at call time: a numba error turns it off, see PDESolver._alone)
 from .grid_check import refine_grid, refine_grid_batch, refine_grid_on_subset
 from .odes import gradient_flow, linear_least_squares
 from .particles import simulate_particles
