@@ -76,17 +76,21 @@ RTOL = {F64: 1e-11, torch.float32: 1e-4}
 
 @pytest.mark.parametrize("case", ["constant", "batch"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_the_compiled_statistics_and_step_are_the_torch_ones(case, dtype):
+@pytest.mark.parametrize("scheme", fp.SCHEMES)
+def test_the_compiled_statistics_and_step_are_the_torch_ones(case, dtype, scheme):
     dyn = dynamics(case, dtype)
     grid, (mass, m, s, integral) = state_after(dyn, 48, 0.6)
+    grid.scheme = scheme
     t, h = 0.6, 0.01
     with torch.inference_mode():
         grid.compiled = True
         fast = grid.statistics(mass, m, s, integral, t)
         fast_step = grid.attempt(fast, mass, m, s, integral, t, h, 1e-3)
+        fast_stiffness = grid.stiffness.clone()
         grid.compiled = False
         ref = grid.statistics(mass, m, s, integral, t)
         ref_step = grid.attempt(ref, mass, m, s, integral, t, h, 1e-3)
+    compare(fast_stiffness, grid.stiffness, RTOL[dtype], "stiffness")
     for label, a, b, rtol in (("", fast, ref, RTOL[dtype]), ("new state's ", fast_step[5], ref_step[5], 10 * RTOL[dtype])):
         for name in ("risk", "a", "diffusion", "var_xi", "e_a", "cov_xi_a", "observed", "observed_total", "per_type",
                      "tail_share", "unstable"):
@@ -115,7 +119,8 @@ def test_the_step_limit_and_tail_share_count_the_same_cells():
 
 
 @pytest.mark.parametrize("case", ["constant", "batch"])
-def test_whole_solves_agree_on_the_same_steps_and_take_the_same_steps(case):
+@pytest.mark.parametrize("scheme", fp.SCHEMES)
+def test_whole_solves_agree_on_the_same_steps_and_take_the_same_steps(case, scheme):
     """The torch solve's steps replayed by the compiled one give the same curves; the adaptive compiled solve takes
     the same steps up to rounding (its errors agree to rounding, and no error falls within rounding of step_tol's
     accept/reject edge on these cases)."""
@@ -123,11 +128,11 @@ def test_whole_solves_agree_on_the_same_steps_and_take_the_same_steps(case):
     t_out = torch.linspace(0, 4, 9, dtype=F64)
     fp.COMPILED_STEP = False
     try:
-        ref = fp.solve_batch_on_grid(dyn, t_out, 64, 1e-3, dim=D)
+        ref = fp.solve_batch_on_grid(dyn, t_out, 64, 1e-3, dim=D, scheme=scheme)
     finally:
         fp.COMPILED_STEP = True
-    fast = fp.solve_batch_on_grid(dyn, t_out, 64, 1e-3, dim=D)
-    replay = fp.solve_batch_on_grid(dyn, t_out, 64, 1e-3, dim=D, schedule=ref[0].schedule)
+    fast = fp.solve_batch_on_grid(dyn, t_out, 64, 1e-3, dim=D, scheme=scheme)
+    replay = fp.solve_batch_on_grid(dyn, t_out, 64, 1e-3, dim=D, schedule=ref[0].schedule, scheme=scheme)
     for r, f, p in zip(ref, fast, replay):
         assert r.nfe == f.nfe and len(r.schedule) == len(f.schedule)
         np.testing.assert_allclose(f.schedule, r.schedule, rtol=1e-9)  # step sizes from errors equal to rounding

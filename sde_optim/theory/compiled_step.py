@@ -317,18 +317,20 @@ def compiled_kernels():
         _bands(pe, dxi, fl, fr, zero, small, out)
 
     @jit
-    def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coef2, limit2, dim, h, control,
-                 step_tol, types, points, gap, fl, fr, cap, normal, tiny, param_scale, offset, var_floor, zero, one,
-                 nh0, nh1, y2, m1, s1, i2, errors, risk2, a2, diffusion2, moments2, observed2, totals2, per_type2,
-                 tail_share2, unstable2):  # pragma: no cover - compiled
-        """One MPRK22 step of length ``h`` from the state with statistics ``risk0, a0, diffusion0, moments0`` (of
-        :func:`evaluate` with ``full``), as ``_Grid.attempt``: writes ``y2`` ``(G, T, N)``, ``m1, s1`` ``(G, T)``,
-        ``i2`` ``(G,)`` and, with ``control``, ``errors`` ``(G,)`` (:func:`_step_errors`); returns whether the step is
-        accepted (every error at most ``step_tol``, or not ``control``), and then writes the new state's full
-        statistics into ``risk2 .. unstable2`` (:func:`evaluate`'s outputs).  ``coef0``: the coefficients at
-        ``(t, +1)``, ``coef1`` at ``(t + h, -1)``, ``coef2`` at ``(t + h, +1)`` (``(4, G)`` as in :func:`evaluate`),
-        ``limit2`` and ``dim`` the step limit there; ``zero``, ``one``, ``nh0 = -h`` and ``nh1 = -h / 2`` scalars of
-        the arrays' dtype (float32 stays float32 in the solves)."""
+    def _attempt(mass, m, s, integral, risk0, a0, diffusion0, moments0, coef0, coef1, coefh, coef2, limit2, dim, h,
+                 control, midpoint, step_tol, types, points, gap, fl, fr, cap, normal, tiny, param_scale, offset,
+                 var_floor, zero, one, nh0, nh1, y2, m1, s1, i2, errors, risk2, a2, diffusion2, moments2, observed2,
+                 totals2, per_type2, tail_share2, unstable2, stiffness):  # pragma: no cover - compiled
+        """One step of length ``h`` from the state with statistics ``risk0, a0, diffusion0, moments0`` (of
+        :func:`evaluate` with ``full``), as ``_Grid.attempt``: MPRK22, or with ``midpoint`` the modified Patankar
+        midpoint rule.  Writes ``y2`` ``(G, T, N)``, ``m1, s1`` ``(G, T)``, ``i2`` ``(G,)``, ``stiffness`` ``(G,)``
+        (each member's largest ``k h``, :meth:`_Grid.plan`) and, with ``control``, ``errors`` ``(G,)``
+        (:func:`_step_errors`); returns whether the step is accepted (every error at most ``step_tol``, or not
+        ``control``), and then writes the new state's full statistics into ``risk2 .. unstable2`` (:func:`evaluate`'s
+        outputs).  ``coef0``: the coefficients at ``(t, +1)``, ``coef1`` at ``(t + h, -1)``, ``coefh`` at
+        ``(t + h/2, +1)``, ``coef2`` at ``(t + h, +1)`` (``(4, G)`` as in :func:`evaluate`), ``limit2`` and ``dim``
+        the step limit there; ``zero``, ``one``, ``nh0 = -h`` and ``nh1 = -h / 2`` scalars of the arrays' dtype
+        (float32 stays float32 in the solves)."""
         _ = stamp  # (the cache key, see above)
         groups, ntypes, n = mass.shape
         inner = points[n:]
@@ -336,11 +338,16 @@ def compiled_kernels():
         vm = np.empty_like(m)
         vs = np.empty_like(m)
         for g in range(groups):
+            most = -np.inf
             for t in range(ntypes):
                 vm[g, t], vs[g, t] = _plan(m[g, t], s[g, t], moments0[0, g, t], moments0[1, g, t], moments0[2, g, t],
                                           moments0[3, g, t], diffusion0[g, t], h, tiny)
                 m1[g, t] = m[g, t] + h * vm[g, t]
                 s1[g, t] = s[g, t] + h * vs[g, t]
+                kh = -moments0[3, g, t] / (s[g, t] * moments0[1, g, t]) * h  # as _plan's (a nan wins, as torch's amax)
+                if most == most and (kh != kh or kh > most):
+                    most = kh
+            stiffness[g] = most
         pe = np.empty((rows, n - 1), dtype=mass.dtype)
         small = np.empty_like(pe)
         bands0 = np.empty((3, rows, n), dtype=mass.dtype)
@@ -366,22 +373,45 @@ def compiled_kernels():
         per_type1 = np.empty((2, groups, ntypes), dtype=mass.dtype)
         no_limit = np.full(groups, np.inf, dtype=mass.dtype)
         unused = np.empty(0, dtype=mass.dtype)  # moments, tail share and step limit: an intermediate stage has none
-        _evaluate(y1, m1, s1, i1, coef1, no_limit, 0.0, False, types, points, cap, normal, tiny, param_scale, offset,
-                 var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1, totals1,
-                 per_type1, unused, unused)
-        _assemble(a1, diffusion1, s1, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, bands1)
         ratio = np.empty((rows, n), dtype=mass.dtype)
+        flat2 = y2.reshape(rows, n)
+        if midpoint:  # the stage at t + h/2 (on the grid there), then one solve with the weights y_half / y1
+            yh = np.empty_like(mass)
+            flat_h = yh.reshape(rows, n)
+            _eliminate(bands0, bands0, rhs, nh1, one, rhs, flat_h, pivots, False, False)
+            mh = np.empty_like(m)
+            sh = np.empty_like(s)
+            ih = np.empty_like(integral)
+            for r in range(rows):
+                for j in range(n):
+                    if flat_h[r, j] < 0.0:
+                        flat_h[r, j] = 0.0
+            for g in range(groups):
+                ih[g] = integral[g] + 0.5 * h * (coef0[1, g] * risk0[g])
+                for t in range(ntypes):
+                    mh[g, t] = m[g, t] + 0.5 * h * vm[g, t]
+                    sh[g, t] = s[g, t] + 0.5 * h * vs[g, t]
+            # the second stage at t + h/2, weights y_half / y1, one backward-Euler-like solve (_integrate_mprk22)
+            ys, ms, ss, is_, cs, num, first, nh, both = yh, mh, sh, ih, coefh, flat_h, bands1, nh0, False
+        else:  # MPRK22: the stage at t + h, weights y_n / y1, the trapezoid of both stages' operators
+            ys, ms, ss, is_, cs, num, first, nh, both = y1, m1, s1, i1, coef1, rhs, bands0, nh1, True
+        _evaluate(ys, ms, ss, is_, cs, no_limit, 0.0, False, types, points, cap, normal, tiny, param_scale,
+                  offset, var_floor, risk1, a1, diffusion1, np.empty((4, 0, 0), dtype=mass.dtype), observed1,
+                  totals1, per_type1, unused, unused)
+        _assemble(a1, diffusion1, ss, vm, vs, inner, gap, fl, fr, tiny, zero, pe, small, bands1)
         for r in range(rows):
             for j in range(n):
-                ratio[r, j] = rhs[r, j] / flat1[r, j] if flat1[r, j] > 0.0 else one
-        flat2 = y2.reshape(rows, n)
-        _eliminate(bands0, bands1, ratio, nh1, one, rhs, flat2, pivots, True, True)
+                ratio[r, j] = num[r, j] / flat1[r, j] if flat1[r, j] > 0.0 else one
+        _eliminate(first, bands1, ratio, nh, one, rhs, flat2, pivots, True, both)
+        for g in range(groups):
+            if midpoint:
+                i2[g] = integral[g] + h * (coefh[1, g] * risk1[g])
+            else:
+                i2[g] = integral[g] + 0.5 * h * (coef0[1, g] * risk0[g] + coef1[1, g] * risk1[g])
         for r in range(rows):
             for j in range(n):
                 if flat2[r, j] < 0.0:
                     flat2[r, j] = 0.0
-        for g in range(groups):
-            i2[g] = integral[g] + 0.5 * h * (coef0[1, g] * risk0[g] + coef1[1, g] * risk1[g])
         accepted = True
         for g in range(groups if control else 0):
             tv_w = 0.0

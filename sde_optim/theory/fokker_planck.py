@@ -143,6 +143,26 @@ def cells_for_tolerance(tol: float, half_width: float) -> int:
     return int(min(1024, max(32, math.ceil(2 * 0.6 * half_width / h))))
 
 
+SCHEMES = ("mprk22", "midpoint")  # the steps of _integrate_mprk22
+
+
+def _check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}; got {scheme!r}")
+    return scheme
+
+
+class StiffSolve(Exception):
+    """An MPRK22 solve met a step in which some type relaxes much faster than the step (``k h`` above the solve's
+    ``stiff_limit``): there MPRK22 multiplies that type's deviation from its equilibrium by about ``-1/2`` per step,
+    however short, and the step control cannot follow its error (see :func:`_integrate_mprk22`).  Raised so that the
+    caller solves again, every solve of its checks with the midpoint rule (``scheme="midpoint"``)."""
+
+    def __init__(self, kh: float, t: float) -> None:
+        super().__init__(f"a type with k h = {kh:.3g} at t = {t:.4g}")
+        self.kh, self.t = kh, t
+
+
 class WorkLimitError(RuntimeError):
     """A prediction needed more work than its budget allows (the message names the knob to turn)."""
 
@@ -371,9 +391,11 @@ class _Grid:
     """
 
     def __init__(self, dynamics: MeanFieldDynamics, n_cells: int, half_width: float,
-                 step_limit: tuple[float, int] | None = None) -> None:
+                 step_limit: tuple[float, int] | None = None, scheme: str = "mprk22") -> None:
         dtype, dev = dynamics.lam.dtype, dynamics.lam.device
         self.dyn = dynamics
+        self.scheme = scheme  # the step of attempt: "mprk22" or "midpoint" (SCHEMES)
+        self.stiffness: Tensor | None = None  # each member's largest k h over the types in the latest attempt (G,)
         self.window = grid_window(n_cells, half_width)
         ref_l = reference_half_width(self.window)
         # the spacing of n_cells over half_width: the window's widening adds cells, the centre stays as fine
@@ -467,6 +489,7 @@ class _Grid:
         std = torch.sqrt(var)
         k = -st.cov_xi_a / (s * st.var_xi)
         kh = k * h
+        self.stiffness = kh.amax(-1)
         small = kh.abs() < 1e-8
         safe = torch.where(small, torch.ones_like(kh), kh)
         phi1 = torch.where(small, 1.0 - 0.5 * kh, -torch.expm1(-safe) / safe)  # (1 - e^-kh) / kh
@@ -507,14 +530,23 @@ class _Grid:
         vm, vs = self.plan(st0, m, s, h)
         m1, s1 = m + h * vm, s + h * vs
         op0 = self.assemble(st0, s, vm, vs)
-        y1 = op0.implicit_solve(h, mass).clamp_min_(0.0)
+        y1 = op0.implicit_solve(h, mass).clamp_min_(0.0)  # MPRK22's stage 1; the midpoint rule's weight denominator
         rate0 = _per_group(coef.noise(t, 1)) * st0.risk  # integrand of I = int nu R (E4)
         i1 = integral + h * rate0
-        st1 = self.statistics(y1, m1, s1, i1, t + h, -1, full=False)
-        op1 = self.assemble(st1, s1, vm, vs)
-        ratio = torch.div(mass, y1).masked_fill_(~(y1 > 0), 1.0)
-        y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min_(0.0)
-        i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
+        if self.scheme == "midpoint":  # the stage at t + h/2 (on the grid there), the weights y_half / y1
+            half = 0.5 * h
+            y_half = op0.implicit_solve(half, mass).clamp_min_(0.0)
+            st1 = self.statistics(y_half, m + half * vm, s + half * vs, integral + half * rate0, t + half, 1, full=False)
+            op1 = self.assemble(st1, s + half * vs, vm, vs)
+            ratio = torch.div(y_half, y1).masked_fill_(~(y1 > 0), 1.0)
+            y2 = op1.implicit_solve(h, mass, col_scale=ratio).clamp_min_(0.0)
+            i2 = integral + h * _per_group(coef.noise(t + half, 1)) * st1.risk
+        else:
+            st1 = self.statistics(y1, m1, s1, i1, t + h, -1, full=False)
+            op1 = self.assemble(st1, s1, vm, vs)
+            ratio = torch.div(mass, y1).masked_fill_(~(y1 > 0), 1.0)
+            y2 = op0.implicit_solve(0.5 * h, mass, col_scale=ratio, other=op1).clamp_min_(0.0)
+            i2 = integral + 0.5 * h * (rate0 + _per_group(coef.noise(t + h, -1)) * st1.risk)
         errors = [0.0] if step_tol is None else _step_errors(y1, y2, i1, i2, st1, self.dyn.weight[:, 0], step_tol)
         accepted = max(errors) <= step_tol if step_tol is not None else True
         return y2, m1, s1, i2, errors, self.statistics(y2, m1, s1, i2, t + h, 1) if accepted else None
@@ -580,7 +612,7 @@ class _Grid:
         out = _StepOutputs(mass.shape, self._types.dtype)
         np_ = self._numpy
         compiled_kernels()[0](np_(mass), np_(m), np_(s), np_(integral), *self._members(t, side), full, self._types,
-                              self._geometry[0], *self._scalars, *out.arrays[5:])
+                              self._geometry[0], *self._scalars, *out.arrays[5:14])
         if full:
             return out.statistics
         risk, a, diffusion, _, observed, totals, per_type = out.tensors[5:12]
@@ -595,11 +627,14 @@ class _Grid:
         moments = st0.moments if st0.moments is not None else torch.stack([st0.e_xi, st0.var_xi, st0.e_a, st0.cov_xi_a])
         out = self._outputs(mass, (mass, st0.risk))
         coef0, coef1, (coef2, limit2, dim) = self._members(t, 1)[0], self._members(t + h, -1)[0], self._members(t + h, 1)
+        midpoint = self.scheme == "midpoint"
+        coefh = self._members(t + 0.5 * h, 1)[0] if midpoint else coef0  # (unread by MPRK22)
         accepted = compiled_kernels()[1](
             np_(mass), np_(m), np_(s), np_(integral), np_(st0.risk), np_(st0.a), np_(st0.diffusion), np_(moments),
-            coef0, coef1, coef2, limit2, dim, h, step_tol is not None, 0.0 if step_tol is None else step_tol,
-            self._types, *self._geometry, *self._scalars, *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)),
-            *out.arrays)
+            coef0, coef1, coefh, coef2, limit2, dim, h, step_tol is not None, midpoint,
+            0.0 if step_tol is None else step_tol, self._types, *self._geometry, *self._scalars,
+            *(_scalar(mass, v) for v in (0.0, 1.0, -h, -0.5 * h)), *out.arrays)
+        self.stiffness = out.tensors[14]
         y2, m1, s1, i2 = out.tensors[:4]
         return y2, m1, s1, i2, ([0.0] if step_tol is None else out.arrays[4].tolist()), (
             out.statistics if accepted else None)
@@ -608,16 +643,17 @@ class _Grid:
 class _StepOutputs:
     """What one compiled step writes (:meth:`_Grid._compiled_attempt`), as numpy arrays and tensors over them: the state
     ``mass, m, s, int R``, the errors ``(G,)``, then the statistics of ``compiled_step._evaluate`` (``risk, a,
-    diffusion, moments, observed, totals, per_type, tail_share, unstable``), and the :class:`_Statistics` over them."""
+    diffusion, moments, observed, totals, per_type, tail_share, unstable``), the stiffness ``(G,)``
+    (:attr:`_Grid.stiffness`), and the :class:`_Statistics` over them."""
 
     def __init__(self, shape: tuple[int, int, int], dtype) -> None:
         groups, types, n = shape
         shapes = ((groups, types, n), (groups, types), (groups, types), (groups,), (groups,),
                   (groups,), (groups, types, 2 * n - 1), (groups, types), (4, groups, types), (2, groups, types, n),
-                  (2, groups), (2, groups, types), (groups,), (groups,))
+                  (2, groups), (2, groups, types), (groups,), (groups,), (groups,))
         self.arrays = [np.empty(shape, dtype=dtype) for shape in shapes]
         self.tensors = [torch.from_numpy(a) for a in self.arrays]
-        risk, a, diffusion, moments, observed, totals, per_type, tail_share, unstable = self.tensors[5:]
+        risk, a, diffusion, moments, observed, totals, per_type, tail_share, unstable = self.tensors[5:14]
         self.statistics = _Statistics(risk, a, diffusion, *moments.unbind(0), observed, totals, tail_share, unstable,
                                       per_type, moments=moments)
 
@@ -658,6 +694,7 @@ def solve_fokker_planck(
     max_evaluations: int = 40_000,
     estimate_floor: float = 1e-3,
     max_work: float = MAX_WORK,
+    scheme: str = "mprk22",
     **deprecated,
 ) -> FokkerPlanckSolution:
     """Solve E6 (with E4) at the increasing times ``t_out`` (shape ``(n,)``, ``t_out >= 0``).
@@ -707,6 +744,8 @@ def solve_fokker_planck(
         max_work: the same kind of budget in cell updates, ``types x cells x evaluations`` summed over the
             refinement's solves (:data:`MAX_WORK`): an evaluation's cost grows with its size, so counting
             evaluations alone let a many-type refinement run for minutes.
+        scheme: the time step, ``"mprk22"`` or ``"midpoint"`` (:func:`_integrate_mprk22`: the second for solves
+            in which a type relaxes much faster than the steps; :class:`~sde_optim.theory.solvers.PDESolver` chooses).
 
     The keywords ``integrator``, ``rtol``, ``atol`` and ``relax`` of earlier versions are accepted with a
     ``DeprecationWarning`` and have no effect (one integrator, MPRK22; the grid motion needs no tuning).
@@ -729,7 +768,7 @@ def solve_fokker_planck(
     max_work = check_float("max_work", max_work, minimum=0.0, strict=True)
     t0 = check_float("t0", t0, minimum=0.0, strict=True)
     opts = dict(half_width=half_width, t0=t0, blowup_factor=blowup_factor, tail_limit=tail_limit, dim=dim,
-                max_steps=max_steps)
+                max_steps=max_steps, scheme=_check_scheme(scheme))
     if num_cells is not None:
         return solve_on_grid(dynamics, t_out, check_int("num_cells", num_cells, minimum=8),
                              step_tol if step_tol is not None else tol, **opts)
@@ -756,23 +795,29 @@ def _observed_curves(sol: "FokkerPlanckSolution") -> Tensor:
 def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *, half_width: float = 20.0,
                   t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05, dim: int | None = None,
                   max_steps: int = 200_000, schedule: list[float] | None = None,
-                  budget: Budget | None = None, on_step=None) -> FokkerPlanckSolution:
+                  budget: Budget | None = None, on_step=None, scheme: str = "mprk22",
+                  stiff_limit: tuple[float, int] | None = None) -> FokkerPlanckSolution:
     """One solve of E6 on a fixed number of cells (see :func:`solve_fokker_planck`).
 
     ``schedule``: the time steps of an earlier solve (its :attr:`FokkerPlanckSolution.schedule`) to replay
     without error control (see :func:`_integrate_mprk22`).  ``budget``: charged one unit per operator
-    evaluation (:class:`Budget`).  ``on_step(t)``: called after every accepted step (progress).
+    evaluation (:class:`Budget`).  ``on_step(t)``: called after every accepted step (progress).  ``scheme``: the
+    step, one of :data:`SCHEMES` (:func:`_integrate_mprk22`); ``stiff_limit = (kh, steps)``: raise :class:`StiffSolve` at
+    the ``steps``-th accepted MPRK22 step with some type's ``k h`` above ``kh`` (a solve whose steps a stiff type sets,
+    see there; not in a replay of ``schedule``, whose steps the controller did not choose).
     """
     (sol,) = solve_batch_on_grid(dynamics, t_out, n_cells, step_tol, half_width=half_width, t0=t0,
                                  blowup_factor=blowup_factor, tail_limit=tail_limit, dim=dim, max_steps=max_steps,
-                                 schedule=schedule, budget=budget, on_step=on_step)
+                                 schedule=schedule, budget=budget, on_step=on_step, scheme=scheme,
+                                 stiff_limit=stiff_limit)
     return sol
 
 
 def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step_tol: float, *,
                         half_width: float = 20.0, t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05,
                         dim: int | None = None, max_steps: int = 200_000, schedule: list[float] | None = None,
-                        budget: Budget | None = None, on_step=None) -> list[FokkerPlanckSolution]:
+                        budget: Budget | None = None, on_step=None, scheme: str = "mprk22",
+                        stiff_limit: tuple[float, int] | None = None) -> list[FokkerPlanckSolution]:
     """:func:`solve_on_grid` for every member of a batch of coefficients at once (one solution per member).
 
     ``dynamics`` with a :class:`~sde_optim.theory.dynamics.CoefficientBatch` of ``G`` members (or plain: ``G = 1``)
@@ -787,7 +832,7 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     if t_end > 0:
         t0 = min(t0, 0.5 * t_end)
     step_limit = (dynamics.coef.stability_factor(), dim) if dim is not None else None
-    grid = _Grid(dynamics, n_cells, half_width, step_limit)
+    grid = _Grid(dynamics, n_cells, half_width, step_limit, _check_scheme(scheme))
     n_types = types.num_types
 
     # Delta initial condition -> analytic short-time Gaussian at t0 (THEORY §4).
@@ -818,7 +863,7 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
         with torch.inference_mode():  # no autograd bookkeeping per operation: a third of a small step's cost
             nfe, tail_divs, taken = _integrate_mprk22(grid, state0, t0, later, step_tol, threshold, max_steps,
                                                       tail_limit, tuple(z[n_before:] for z in traj), schedule,
-                                                      budget or Budget(), on_step)
+                                                      budget or Budget(), on_step, stiff_limit)
     sols = []
     for g in range(groups):
         # a member's own contiguous tensors (views of the trajectory when there is one member)
@@ -849,7 +894,8 @@ def _per_group(value):
 
 def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: float, threshold: float, max_steps: int,
                       tail_limit: float, out: tuple[Tensor, ...], schedule: list[float] | None = None,
-                      budget: Budget | None = None, on_step=None):
+                      budget: Budget | None = None, on_step=None,
+                      stiff_limit: tuple[float, int] | None = None):
     """Adaptive MPRK22 (modified Patankar-Runge-Kutta, Kopecz & Meister 2018, alpha = 1).
 
     For the linear conservative system ``y' = A(t) y`` (``A`` Metzler with zero column sums)
@@ -860,6 +906,25 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     conservative by construction), second order.  The grid moves with one velocity over the step
     (:meth:`_Grid.plan`), used by both stages, so ``y1`` and ``y_{n+1}`` live on the same grid and their
     difference is the local error of the law; ``int R`` uses Heun's method with the same stages.
+
+    **The stiff limit, and the midpoint rule** (``grid.scheme == "midpoint"``).  For a type relaxing much faster than
+    the step (its confinement rate ``k = -Cov(x, a) / Var(x)`` of :meth:`_Grid.plan` with ``k h >> 1``) stage 1 lands
+    on the equilibrium and stage 2 returns ``eq / (1 + eps / 2)`` from ``y_n = eq (1 + eps)``: MPRK22 multiplies the
+    deviation by about ``-1/2`` per step however short the step, its error estimate stays near ``1.5 eps``, and the
+    step control, unable to reduce it, sets the whole solve's steps by that one type (docs/benchmarks.md, the
+    twenty-seventh session: the power-law setting at 0.4x the critical lr, 28 % of attempts rejected by one
+    coordinate's type).  The modified Patankar midpoint rule with backward-Euler weights removes that factor:
+      ``y_half = (I - dt/2 A_n)^-1 y_n`` (the stage at ``t + dt/2``, on the grid there);
+      ``y1 = (I - dt A_n)^-1 y_n`` (as above: the weights' denominator and the embedded solution);
+      ``y_{n+1} = (I - dt A_half diag(y_half / y1))^-1 y_n``, ``int R`` by the midpoint rule;
+    positive and conservative for every ``dt`` (M-matrix solves, zero column sums), second order
+    (``y_{n+1} / y1 = 1 + O(dt^2)``), and with ``y_half, y1 -> eq`` in the stiff limit the deviation is damped (on a
+    two-state generator: amplification 0.022 at ``k h = 10`` against MPRK22's -0.322, the exact 4.5e-5).  Where
+    nothing is stiff its error constant is larger (7 % on THEORY §6 at 0.8x the critical lr), so it is the step of
+    solves that need it: ``stiff_limit = (kh, steps)`` makes an MPRK22 solve raise :class:`StiffSolve` at the
+    ``steps``-th accepted step with some ``k h`` above ``kh``, and :class:`~sde_optim.theory.solvers.PDESolver` then solves every solve of the
+    prediction again with the midpoint rule (one scheme for all the solves that its checks compare).
+
     The step is accepted when, for every member of the batch, the weighted total variation
     ``sum_tau pi_tau |y1 - y_{n+1}|_1``, the change of ``R`` and ``C`` it implies and the relative error of
     ``int R`` are below ``step_tol`` (and no single type's law moved by more than ``_MAX_TYPE_TV`` in total
@@ -888,6 +953,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     nfe = 0
     steps = 0
     mark = (t0, 0)  # (t, steps) at the last crawl check
+    stiff_steps = 0  # accepted steps with some k h above stiff_limit[0]
     budget = budget or Budget()
     st0 = grid.statistics(mass, m, s, integral, t)
     nfe += 1
@@ -946,7 +1012,13 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                     on_step(t)
                 mass, m, s, integral, st0 = y2, m1, s1, i2, st2
                 nfe += 1
-                risk, tail, unstable = torch.stack([st0.risk, st0.tail_share, st0.unstable]).tolist()  # one host read
+                risk, tail, unstable, stiff = torch.stack([st0.risk, st0.tail_share, st0.unstable,
+                                                           grid.stiffness.to(st0.risk.dtype)]).tolist()  # one host read
+                # (a replayed step is not the controller's: the last step of a replay into a blow-up has k h ~ 1e7)
+                if stiff_limit is not None and replay is None and grid.scheme == "mprk22" and max(stiff) > stiff_limit[0]:
+                    stiff_steps += 1
+                    if stiff_steps >= stiff_limit[1]:
+                        raise StiffSolve(max(stiff), t)
                 risk_bad = [not math.isfinite(r) or r > threshold for r in risk]
                 flags = [risk_bad, [not r and (x > tail_limit or u >= 1.0) for r, x, u in zip(risk_bad, tail, unstable)]]
                 bad = [i for i in range(len(alive)) if flags[0][i] or flags[1][i]]
