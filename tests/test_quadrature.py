@@ -30,7 +30,7 @@ from sde_optim.theory.quadrature import (
     coordinate_columns,
     solve_with_type_control,
 )
-from sde_optim.theory.solvers import _LadderTimes
+from sde_optim.theory.solvers import PDESolver, _LadderTimes
 from sde_optim.theory.types import exact_types
 
 F64 = torch.float64
@@ -661,6 +661,30 @@ def test_a_type_check_on_a_grid_too_coarse_for_its_sets_starts_again_on_twice_th
     for name in ("risk", "curvature"):
         rel = (pred.curves[name] - exact.curves[name]).abs() / exact.curves[name].abs()
         assert float(rel[window].max()) <= 3e-3
+
+
+def test_auto_scheme_solves_the_whole_prediction_again_with_the_midpoint_rule_on_a_stiff_type(monkeypatch):
+    """``scheme="auto"`` (the default) keeps MPRK22 on the coarse power law (its types peak at k h 3.7-5.3, below
+    ``STIFF_KH`` = 6: measured); with the limit lowered to k h 3 for one step the first solve raises
+    :class:`StiffSolve` and every solve of the prediction (type check, grid check) is redone with the midpoint rule:
+    ``info`` says so, and that answer meets tol too, so the two are within 2 tol of each other (measured 9.7e-4); an
+    unknown scheme is refused by name before any solve."""
+    problem, model, kw = _coarse_power_law()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        plain = predict(problem, model, **kw)
+        monkeypatch.setattr(PDESolver, "STIFF_KH", 3.0)
+        monkeypatch.setattr(PDESolver, "STIFF_STEPS", 1)
+        switched = predict(problem, model, **kw)
+    assert plain.info["scheme"] == "mprk22" and plain.info.get("stiff") is None
+    assert switched.info["scheme"] == "midpoint" and switched.info["stiff"]["kh"] > 3.0
+    assert switched.info["error_estimate"] <= 3e-3
+    window = plain.curves["risk"] >= 1e-3 * plain.curves["risk"][0]
+    for name in ("risk", "curvature"):
+        rel = (switched.curves[name] - plain.curves[name]).abs() / plain.curves[name].abs()
+        assert float(rel[window].max()) <= 2 * 3e-3
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        predict(problem, model, **kw, options={"scheme": "rk4"})
 
 
 def test_a_sweeps_type_check_starts_again_on_twice_the_cells_for_its_members():

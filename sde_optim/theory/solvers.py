@@ -30,7 +30,9 @@ from .dynamics import CoefficientBatch, Coefficients, MeanFieldDynamics
 from .fokker_planck import (
     MAX_WORK,
     Budget,
+    SCHEMES,
     FokkerPlanckSolution,
+    StiffSolve,
     WorkLimitError,
     cells_for_tolerance,
     grid_level,
@@ -205,26 +207,55 @@ class PDESolver(Solver):
     (no type check: :func:`~sde_optim.theory.critical_lr` builds them once for all its solves); ``member_batch``: a
     sweep's members per batch of its grid check (default None: as many as fit :data:`BATCH_BYTES`, see
     :meth:`_checked_members`; and a sweep of many type-cells is solved member by member, :meth:`_alone`; an
-    integer keeps every sweep one batch).
+    integer keeps every sweep one batch); ``scheme``: the time step of every solve, ``"mprk22"``, ``"midpoint"`` or
+    ``"auto"`` (default: MPRK22, and the midpoint rule for every solve of a prediction in which some solve meets a
+    type with ``k h`` above :attr:`STIFF_KH` in :attr:`STIFF_STEPS` steps, see :func:`~sde_optim.theory.fokker_planck._integrate_mprk22`; the one
+    used is ``info["scheme"]``).
     """
 
     name = "pde"
     # a sweep is solved member by member where its first type set holds this many type-cells on level 0 (and the step
     # is the compiled one): a batch shares less per operator evaluation than its members then spend (_alone)
     ALONE_CELLS: ClassVar[int] = 1000
+    # "auto" switches to the midpoint rule after STIFF_STEPS accepted MPRK22 steps with some type's k h above STIFF_KH.
+    # On a two-state generator MPRK22's amplification of a deviation from equilibrium is -0.031 at k h = 3, -0.18 at 5,
+    # -0.22 at 6 and -0.32 at 10 (the exact one e^-kh): past about 6 the step control is set by that type.  Measured
+    # (docs/benchmarks.md, session 29): the solves where the midpoint rule pays (power law at 0.4x the critical lr) have
+    # 19-109 steps with k h > 6 (max 8.4-10.5); the coarse power law of tests/test_quadrature.py, where MPRK22 is
+    # twice as fast, peaks at k h 3.7-5.3 with none above 6.  A few steps (one stiff episode) do not set a solve's cost.
+    STIFF_KH: ClassVar[float] = 6.0
+    STIFF_STEPS: ClassVar[int] = 10
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
                     max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05,
-                    max_steps=200_000, types=None, member_batch=None)
+                    max_steps=200_000, types=None, member_batch=None, scheme="auto")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if self.options["member_batch"] is not None:
             check_int("member_batch", self.options["member_batch"], minimum=1)  # before any solve
+        if self.options["scheme"] not in ("auto",) + SCHEMES:
+            raise ValueError(f"scheme must be one of {('auto',) + SCHEMES}; got {self.options['scheme']!r}")
 
     def solve(self, problem: Problem) -> Solution:
         return self.solve_batch(problem)[0] if problem.members == 1 else _batch_error(self.name)
 
     def solve_batch(self, problem: Problem) -> list[Solution]:
+        """:meth:`_solve_batch` with the ``scheme`` option: ``"auto"`` solves with MPRK22 until some solve meets a stiff
+        type (:class:`~sde_optim.theory.fokker_planck.StiffSolve`), and then the whole prediction again with the
+        midpoint rule, so that every solve its checks compare is of one scheme (the work of the first attempt stays
+        charged to ``problem.budget``)."""
+        scheme = self.options["scheme"]
+        if scheme != "auto":
+            return self._solve_batch(problem, scheme, None)
+        try:
+            return self._solve_batch(problem, "mprk22", (self.STIFF_KH, self.STIFF_STEPS))
+        except StiffSolve as stiff:
+            solutions = self._solve_batch(problem, "midpoint", None)
+            for sol in solutions:
+                sol.info["stiff"] = {"kh": stiff.kh, "t": stiff.t}
+            return solutions
+
+    def _solve_batch(self, problem: Problem, scheme: str, stiff_limit: tuple[float, int] | None) -> list[Solution]:
         """Every member of a sweep in one batched system (:func:`solve_batch_on_grid`): the type check on the
         largest estimate over members, the grid check per member (:func:`refine_grid_batch`).  A batch refines
         the grid on the final types (no subset combination, :func:`refine_grid_on_subset`).  Where the members'
@@ -238,7 +269,8 @@ class PDESolver(Solver):
         batched = isinstance(problem.coef, CoefficientBatch)
         grid_opts = dict(half_width=o["half_width"], t0=o["t0"], blowup_factor=problem.blowup_factor,
                          tail_limit=o["tail_limit"], dim=problem.dim if o["step_stability"] else None,
-                         max_steps=o["max_steps"], budget=problem.budget, on_step=problem.on_step)
+                         max_steps=o["max_steps"], budget=problem.budget, on_step=problem.on_step, scheme=scheme,
+                         stiff_limit=stiff_limit)
         if o["num_cells"] is not None:
             n, st = check_int("num_cells", o["num_cells"], minimum=8), (o["step_tol"] if o["step_tol"] is not None else tol)
         else:
@@ -312,6 +344,7 @@ class PDESolver(Solver):
         else:
             solutions = [self._solution(problem.member(g), [(1.0, sol)], check, n) for g, sol in enumerate(level0)]
         for sol in solutions:
+            sol.info["scheme"] = scheme
             sol.info["type_check_points"] = int(problem.t.numel() if ladder is None or ladder.schedule is None
                                                 else ladder.t.numel())
         return solutions
