@@ -199,11 +199,11 @@ def test_a_float32_solve_with_a_frozen_type_runs_and_agrees_with_float64(compile
 def test_predict_is_the_same_on_either_step(init, noise_std, lr, monkeypatch):
     """The whole prediction (type quadrature, grid check, its extrapolation) on the torch step, the path CUDA takes,
     and on the compiled step: the same cells and curves (the errors agree to rounding, so the same steps)."""
-    from sde_optim import DiagonalLinearNetwork, TeacherProblem, predict
+    from problems import section6
+    from sde_optim import predict
 
     d = 600
-    problem = TeacherProblem.sparse(d, 0.1, noise_std=noise_std, seed=0)
-    model = DiagonalLinearNetwork(d, alpha=0.1, init=init, dtype=F64)
+    problem, model = section6(d, noise_std, init=init)
     runs = {}
     for compiled in (False, True):
         monkeypatch.setattr(fp, "COMPILED_STEP", compiled)

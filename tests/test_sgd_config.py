@@ -15,12 +15,9 @@ from sde_optim.observables import measure
 from sde_optim.simulation import simulate_sgd
 from sde_optim.theory import SOLVERS, METHODS, SGDConfig, WorkLimitError, critical_lr, describe_sgd, predict
 from sde_optim.theory.dynamics import Coefficients
+from problems import section6
 
 F64 = torch.float64
-
-
-def section6(d=1000, noise_std=0.0):
-    return TeacherProblem.sparse(d, 0.1, noise_std=noise_std, seed=0), DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
 
 
 # ----------------------------------------------------------------------------- SGDConfig

@@ -13,12 +13,9 @@ from sde_optim.theory.fokker_planck import solve_batch_on_grid, solve_on_grid
 from sde_optim.simulation import simulate_sgd
 from sde_optim.theory import FiniteDimensionWarning
 from sde_optim.theory.quadrature import coordinate_types
+from problems import section6
 
 F64 = torch.float64
-
-
-def section6(d: int = 1000, noise_std: float = 0.0):
-    return TeacherProblem.sparse(d, 0.1, noise_std=noise_std, seed=0), DiagonalLinearNetwork(d, alpha=0.1, dtype=F64)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -34,15 +34,9 @@ from sde_optim.theory.stability import e8_estimate
 from sde_optim.theory.predict import FINITE_D_STEP, FiniteDimensionWarning
 from sde_optim.simulation import sgd_step, simulate_sgd
 from sde_optim.theory.odes import escape_time
+from problems import section6
 
 F64 = torch.float64
-
-
-def section6(d: int = 1000, noise_std: float = 0.0, alpha: float = 0.1, init: str = "unbalanced"):
-    """THEORY §6: isotropic, 10 % support +-1, u0 = sqrt(2) alpha, v0 = 0."""
-    problem = TeacherProblem.sparse(d, 0.1, noise_std=noise_std, seed=0)
-    model = DiagonalLinearNetwork(d, alpha=alpha, init=init, dtype=F64)
-    return problem, model
 
 
 # ----------------------------------------------------------------------------- PDE invariants
