@@ -665,7 +665,8 @@ def test_a_type_check_on_a_grid_too_coarse_for_its_sets_starts_again_on_twice_th
 
 def test_auto_scheme_solves_the_whole_prediction_again_with_the_midpoint_rule_on_a_stiff_type(monkeypatch):
     """``scheme="auto"`` (the default) keeps MPRK22 on the coarse power law (its types peak at k h 3.7-5.3, below
-    ``STIFF_KH`` = 6: measured); with the limit lowered to k h 3 for one step the first solve raises
+    ``STIFF_KH`` = 6: measured); with the limit lowered to k h 3 for one step (whatever the share of rejected attempts)
+    the first solve raises
     :class:`StiffSolve` and every solve of the prediction (type check, grid check) is redone with the midpoint rule:
     ``info`` says so, and that answer meets tol too, so the two are within 2 tol of each other (measured 9.7e-4); an
     unknown scheme is refused by name before any solve."""
@@ -675,6 +676,7 @@ def test_auto_scheme_solves_the_whole_prediction_again_with_the_midpoint_rule_on
         plain = predict(problem, model, **kw)
         monkeypatch.setattr(PDESolver, "STIFF_KH", 3.0)
         monkeypatch.setattr(PDESolver, "STIFF_STEPS", 1)
+        monkeypatch.setattr(PDESolver, "STIFF_REJECTED", 0.0)
         switched = predict(problem, model, **kw)
     assert plain.info["scheme"] == "mprk22" and plain.info.get("stiff") is None
     assert switched.info["scheme"] == "midpoint" and switched.info["stiff"]["kh"] > 3.0

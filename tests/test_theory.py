@@ -368,21 +368,30 @@ def test_the_grid_check_on_the_midpoint_rule_meets_tol(lr):
 
 
 def test_a_stiff_limit_raises_at_its_counted_step_and_only_in_controlled_mprk22_steps():
-    """``stiff_limit = (kh, n)``: :class:`StiffSolve` at the n-th accepted step with some type's ``k h`` above kh (here
-    every step: kh = -inf), at that step's time; never in a replay of a schedule (steps the controller did not
-    choose) nor with the midpoint rule; and an unknown scheme is refused by name."""
+    """``stiff_limit = (kh, n, share)``: :class:`StiffSolve` at an accepted step with some type's ``k h`` above kh (here
+    every step: kh = -inf) once there were n such steps and the share of rejected attempts is at least ``share``, at
+    that step's time; never in a replay of a schedule (steps the controller did not choose) nor with the midpoint
+    rule; and an unknown scheme is refused by name."""
     problem, model = section6()
     dyn = MeanFieldDynamics(coordinate_types(problem, model), 4.0, 1, 0.0)
     t = torch.linspace(0, 5, 21, dtype=F64)
     seen: list[float] = []
     with pytest.raises(StiffSolve) as stiff:
-        solve_on_grid(dyn, t, 60, 1e-2, on_step=seen.append, stiff_limit=(-math.inf, 5))
+        solve_on_grid(dyn, t, 60, 1e-2, on_step=seen.append, stiff_limit=(-math.inf, 5, 0.0))
     assert len(seen) == 5 and stiff.value.t == seen[-1] and math.isfinite(stiff.value.kh)
     plain = solve_on_grid(dyn, t, 60, 1e-2)
-    assert max(plain.schedule) > 0 and plain.diverged_at is None
-    solve_on_grid(dyn, t, 60, 1e-2, schedule=plain.schedule, stiff_limit=(-math.inf, 1))
-    solve_on_grid(dyn, t, 60, 1e-2, scheme="midpoint", stiff_limit=(-math.inf, 1))
-    solve_on_grid(dyn, t, 60, 1e-2, stiff_limit=(math.inf, 1))
+    assert plain.diverged_at is None
+    accepted = len(plain.schedule)
+    attempts = plain.nfe - 1 - accepted  # one evaluation per attempt, one more per accepted step, one at t0
+    share = (attempts - accepted) / attempts
+    assert share > 0.0  # the check below needs rejections (measured: 4 of 116 attempts)
+    with pytest.raises(StiffSolve) as stiff:  # the whole solve's share is reached at its last step at the latest
+        solve_on_grid(dyn, t, 60, 1e-2, stiff_limit=(-math.inf, 1, share))
+    assert stiff.value.rejected >= share
+    for limit in ((-math.inf, 1, 1.0), (math.inf, 1, 0.0)):  # no solve rejects every attempt; no k h is above inf
+        solve_on_grid(dyn, t, 60, 1e-2, stiff_limit=limit)
+    solve_on_grid(dyn, t, 60, 1e-2, schedule=plain.schedule, stiff_limit=(-math.inf, 1, 0.0))
+    solve_on_grid(dyn, t, 60, 1e-2, scheme="midpoint", stiff_limit=(-math.inf, 1, 0.0))
     for call in (lambda: solve_on_grid(dyn, t, 60, 1e-2, scheme="rk4"),
                  lambda: solve_fokker_planck(dyn, t, tol=3e-3, scheme="rk4")):
         with pytest.raises(ValueError, match="scheme must be one of"):

@@ -153,14 +153,15 @@ def _check_scheme(scheme: str) -> str:
 
 
 class StiffSolve(Exception):
-    """An MPRK22 solve met a step in which some type relaxes much faster than the step (``k h`` above the solve's
-    ``stiff_limit``): there MPRK22 multiplies that type's deviation from its equilibrium by about ``-1/2`` per step,
-    however short, and the step control cannot follow its error (see :func:`_integrate_mprk22`).  Raised so that the
-    caller solves again, every solve of its checks with the midpoint rule (``scheme="midpoint"``)."""
+    """An MPRK22 solve met steps in which some type relaxes much faster than the step (``k h`` above the solve's
+    ``stiff_limit``) while its step control rejected many attempts: there MPRK22 multiplies that type's deviation from
+    its equilibrium by about ``-1/2`` per step, however short, and the step control cannot follow its error (see
+    :func:`_integrate_mprk22`).  Raised so that the caller solves again, every solve of its checks with the midpoint
+    rule (``scheme="midpoint"``).  ``kh``, ``t``: the step's; ``rejected``: the solve's share of rejected attempts."""
 
-    def __init__(self, kh: float, t: float) -> None:
-        super().__init__(f"a type with k h = {kh:.3g} at t = {t:.4g}")
-        self.kh, self.t = kh, t
+    def __init__(self, kh: float, t: float, rejected: float) -> None:
+        super().__init__(f"a type with k h = {kh:.3g} at t = {t:.4g}, {100 * rejected:.0f} % of attempts rejected")
+        self.kh, self.t, self.rejected = kh, t, rejected
 
 
 class WorkLimitError(RuntimeError):
@@ -796,15 +797,16 @@ def solve_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int, step
                   t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05, dim: int | None = None,
                   max_steps: int = 200_000, schedule: list[float] | None = None,
                   budget: Budget | None = None, on_step=None, scheme: str = "mprk22",
-                  stiff_limit: tuple[float, int] | None = None) -> FokkerPlanckSolution:
+                  stiff_limit: tuple[float, int, float] | None = None) -> FokkerPlanckSolution:
     """One solve of E6 on a fixed number of cells (see :func:`solve_fokker_planck`).
 
     ``schedule``: the time steps of an earlier solve (its :attr:`FokkerPlanckSolution.schedule`) to replay
     without error control (see :func:`_integrate_mprk22`).  ``budget``: charged one unit per operator
     evaluation (:class:`Budget`).  ``on_step(t)``: called after every accepted step (progress).  ``scheme``: the
-    step, one of :data:`SCHEMES` (:func:`_integrate_mprk22`); ``stiff_limit = (kh, steps)``: raise :class:`StiffSolve` at
-    the ``steps``-th accepted MPRK22 step with some type's ``k h`` above ``kh`` (a solve whose steps a stiff type sets,
-    see there; not in a replay of ``schedule``, whose steps the controller did not choose).
+    step, one of :data:`SCHEMES` (:func:`_integrate_mprk22`); ``stiff_limit = (kh, steps, rejected)``: raise
+    :class:`StiffSolve` at an accepted MPRK22 step with some type's ``k h`` above ``kh`` once there have been ``steps``
+    such steps and the solve has rejected at least the share ``rejected`` of its attempts (a solve whose steps a stiff
+    type sets, see there; not in a replay of ``schedule``, whose steps the controller did not choose).
     """
     (sol,) = solve_batch_on_grid(dynamics, t_out, n_cells, step_tol, half_width=half_width, t0=t0,
                                  blowup_factor=blowup_factor, tail_limit=tail_limit, dim=dim, max_steps=max_steps,
@@ -817,7 +819,7 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
                         half_width: float = 20.0, t0: float = 1e-4, blowup_factor: float = 1e4, tail_limit: float = 0.05,
                         dim: int | None = None, max_steps: int = 200_000, schedule: list[float] | None = None,
                         budget: Budget | None = None, on_step=None, scheme: str = "mprk22",
-                        stiff_limit: tuple[float, int] | None = None) -> list[FokkerPlanckSolution]:
+                        stiff_limit: tuple[float, int, float] | None = None) -> list[FokkerPlanckSolution]:
     """:func:`solve_on_grid` for every member of a batch of coefficients at once (one solution per member).
 
     ``dynamics`` with a :class:`~sde_optim.theory.dynamics.CoefficientBatch` of ``G`` members (or plain: ``G = 1``)
@@ -895,7 +897,7 @@ def _per_group(value):
 def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: float, threshold: float, max_steps: int,
                       tail_limit: float, out: tuple[Tensor, ...], schedule: list[float] | None = None,
                       budget: Budget | None = None, on_step=None,
-                      stiff_limit: tuple[float, int] | None = None):
+                      stiff_limit: tuple[float, int, float] | None = None):
     """Adaptive MPRK22 (modified Patankar-Runge-Kutta, Kopecz & Meister 2018, alpha = 1).
 
     For the linear conservative system ``y' = A(t) y`` (``A`` Metzler with zero column sums)
@@ -921,8 +923,9 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     (``y_{n+1} / y1 = 1 + O(dt^2)``), and with ``y_half, y1 -> eq`` in the stiff limit the deviation is damped (on a
     two-state generator: amplification 0.022 at ``k h = 10`` against MPRK22's -0.322, the exact 4.5e-5).  Where
     nothing is stiff its error constant is larger (7 % on THEORY §6 at 0.8x the critical lr), so it is the step of
-    solves that need it: ``stiff_limit = (kh, steps)`` makes an MPRK22 solve raise :class:`StiffSolve` at the
-    ``steps``-th accepted step with some ``k h`` above ``kh``, and :class:`~sde_optim.theory.solvers.PDESolver` then solves every solve of the
+    solves that need it: ``stiff_limit = (kh, steps, rejected)`` makes an MPRK22 solve raise :class:`StiffSolve` at
+    an accepted step with some ``k h`` above ``kh`` once ``steps`` such steps were taken and the share ``rejected`` of
+    its attempts was rejected (a stiff type that stays at its equilibrium costs MPRK22 nothing), and :class:`~sde_optim.theory.solvers.PDESolver` then solves every solve of the
     prediction again with the midpoint rule (one scheme for all the solves that its checks compare).
 
     The step is accepted when, for every member of the batch, the weighted total variation
@@ -954,6 +957,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     steps = 0
     mark = (t0, 0)  # (t, steps) at the last crawl check
     stiff_steps = 0  # accepted steps with some k h above stiff_limit[0]
+    rejected = 0  # attempts the step control rejected
     budget = budget or Budget()
     st0 = grid.statistics(mass, m, s, integral, t)
     nfe += 1
@@ -1005,6 +1009,7 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                         dt = t0
                         continue
                     dt = h * max(0.2, 0.9 * math.sqrt(step_tol / err))
+                    rejected += 1
                     continue
                 t += h
                 taken.append(h)
@@ -1017,8 +1022,8 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                 # (a replayed step is not the controller's: the last step of a replay into a blow-up has k h ~ 1e7)
                 if stiff_limit is not None and replay is None and grid.scheme == "mprk22" and max(stiff) > stiff_limit[0]:
                     stiff_steps += 1
-                    if stiff_steps >= stiff_limit[1]:
-                        raise StiffSolve(max(stiff), t)
+                    if stiff_steps >= stiff_limit[1] and rejected >= stiff_limit[2] * steps:
+                        raise StiffSolve(max(stiff), t, rejected / steps)
                 risk_bad = [not math.isfinite(r) or r > threshold for r in risk]
                 flags = [risk_bad, [not r and (x > tail_limit or u >= 1.0) for r, x, u in zip(risk_bad, tail, unstable)]]
                 bad = [i for i in range(len(alive)) if flags[0][i] or flags[1][i]]

@@ -209,22 +209,26 @@ class PDESolver(Solver):
     :meth:`_checked_members`; and a sweep of many type-cells is solved member by member, :meth:`_alone`; an
     integer keeps every sweep one batch); ``scheme``: the time step of every solve, ``"mprk22"``, ``"midpoint"`` or
     ``"auto"`` (default: MPRK22, and the midpoint rule for every solve of a prediction in which some solve meets a
-    type with ``k h`` above :attr:`STIFF_KH` in :attr:`STIFF_STEPS` steps, see :func:`~sde_optim.theory.fokker_planck._integrate_mprk22`; the one
-    used is ``info["scheme"]``).
+    type with ``k h`` above :attr:`STIFF_KH` in :attr:`STIFF_STEPS` steps while rejecting :attr:`STIFF_REJECTED` of its
+    attempts, see :func:`~sde_optim.theory.fokker_planck._integrate_mprk22`; the one used is ``info["scheme"]``, and
+    what switched ``info["stiff"]``).
     """
 
     name = "pde"
     # a sweep is solved member by member where its first type set holds this many type-cells on level 0 (and the step
     # is the compiled one): a batch shares less per operator evaluation than its members then spend (_alone)
     ALONE_CELLS: ClassVar[int] = 1000
-    # "auto" switches to the midpoint rule after STIFF_STEPS accepted MPRK22 steps with some type's k h above STIFF_KH.
-    # On a two-state generator MPRK22's amplification of a deviation from equilibrium is -0.031 at k h = 3, -0.18 at 5,
-    # -0.22 at 6 and -0.32 at 10 (the exact one e^-kh): past about 6 the step control is set by that type.  Measured
-    # (docs/benchmarks.md, session 29): the solves where the midpoint rule pays (power law at 0.4x the critical lr) have
-    # 19-109 steps with k h > 6 (max 8.4-10.5); the coarse power law of tests/test_quadrature.py, where MPRK22 is
-    # twice as fast, peaks at k h 3.7-5.3 with none above 6.  A few steps (one stiff episode) do not set a solve's cost.
+    # "auto" switches to the midpoint rule at an accepted MPRK22 step with some type's k h above STIFF_KH once there were
+    # STIFF_STEPS such steps and the solve rejected at least STIFF_REJECTED of its attempts.  On a two-state generator
+    # MPRK22's amplification of a deviation from equilibrium is -0.031 at k h = 3, -0.18 at 5, -0.22 at 6 and -0.32 at
+    # 10 (the exact one e^-kh).  Measured (docs/benchmarks.md, 2026-12-03), per solve: the power law at 0.4x the
+    # critical lr, where the midpoint rule pays (estimate 6.75e-3 -> 6.0e-4), has 19-109 steps with k h > 6 (max
+    # 8.4-10.5) and rejects 16-34 % of its attempts; the coarse power law of tests/test_quadrature.py, where MPRK22 is
+    # twice as fast, peaks at k h 3.7-5.3; student-t-B4-bal at 3x its lr has 46 steps with k h up to 12.8 and rejects
+    # 2-5 % (its stiff type sits at its equilibrium): the midpoint rule cost it 14 % and changed nothing.
     STIFF_KH: ClassVar[float] = 6.0
     STIFF_STEPS: ClassVar[int] = 10
+    STIFF_REJECTED: ClassVar[float] = 0.1
     defaults = dict(step_stability=True, num_cells=None, refine=True, max_cells=4096, max_evaluations=40_000,
                     max_work=MAX_WORK, estimate_floor=1e-3, half_width=20.0, t0=1e-4, step_tol=None, tail_limit=0.05,
                     max_steps=200_000, types=None, member_batch=None, scheme="auto")
@@ -248,14 +252,14 @@ class PDESolver(Solver):
         if scheme != "auto":
             return self._solve_batch(problem, scheme, None)
         try:
-            return self._solve_batch(problem, "mprk22", (self.STIFF_KH, self.STIFF_STEPS))
+            return self._solve_batch(problem, "mprk22", (self.STIFF_KH, self.STIFF_STEPS, self.STIFF_REJECTED))
         except StiffSolve as stiff:
             solutions = self._solve_batch(problem, "midpoint", None)
             for sol in solutions:
-                sol.info["stiff"] = {"kh": stiff.kh, "t": stiff.t}
+                sol.info["stiff"] = {"kh": stiff.kh, "t": stiff.t, "rejected": stiff.rejected}
             return solutions
 
-    def _solve_batch(self, problem: Problem, scheme: str, stiff_limit: tuple[float, int] | None) -> list[Solution]:
+    def _solve_batch(self, problem: Problem, scheme: str, stiff_limit: tuple[float, int, float] | None) -> list[Solution]:
         """Every member of a sweep in one batched system (:func:`solve_batch_on_grid`): the type check on the
         largest estimate over members, the grid check per member (:func:`refine_grid_batch`).  A batch refines
         the grid on the final types (no subset combination, :func:`refine_grid_on_subset`).  Where the members'
