@@ -958,6 +958,9 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
     mark = (t0, 0)  # (t, steps) at the last crawl check
     stiff_steps = 0  # accepted steps with some k h above stiff_limit[0]
     rejected = 0  # attempts the step control rejected
+    # the stiff limit's watch (a replayed step is not the controller's: the last step of a replay into a blow-up has
+    # k h ~ 1e7)
+    watch = stiff_limit is not None and replay is None and grid.scheme == "mprk22"
     budget = budget or Budget()
     st0 = grid.statistics(mass, m, s, integral, t)
     nfe += 1
@@ -1017,13 +1020,12 @@ def _integrate_mprk22(grid: _Grid, state0, t0: float, times: Tensor, step_tol: f
                     on_step(t)
                 mass, m, s, integral, st0 = y2, m1, s1, i2, st2
                 nfe += 1
-                risk, tail, unstable, stiff = torch.stack([st0.risk, st0.tail_share, st0.unstable,
-                                                           grid.stiffness.to(st0.risk.dtype)]).tolist()  # one host read
-                # (a replayed step is not the controller's: the last step of a replay into a blow-up has k h ~ 1e7)
-                if stiff_limit is not None and replay is None and grid.scheme == "mprk22" and max(stiff) > stiff_limit[0]:
+                read = [st0.risk, st0.tail_share, st0.unstable] + ([grid.stiffness] if watch else [])
+                risk, tail, unstable, *stiff = torch.stack(read).tolist()  # one host read
+                if watch and max(stiff[0]) > stiff_limit[0]:
                     stiff_steps += 1
                     if stiff_steps >= stiff_limit[1] and rejected >= stiff_limit[2] * steps:
-                        raise StiffSolve(max(stiff), t, rejected / steps)
+                        raise StiffSolve(max(stiff[0]), t, rejected / steps)
                 risk_bad = [not math.isfinite(r) or r > threshold for r in risk]
                 flags = [risk_bad, [not r and (x > tail_limit or u >= 1.0) for r, x, u in zip(risk_bad, tail, unstable)]]
                 bad = [i for i in range(len(alive)) if flags[0][i] or flags[1][i]]
