@@ -479,6 +479,10 @@ def _print_table(pred, names: Sequence[str], rows: int) -> None:
     estimate = pred.info.get("error_estimate")
     if estimate is not None:
         print(f"estimated relative error of the prediction: {estimate:.2g}")
+    stiff = pred.info.get("stiff")
+    if stiff is not None:  # PDESolver's scheme "auto" switched (a stiff type set the steps of MPRK22)
+        print(f"time step: the midpoint rule (a type with k h = {stiff['kh']:.3g} at t = {stiff['t']:.3g}, "
+              f"{100 * stiff['rejected']:.0f} % of the attempts rejected, set MPRK22's steps)")
 
 
 def _write_csv(path: str, preds: Sequence, names: Sequence[str], lrs: Sequence[float] | None = None) -> None:

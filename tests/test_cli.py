@@ -60,6 +60,21 @@ def test_cli_predict_writes_table_csv_and_figure(tmp_path, capsys):
     _check_figure_files(png_path)
 
 
+def test_cli_predict_says_when_a_stiff_type_switched_the_time_step(monkeypatch, capsys):
+    """The scheme "auto" switching to the midpoint rule is printed under the table with what switched it (forced here:
+    every step counts as stiff, whatever the rejections); a prediction that stays on MPRK22 prints no such line."""
+    from sde_optim.theory.solvers import PDESolver
+
+    argv = ["predict", "--dim", "256", "--horizon", "2"]
+    assert cli_main(argv) == 0
+    assert "time step" not in capsys.readouterr().out
+    for name, value in (("STIFF_KH", -math.inf), ("STIFF_STEPS", 1), ("STIFF_REJECTED", 0.0)):
+        monkeypatch.setattr(PDESolver, name, value)
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "time step: the midpoint rule (a type with k h = " in out and "estimated relative error" in out
+
+
 def test_cli_compare_writes_the_callback_tags_in_a_fresh_version_per_invocation(tmp_path, capsys):
     """Same tags as TheoryMonitor, one run folder per optimizer, one event file per run; a second
     invocation into the same logdir goes to version_1 instead of appending to version_0."""
