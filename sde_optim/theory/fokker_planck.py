@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._validation import check_float, check_int
+from .._validation import check_choice, check_float, check_int
 from ..observables import OBSERVABLES, CoordinateState
 from .compiled_step import _MAX_TYPE_TV, TYPE_FIELDS, compiled_kernels  # (_MAX_TYPE_TV: both steps' cap)
 from .dynamics import MeanFieldDynamics, _state_cap
@@ -144,12 +144,6 @@ def cells_for_tolerance(tol: float, half_width: float) -> int:
 
 
 SCHEMES = ("mprk22", "midpoint")  # the steps of _integrate_mprk22
-
-
-def _check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}; got {scheme!r}")
-    return scheme
 
 
 class StiffSolve(Exception):
@@ -769,7 +763,7 @@ def solve_fokker_planck(
     max_work = check_float("max_work", max_work, minimum=0.0, strict=True)
     t0 = check_float("t0", t0, minimum=0.0, strict=True)
     opts = dict(half_width=half_width, t0=t0, blowup_factor=blowup_factor, tail_limit=tail_limit, dim=dim,
-                max_steps=max_steps, scheme=_check_scheme(scheme))
+                max_steps=max_steps, scheme=check_choice("scheme", scheme, SCHEMES))
     if num_cells is not None:
         return solve_on_grid(dynamics, t_out, check_int("num_cells", num_cells, minimum=8),
                              step_tol if step_tol is not None else tol, **opts)
@@ -834,7 +828,7 @@ def solve_batch_on_grid(dynamics: MeanFieldDynamics, t_out: Tensor, n_cells: int
     if t_end > 0:
         t0 = min(t0, 0.5 * t_end)
     step_limit = (dynamics.coef.stability_factor(), dim) if dim is not None else None
-    grid = _Grid(dynamics, n_cells, half_width, step_limit, _check_scheme(scheme))
+    grid = _Grid(dynamics, n_cells, half_width, step_limit, check_choice("scheme", scheme, SCHEMES))
     n_types = types.num_types
 
     # Delta initial condition -> analytic short-time Gaussian at t0 (THEORY §4).

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._validation import check_float, check_int
+from .._validation import check_choice, check_float, check_int
 from ..divergence import first_divergence
 from ..observables import OBSERVABLES, Observable
 from .dynamics import CoefficientBatch, Coefficients, MeanFieldDynamics
@@ -237,8 +237,7 @@ class PDESolver(Solver):
         super().__init__(**options)
         if self.options["member_batch"] is not None:
             check_int("member_batch", self.options["member_batch"], minimum=1)  # before any solve
-        if self.options["scheme"] not in ("auto",) + SCHEMES:
-            raise ValueError(f"scheme must be one of {('auto',) + SCHEMES}; got {self.options['scheme']!r}")
+        check_choice("scheme", self.options["scheme"], ("auto",) + SCHEMES)
 
     def solve(self, problem: Problem) -> Solution:
         return self.solve_batch(problem)[0] if problem.members == 1 else _batch_error(self.name)
