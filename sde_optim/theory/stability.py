@@ -5,7 +5,8 @@ starting from the cheap E8 estimate :func:`e8_estimate`.  The SGD may carry mome
 and schedules (:class:`~sde_optim.theory.dynamics.SGDConfig`): the search scales the whole
 learning-rate schedule and reports its peak, and momentum enters through the effective step (E11).
 The coordinate types are built once (with the type check of :mod:`.quadrature`, at the E8
-estimate) and reused by every solve of the search.
+estimate) and reused by every solve of the search; where they are many, each edge is found on a coarse a priori set
+first and then carried to them.
 """
 
 from __future__ import annotations
@@ -177,6 +178,13 @@ def critical_lr(
     keeps the law wide), the bounded edge may not settle on any affordable grid (iso-noisy-B4-bal at ``d = 16384``:
     66, 65, 74 and above 87 on 136 to 1088 cells): that is the warning's case.
 
+    **Many types.**  Every solve uses the checked types of the first one; where they are more than twice
+    :data:`COARSE_TYPES`, each edge is first searched and grid-checked on a priori types of at most that many (a solve
+    costs about the ratio of the type counts less) and then carried to the checked types as to a finer grid: relocated
+    on the grid one level coarser in space and in time than that pass's last, and checked from there.  The answer and
+    ``grid_estimate`` are the checked types' own (pm-two-level-B3 at ``d = 16384``: 633 checked types, 12-30 s a solve on
+    the first grid and 50-250 s on finer ones, where the edge moved 50 % from the first grid to the second).
+
     Boundedness is assumed monotone in ``lr``; decay holds on a window of ``lr`` (too small makes
     no progress within the horizon), so its upper edge is searched below the stability limit and
     ``decay`` is ``None`` when no ``lr`` in ``[bounded / 256, bounded]`` decays within the horizon.
@@ -218,27 +226,34 @@ def critical_lr(
     batch0 = float(shape.batch_schedule(1)[0])
     est = e8_estimate(problem, model, batch0) / (float(model.lr_scale) * shape.momentum_factor)
     count = [0]
-    seen: dict[tuple[tuple[int, float], float], Prediction] = {}  # every solve so far, by grid and lr
+    seen: dict[tuple[int, tuple[int, float], float], Prediction] = {}  # every solve so far, by types, grid and lr
 
     def run(lr: float, grid: tuple[int, float]) -> Prediction:
-        if (grid, lr) in seen:
-            return seen[grid, lr]
+        key = (id(options["types"]), grid, lr)
+        if key in seen:
+            return seen[key]
         count[0] += 1
         if count[0] > max_evaluations:
             raise RuntimeError(f"critical_lr needed more than max_evaluations={max_evaluations} PDE solves; raise "
                                "max_evaluations or rel_tol")
         with warnings.catch_warnings():  # said once, at the answer (below)
             warnings.simplefilter("ignore", FiniteDimensionWarning)
-            seen[grid, lr] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
-                                     observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
-                                     options=grids.options(grid), **predict_kwargs)
-        return seen[grid, lr]
+            seen[key] = predict(problem, model, sgd=shape.with_lr_scaled(lr), steps=steps, method="pde",
+                                observables=("risk",), num_points=num_points, tol=tol, blowup_factor=blowup_factor,
+                                options=grids.options(grid), **predict_kwargs)
+        return seen[key]
+
+    def on(grid: tuple[int, float]) -> dict[float, Prediction]:
+        """The solves so far on ``grid`` with the current types, by lr."""
+        return {x: p for (k, g, x), p in seen.items() if k == id(options["types"]) and g == grid}
 
     opts0 = grids.options(grids.first)
-    first = seen[grids.first, est] = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol,
-                                                  blowup_factor, opts0, predict_kwargs)
-    options["types"] = opts0["types"]  # the checked types of the first solve, for every later one
+    first = _first_solve(problem, model, shape.with_lr_scaled(est), steps, num_points, tol, blowup_factor, opts0,
+                         predict_kwargs)
+    options["types"] = full = opts0["types"]  # the checked types of the first solve, for every later one
+    seen[id(full), grids.first, est] = first
     count[0] += 1
+    coarse = _coarse_types(problem, model, full) if grids.fixed is None else None
 
     def bounded(p: Prediction) -> bool:
         return p.divergence_step is None
@@ -255,7 +270,7 @@ def critical_lr(
 
     def search_bounded(grid) -> tuple[float, float]:
         lo = hi = est
-        if bounded(first):
+        if bounded(run(est, grid)):  # (the first solve, on the checked types)
             while True:
                 hi = 2.0 * lo
                 if not bounded(run(hi, grid)):
@@ -278,10 +293,11 @@ def critical_lr(
         # decay holds on a window of lr (too small: no progress within the horizon; too large: noise
         # floor), so look below the stability limit for a decaying lr, then bisect its upper edge.  The
         # stability search's solves already say where R decays: start from the largest that does, if any.
-        decaying = [x for (g, x), p in seen.items() if g == grid and x <= limit and decays(p)]
+        solved = on(grid)
+        decaying = [x for x, p in solved.items() if x <= limit and decays(p)]
         if decaying:
             lo = max(decaying)
-            return bisect(decays, lo, min(x for g, x in seen if g == grid and x > lo), grid)  # none above lo decays
+            return bisect(decays, lo, min(x for x in solved if x > lo), grid)  # none above lo decays
         hi = limit
         for _ in range(8):
             lo = hi / 2.0
@@ -317,9 +333,9 @@ def critical_lr(
                 return bisect(pred, lo, hi, grid)
             step *= step
 
-    def check(name: str, pred, bracket: tuple[float, float], floor: float):
-        """The grid check of one edge (see :class:`_EdgeGrids`): ``(bracket, grid, estimate)`` on the finest grid,
-        or None when the edge vanished on a finer grid.
+    def check(name: str, pred, bracket: tuple[float, float], floor: float, start: tuple[int, float] | None = None):
+        """The grid check of one edge (see :class:`_EdgeGrids`) from its ``bracket`` on ``start`` (default the first
+        grid): ``(bracket, grid, estimate)`` on the finest grid, or None when the edge vanished on a finer grid.
 
         Space is refined until resolved, then time.  A source is resolved when refining it moved the edge by at most
         ``rel_tol``; a move of the bracket unresolves the other source (its change was measured on a grid that no
@@ -327,7 +343,7 @@ def critical_lr(
         which twice the cells moved it by 4 %).  Done when both are resolved, or capped (warned when a capped source
         still moved by more).
         """
-        grid, estimate = grids.first, {"space": math.inf, "time": math.inf}
+        grid, estimate = start or grids.first, {"space": math.inf, "time": math.inf}
         resolved = {"space": grids.fixed is not None, "time": grids.fixed is not None}
         while not all(resolved.values()):
             # space first: its refinements keep the step tolerance, so they are the cheaper solves (a power law at
@@ -357,21 +373,61 @@ def critical_lr(
             bracket, grid = moved, finer
         return bracket, grid, sum(e for e in estimate.values() if not math.isinf(e))
 
-    checked = check("bounded", bounded, search_bounded(grids.first), 1e-12 * est)
+    def edge(name: str, pred, search, floor: float):
+        """:func:`check` of one edge on the checked types, ``search()`` its bracket on the first grid (or None).
+
+        Where the checked types are many, the edge is first searched and checked on :func:`_coarse_types` (a solve
+        costs about the ratio of the type counts less), and then carried to the checked types as to a finer grid:
+        its bracket relocated on the grid one level coarser in space and in time than the coarse check's last, and
+        checked from there.  The answer, its grid and its estimate are then the checked types' own, measured between
+        their last two grids as before; the coarse pass only says where to look.  It is left (the search runs on the
+        checked types, as without it) where it fails or finds no edge."""
+        if coarse is not None:
+            options["types"] = coarse
+            try:
+                with warnings.catch_warnings():  # said, if still so, by the pass on the checked types
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    found = search()
+                    rough = check(name, pred, found, floor) if found is not None else None
+            except (RuntimeError, ValueError):
+                if count[0] > max_evaluations:
+                    raise
+                rough = None
+            options["types"] = full
+            if rough is not None:
+                (lo, hi), (cells, st), _ = rough
+                start = (max(grids.first[0], cells // 2), min(grids.first[1], 4.0 * st))
+                moved = relocate(pred, lo, hi, start, floor)
+                if moved is not None:
+                    return check(name, pred, moved, floor, start)
+        found = search()
+        return check(name, pred, found, floor) if found is not None else None
+
+    checked = edge("bounded", bounded, lambda: search_bounded(grids.first), 1e-12 * est)
     if checked is None:
         raise RuntimeError("critical_lr found no stable learning rate on a finer grid")
     (lo, hi), grid_b, estimate = checked
     lr_bounded, lr_decay = lo, None
     if problem.noise_std == 0 and decay:
-        found = search_decay(lr_bounded, grids.first)
-        checked = check("decay", decays, found, lr_bounded / 256.0) if found is not None else None
+        checked = edge("decay", decays, lambda: search_decay(lr_bounded, grids.first), lr_bounded / 256.0)
         if checked is not None:
             lr_decay, estimate = checked[0][0], max(estimate, checked[2])
-    finite_d = dict(seen[grid_b, lr_bounded].info.get("finite_d") or {})
+    finite_d = dict(seen[id(full), grid_b, lr_bounded].info.get("finite_d") or {})
     _warn_finite_d(finite_d, problem.dim, where=f"critical_lr: at its answer lr = {lr_bounded:.4g} and", stacklevel=3,
                    source="CriticalLR.finite_d")
     return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0], finite_d,
                       None if grids.fixed is not None else estimate, grid_b[0])
+
+
+# The edge search runs first on at most this many types where the checked types are more (critical_lr's ``edge``)
+COARSE_TYPES = 64
+
+
+def _coarse_types(problem: TeacherProblem, model: DiagonalLinearNetwork, checked) -> Any:
+    """The a priori types of at most :data:`COARSE_TYPES` (:func:`~.quadrature.coordinate_types`) on which
+    :func:`critical_lr` first searches its edges, or None where they would not be fewer than the ``checked`` types."""
+    types = coordinate_types(problem.to(dtype=torch.float64), model, max_types=COARSE_TYPES)
+    return types if 2 * types.num_types <= checked.num_types else None
 
 
 def _first_solve(problem, model, sgd: SGDConfig, steps: int, num_points: int, tol: float, blowup_factor: float,
