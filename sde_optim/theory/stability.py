@@ -333,9 +333,13 @@ def critical_lr(
                 return bisect(pred, lo, hi, grid)
             step *= step
 
-    def check(name: str, pred, bracket: tuple[float, float], floor: float, start: tuple[int, float] | None = None):
+    def check(name: str, pred, bracket: tuple[float, float], floor: float, start: tuple[int, float] | None = None,
+              trail: dict | None = None, hints: dict | None = None):
         """The grid check of one edge (see :class:`_EdgeGrids`) from its ``bracket`` on ``start`` (default the first
         grid): ``(bracket, grid, estimate)`` on the finest grid, or None when the edge vanished on a finer grid.
+        ``trail``: filled with the bracket found on each grid.  ``hints``: another pass's trail (the coarse types'):
+        where it says the edge leaves the bracket on the next grid, the search there starts from its bracket, moved by
+        the ratio of the two passes' edges on the current grid (:func:`_hinted`).
 
         Space is refined until resolved, then time.  A source is resolved when refining it moved the edge by at most
         ``rel_tol``; a move of the bracket unresolves the other source (its change was measured on a grid that no
@@ -345,6 +349,8 @@ def critical_lr(
         """
         grid, estimate = start or grids.first, {"space": math.inf, "time": math.inf}
         resolved = {"space": grids.fixed is not None, "time": grids.fixed is not None}
+        trail = {} if trail is None else trail
+        trail[grid] = bracket
         while not all(resolved.values()):
             # space first: its refinements keep the step tolerance, so they are the cheaper solves (a power law at
             # d = 16384: 12 s at 544 cells on the first grid's step tolerance, 25 s on a quarter of it)
@@ -360,9 +366,11 @@ def critical_lr(
                                   f"at {grids.describe(grid)}: the answer {bracket[0]:.4g} carries that error; raise "
                                   "the cap or relax tol", RuntimeWarning, stacklevel=3)
                 continue
-            moved = relocate(pred, *bracket, finer, floor)
+            moved = relocate(pred, *_hinted(bracket, hints, grid, finer), finer, floor)
             if moved is None:
                 return None
+            moved = bisect(pred, *moved, finer)  # (a hint's bracket is wider than rel_tol)
+            trail[finer] = moved
             # the edge's change: at most the bracket's width when the bracket held, else the move of its centre
             estimate[source] = (bracket[1] / bracket[0] - 1.0) if moved == bracket else abs(
                 math.log(math.sqrt(moved[0] * moved[1] / (bracket[0] * bracket[1]))))
@@ -384,11 +392,12 @@ def critical_lr(
         checked types, as without it) where it fails or finds no edge."""
         if coarse is not None:
             options["types"] = coarse
+            trail: dict = {}  # the coarse pass's bracket on each of its grids
             try:
                 with warnings.catch_warnings():  # said, if still so, by the pass on the checked types
                     warnings.simplefilter("ignore", RuntimeWarning)
                     found = search()
-                    rough = check(name, pred, found, floor) if found is not None else None
+                    rough = check(name, pred, found, floor, trail=trail) if found is not None else None
             except (RuntimeError, ValueError):
                 if count[0] > max_evaluations:
                     raise
@@ -397,9 +406,9 @@ def critical_lr(
             if rough is not None:
                 (lo, hi), (cells, st), _ = rough
                 start = (max(grids.first[0], cells // 2), min(grids.first[1], 4.0 * st))
-                moved = relocate(pred, lo, hi, start, floor)
+                moved = relocate(pred, *trail.get(start, (lo, hi)), start, floor)
                 if moved is not None:
-                    return check(name, pred, moved, floor, start)
+                    return check(name, pred, moved, floor, start, hints=trail)
         found = search()
         return check(name, pred, found, floor) if found is not None else None
 
@@ -417,6 +426,25 @@ def critical_lr(
                    source="CriticalLR.finite_d")
     return CriticalLR(lr_bounded, lr_decay, est, rel_tol, count[0], finite_d,
                       None if grids.fixed is not None else estimate, grid_b[0])
+
+
+def _hinted(bracket: tuple[float, float], hints: dict | None, grid: tuple[int, float],
+            finer: tuple[int, float]) -> tuple[float, float]:
+    """Where :func:`critical_lr`'s check starts the search for an edge on ``finer`` from its ``bracket`` on ``grid``:
+    the bracket itself, unless the coarse pass's brackets ``hints`` on both grids say the edge moves out of it: then
+    the coarse bracket on ``finer`` times the ratio of ``bracket`` to the coarse one on ``grid``, widened by half a
+    bracket on each side (pm-two-level-B3 at
+    ``d = 16384``: its edge moved 10.1 -> 15.4 -> 21 from 136 to 544 cells, each move a walk and a bisection of
+    solves of 60-390 s on the checked types)."""
+    if not hints or grid not in hints or finer not in hints:
+        return bracket
+    ratio = math.sqrt(bracket[0] * bracket[1] / (hints[grid][0] * hints[grid][1]))
+    # widened by half the bracket's width on each side: the two passes' brackets each place their edge to a width
+    spread = math.sqrt(bracket[1] / bracket[0])
+    guess = (hints[finer][0] * ratio / spread, hints[finer][1] * ratio * spread)
+    if abs(math.log(guess[0] * guess[1] / (bracket[0] * bracket[1]))) <= 2.0 * math.log(bracket[1] / bracket[0]):
+        return bracket  # within about a width of it: the bracket itself, as without a hint
+    return guess
 
 
 # The edge search runs first on at most this many types where the checked types are more (critical_lr's ``edge``)
