@@ -180,10 +180,11 @@ def critical_lr(
 
     **Many types.**  Every solve uses the checked types of the first one; where they are more than twice
     :data:`COARSE_TYPES`, each edge is first searched and grid-checked on a priori types of at most that many (a solve
-    costs about the ratio of the type counts less) and then carried to the checked types as to a finer grid: relocated
-    on the grid one level coarser in space and in time than that pass's last, and checked from there.  The answer and
-    ``grid_estimate`` are the checked types' own (pm-two-level-B3 at ``d = 16384``: 633 checked types, 12-30 s a solve on
-    the first grid and 50-250 s on finer ones, where the edge moved 50 % from the first grid to the second).
+    costs about the ratio of the type counts less), and the checked types' search and grid check then start each
+    grid's search from that pass's bracket on it (:func:`_hinted`).  The answer and ``grid_estimate`` are the checked
+    types' own, from the same check (pm-two-level-B3 at ``d = 16384``: 633 checked types, 12-30 s a solve on the first
+    grid and 50-390 s on finer ones, where the edge moved 50 % from each grid to the next: walks and bisections on
+    every grid).
 
     Boundedness is assumed monotone in ``lr``; decay holds on a window of ``lr`` (too small makes
     no progress within the horizon), so its upper edge is searched below the stability limit and
@@ -385,11 +386,11 @@ def critical_lr(
         """:func:`check` of one edge on the checked types, ``search()`` its bracket on the first grid (or None).
 
         Where the checked types are many, the edge is first searched and checked on :func:`_coarse_types` (a solve
-        costs about the ratio of the type counts less), and then carried to the checked types as to a finer grid:
-        its bracket relocated on the grid one level coarser in space and in time than the coarse check's last, and
-        checked from there.  The answer, its grid and its estimate are then the checked types' own, measured between
-        their last two grids as before; the coarse pass only says where to look.  It is left (the search runs on the
-        checked types, as without it) where it fails or finds no edge."""
+        costs about the ratio of the type counts less), and then on the checked types: their search on the first grid
+        starts from the coarse bracket there, and on each finer grid from the coarse one there moved by the ratio of
+        the two passes' edges (:func:`_hinted`).  The answer, its grid and its estimate are the checked types' own,
+        from the same grid check as before; the coarse pass only says where to look.  It is left (the search runs on
+        the checked types, as without it) where it fails or finds no edge."""
         if coarse is not None:
             options["types"] = coarse
             trail: dict = {}  # the coarse pass's bracket on each of its grids
@@ -404,11 +405,9 @@ def critical_lr(
                 rough = None
             options["types"] = full
             if rough is not None:
-                (lo, hi), (cells, st), _ = rough
-                start = (max(grids.first[0], cells // 2), min(grids.first[1], 4.0 * st))
-                moved = relocate(pred, *trail.get(start, (lo, hi)), start, floor)
+                moved = relocate(pred, *trail[grids.first], grids.first, floor)
                 if moved is not None:
-                    return check(name, pred, moved, floor, start, hints=trail)
+                    return check(name, pred, moved, floor, hints=trail)
         found = search()
         return check(name, pred, found, floor) if found is not None else None
 
