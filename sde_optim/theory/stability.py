@@ -334,10 +334,10 @@ def critical_lr(
                 return bisect(pred, lo, hi, grid)
             step *= step
 
-    def check(name: str, pred, bracket: tuple[float, float], floor: float, start: tuple[int, float] | None = None,
-              trail: dict | None = None, hints: dict | None = None):
-        """The grid check of one edge (see :class:`_EdgeGrids`) from its ``bracket`` on ``start`` (default the first
-        grid): ``(bracket, grid, estimate)`` on the finest grid, or None when the edge vanished on a finer grid.
+    def check(name: str, pred, bracket: tuple[float, float], floor: float, trail: dict | None = None,
+              hints: dict | None = None):
+        """The grid check of one edge (see :class:`_EdgeGrids`) from its ``bracket`` on the first grid:
+        ``(bracket, grid, estimate)`` on the finest grid, or None when the edge vanished on a finer grid.
         ``trail``: filled with the bracket found on each grid.  ``hints``: another pass's trail (the coarse types'):
         where it says the edge leaves the bracket on the next grid, the search there starts from its bracket, moved by
         the ratio of the two passes' edges on the current grid (:func:`_hinted`).
@@ -348,7 +348,7 @@ def critical_lr(
         which twice the cells moved it by 4 %).  Done when both are resolved, or capped (warned when a capped source
         still moved by more).
         """
-        grid, estimate = start or grids.first, {"space": math.inf, "time": math.inf}
+        grid, estimate = grids.first, {"space": math.inf, "time": math.inf}
         resolved = {"space": grids.fixed is not None, "time": grids.fixed is not None}
         trail = {} if trail is None else trail
         trail[grid] = bracket
@@ -432,9 +432,8 @@ def _hinted(bracket: tuple[float, float], hints: dict | None, grid: tuple[int, f
     """Where :func:`critical_lr`'s check starts the search for an edge on ``finer`` from its ``bracket`` on ``grid``:
     the bracket itself, unless the coarse pass's brackets ``hints`` on both grids say the edge moves out of it: then
     the coarse bracket on ``finer`` times the ratio of ``bracket`` to the coarse one on ``grid``, widened by half a
-    bracket on each side (pm-two-level-B3 at
-    ``d = 16384``: its edge moved 10.1 -> 15.4 -> 21 from 136 to 544 cells, each move a walk and a bisection of
-    solves of 60-390 s on the checked types)."""
+    bracket on each side (pm-two-level-B3 at ``d = 16384``: its edge moved 10.1 -> 15.4 -> 21 from 136 to 544 cells,
+    each move a walk and a bisection of solves of 60-390 s on the checked types)."""
     if not hints or grid not in hints or finer not in hints:
         return bracket
     ratio = math.sqrt(bracket[0] * bracket[1] / (hints[grid][0] * hints[grid][1]))
@@ -452,7 +451,8 @@ COARSE_TYPES = 64
 
 def _coarse_types(problem: TeacherProblem, model: DiagonalLinearNetwork, checked) -> Any:
     """The a priori types of at most :data:`COARSE_TYPES` (:func:`~.quadrature.coordinate_types`) on which
-    :func:`critical_lr` first searches its edges, or None where they would not be fewer than the ``checked`` types."""
+    :func:`critical_lr` first searches its edges, or None where they are more than half as many as the ``checked``
+    types (a coarse pass would then save less than it costs)."""
     types = coordinate_types(problem.to(dtype=torch.float64), model, max_types=COARSE_TYPES)
     return types if 2 * types.num_types <= checked.num_types else None
 
