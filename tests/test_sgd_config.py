@@ -514,6 +514,10 @@ class _EdgeRunsOnTypes(_EdgeOnTypes):
         return 10.0 * math.sqrt(options["num_cells"] / 136.0) * (1.1 if options["types"] is self.coarse else 1.0)
 
 
+class _EdgeRunsOnTypesOnePass(_EdgeRunsOnTypes):
+    coarse = None  # no coarse pass
+
+
 def test_critical_lr_follows_the_coarse_types_edge_across_grids(monkeypatch):
     """Where the edge moves far between grids, the checked types' search on each finer grid starts from the coarse
     pass's bracket there (moved by the two passes' ratio) instead of walking from its own: two solves a grid when the
@@ -521,13 +525,11 @@ def test_critical_lr_follows_the_coarse_types_edge_across_grids(monkeypatch):
     grids against 11 in one pass)."""
     import sde_optim.theory.stability as stability
 
-    one = _EdgeRunsOnTypes.install(monkeypatch)
+    one = _EdgeRunsOnTypesOnePass.install(monkeypatch)
     problem, model = section6(400)
-    monkeypatch.setattr(_EdgeRunsOnTypes, "coarse", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the cap stops a moving edge: warned, as it should
         ref = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02, decay=False)
-    monkeypatch.setattr(_EdgeRunsOnTypes, "coarse", types.SimpleNamespace(num_types=60))
     fake = _EdgeRunsOnTypes.install(monkeypatch)
     with pytest.warns(RuntimeWarning, match="critical_lr: the bounded edge moved by"):
         crit = critical_lr(problem, model, batch_size=1, steps=800, rel_tol=0.02, decay=False)
